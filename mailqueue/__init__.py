@@ -1,0 +1,4 @@
+"""Durable mail queue: put, lease due work, record outcomes, retry schedule, admin.
+
+Knows durability and scheduling only: nothing of TLS, MTA-STS or SMTP sessions.
+"""

@@ -1,0 +1,1 @@
+"""Outbound delivery: MX resolution, TLS, one SMTP conversation, one domain, the worker."""

@@ -1,0 +1,299 @@
+"""SqliteStore: the embedded queue store (one relay node, one SQLite file).
+
+Owns the `queue_*` tables of the shared state database (the policy cache keeps its
+`sts_*` tables in the same file; this module never touches them, nor `PRAGMA
+user_version`: the queue's schema version lives in `queue_meta`). Knows durability,
+leases and the retry schedule; nothing of TLS, SMTP or MTA-STS.
+
+Durability: WAL + synchronous=FULL; every write runs in the group-commit writer thread
+(writer.py), reads in worker threads: no SQLite call or fsync on the event loop.
+
+Leases: while a recipient is leased, its `next_attempt_at` holds the lease's end, so one
+partial index on `next_attempt_at` finds due work and expired leases alike.
+
+One relay process per file: `open()` returns to the queue the leases a dead previous
+process left, but only when no other SqliteStore has the file open (an flock on
+`<path>.queue-lock`), so an admin command run beside a live relay never steals its leases.
+
+Rows that cannot be decoded are set aside (`held = 2`, reason in `last_error`): never
+leased again, counted as "set_aside", never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from mailqueue import sqlite_ops as ops
+from mailqueue.model import (
+    FINAL_STATES,
+    Lease,
+    MessageRecord,
+    NewMessage,
+    RcptState,
+    RecipientResult,
+)
+from mailqueue.schedule import RetrySchedule
+from mailqueue.store import MessageNotFound, StoreUnavailable
+from mailqueue.writer import GroupCommitWriter, as_unavailable
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    """The embedded QueueStore. Async methods; construct, then `await open()`."""
+
+    writer_class: ClassVar[type[GroupCommitWriter]] = GroupCommitWriter
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        schedule: RetrySchedule,
+        lifetime: float,
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 10.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.schedule = schedule
+        self.lifetime = lifetime
+        self._clock = clock
+        self._busy_ms = int(busy_timeout * 1000)
+        self._rng = rng or random.Random()  # noqa: S311 (jitter and id spread, not secrets)
+        self._ids = ops.QueueIds(self._rng)  # used in the writer thread only
+        self._writer = self.writer_class(lambda: self._connect(readonly=False))
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._lock_fd: int | None = None
+        self._open = False
+        self.recovered_leases = 0  # leases of a dead previous process returned by open()
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (group commit batches many puts into one)."""
+        return self._writer.commits
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def _connect(self, *, readonly: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_ms / 1e3
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            # RFC 5321 §6.1: once we said 250 the message must survive a crash, so every
+            # commit is fsync'd (FULL also syncs the WAL on each commit).
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            if readonly:
+                conn.execute("PRAGMA query_only = ON")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Create or check the queue tables; recover a dead previous process's leases."""
+        conn = await asyncio.to_thread(self._open_sync)
+        self._writer.start(conn)
+        self._open = True
+
+    def _open_sync(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            sole = self._lock()
+            conn = self._connect(readonly=False)
+        except (OSError, sqlite3.Error) as exc:
+            self._unlock()
+            raise StoreUnavailable(f"queue store {self.path}: {exc}") from exc
+        try:
+            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+                raise StoreUnavailable(f"queue store {self.path}: WAL mode unavailable")
+            conn.execute("BEGIN IMMEDIATE")
+            ops.create_schema(conn)
+            self._check_version(conn)
+            if sole:
+                self.recovered_leases = conn.execute(
+                    "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL,"
+                    " next_attempt_at = ? WHERE lease_owner IS NOT NULL",
+                    (self._clock(),),
+                ).rowcount
+            conn.execute("COMMIT")
+            if sole and self._lock_fd is not None:
+                # Only now share: an opener that got the exclusive lock while we converted
+                # recovers before our open() returns, so before we hold any lease.
+                fcntl.flock(self._lock_fd, fcntl.LOCK_SH)
+        except BaseException as exc:
+            conn.close()
+            self._unlock()
+            if isinstance(exc, sqlite3.Error):
+                raise as_unavailable(exc) from exc
+            raise
+        return conn
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM queue_meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO queue_meta (key, value) VALUES ('schema_version', ?)",
+                (str(ops.SCHEMA_VERSION),),
+            )
+        elif row[0] != str(ops.SCHEMA_VERSION):
+            raise StoreUnavailable(
+                f"queue store {self.path}: schema version {row[0]}, this code knows"
+                f" {ops.SCHEMA_VERSION}"
+            )
+
+    def _lock(self) -> bool:
+        """Take the lock file: exclusive (returns True: we are alone, leases are stale) or
+        shared (False). Every open store keeps a shared lock until close()."""
+        try:
+            fd = os.open(f"{self.path}.queue-lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return False  # cannot tell: leave leases to expire on their own
+        self._lock_fd = fd
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits at most for another opener's recovery
+            return False
+        return True
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def close(self) -> None:
+        """Finish pending writes, close connections, drop the lock."""
+        if not self._open:
+            return
+        self._open = False
+        await asyncio.to_thread(self._close_sync)
+
+    def _close_sync(self) -> None:
+        self._writer.stop()
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for conn in readers:
+            conn.close()
+        self._unlock()
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open:
+            raise StoreUnavailable("queue store is not open")
+        return await asyncio.to_thread(self._read_sync, fn)
+
+    def _read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        with self._readers_lock:
+            conn = self._readers.pop() if self._readers else None
+        try:
+            conn = conn or self._connect(readonly=True)
+            conn.execute("BEGIN")  # one snapshot for all the statements of `fn`
+            result = fn(conn)
+            conn.execute("ROLLBACK")
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise StoreUnavailable(f"queue store: {exc}") from exc
+            raise
+        with self._readers_lock:
+            self._readers.append(conn)
+        return result
+
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._open:
+            raise StoreUnavailable("queue store is not open")
+        return await self._writer.submit(op)
+
+    # -- the queue ---------------------------------------------------------------------
+
+    async def put(self, msg: NewMessage) -> str:
+        """Store a message; returns its queue id only after the commit is fsync'd.
+
+        Raises StoreUnavailable (nothing stored) and ValueError for an envelope with no
+        recipient or a recipient without '@'. Duplicate recipients are stored once.
+        """
+        if not msg.recipients:
+            raise ValueError("a message needs at least one recipient")
+        if any("@" not in address for address in msg.recipients):
+            raise ValueError("every recipient needs a domain")
+        return await self._write(
+            lambda conn: ops.insert_message(conn, self._ids, msg, self._clock())
+        )
+
+    async def lease_due(self, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
+        """Lease up to `limit` (message, domain) groups of due, non-held recipients."""
+        if limit <= 0:
+            return []
+
+        def op(conn: sqlite3.Connection) -> list[Lease]:
+            now = self._clock()
+            until = now + lease_seconds
+            return ops.lease_due(conn, owner, limit, until, now, self.lifetime)
+
+        return await self._write(op)
+
+    async def read_data(self, queue_id: str) -> bytes:
+        """The stored message; raises MessageNotFound (gone, or set aside as unreadable)."""
+        data = await self._read(lambda conn: ops.read_data(conn, queue_id))
+        if data is None:
+            raise MessageNotFound(queue_id)
+        return data
+
+    async def record(self, queue_id: str, results: Sequence[RecipientResult]) -> None:
+        """SENT/BOUNCED are final; DEFERRED counts an attempt and follows the schedule.
+
+        Always ends the lease. A message whose recipients are all final is deleted. A
+        message deleted meanwhile (admin) is ignored. Raises StoreUnavailable.
+        """
+        if any(r.state not in (*FINAL_STATES, RcptState.DEFERRED) for r in results):
+            raise ValueError("a result is SENT, BOUNCED or DEFERRED")
+        await self._write(
+            lambda conn: ops.record_results(
+                conn, queue_id, results, self._clock(), self.schedule, self._rng, self.lifetime
+            )
+        )
+
+    async def release(self, lease: Lease) -> None:
+        """Give a lease back without an attempt: due again now, attempts unchanged."""
+        await self._write(lambda conn: ops.release_lease(conn, lease, self._clock()))
+
+    async def next_due_at(self) -> float | None:
+        """Earliest next_attempt_at of leasable rows (a live lease counts as its end)."""
+        return await self._read(ops.next_due_at)
+
+    # -- admin (safe from another process while the relay runs) -----------------------
+
+    async def list_messages(self, limit: int | None = None) -> list[MessageRecord]:
+        return await self._read(lambda conn: ops.list_messages(conn, limit))
+
+    async def get_message(self, queue_id: str) -> MessageRecord | None:
+        return await self._read(lambda conn: ops.get_message(conn, queue_id))
+
+    async def delete(self, queue_id: str) -> bool:
+        return await self._write(lambda conn: ops.delete_message(conn, queue_id))
+
+    async def hold(self, queue_id: str) -> bool:
+        return await self._write(lambda conn: ops.set_held(conn, queue_id, True))
+
+    async def release_hold(self, queue_id: str) -> bool:
+        return await self._write(lambda conn: ops.set_held(conn, queue_id, False))
+
+    async def flush(self, queue_id: str | None = None) -> int:
+        return await self._write(lambda conn: ops.flush(conn, queue_id, self._clock()))
+
+    async def counts(self) -> dict[str, int]:
+        return await self._read(ops.counts)

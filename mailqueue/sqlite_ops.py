@@ -1,0 +1,413 @@
+"""SQL of the SQLite queue store: schema, row decoding, and one function per operation.
+
+Every function here runs inside a transaction opened by its caller (the group-commit
+writer for writes, a read snapshot for reads) and is a function of the connection and
+plain arguments, so a failed batch can simply run it again. Owns only `queue_*` tables.
+Knows nothing of threads, asyncio, TLS or SMTP.
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from mailqueue.model import (
+    FINAL_STATES,
+    Lease,
+    LeasedRecipient,
+    MessageRecord,
+    NewMessage,
+    RcptState,
+    RecipientRecord,
+    RecipientResult,
+)
+from mailqueue.schedule import RetrySchedule
+
+SCHEMA_VERSION = 1
+HELD, SET_ASIDE = 1, 2
+LEASABLE = "state IN ('queued', 'deferred') AND held = 0"  # must match the partial index
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS queue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS queue_messages (
+    id INTEGER PRIMARY KEY,
+    queue_id TEXT NOT NULL UNIQUE,
+    sender TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    size INTEGER NOT NULL,
+    held INTEGER NOT NULL DEFAULT 0,
+    client TEXT NOT NULL DEFAULT '',
+    data BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queue_recipients (
+    id INTEGER PRIMARY KEY,
+    message_id INTEGER NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
+    address TEXT NOT NULL,
+    domain TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    last_error TEXT,
+    lease_owner TEXT,
+    lease_until REAL,
+    held INTEGER NOT NULL DEFAULT 0, -- copy of the message's flag (2: set aside), for the index
+    UNIQUE (message_id, address)
+);
+CREATE INDEX IF NOT EXISTS queue_recipients_due
+    ON queue_recipients(next_attempt_at) WHERE state IN ('queued', 'deferred') AND held = 0;
+CREATE INDEX IF NOT EXISTS queue_recipients_leased
+    ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL;
+"""
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # ascending in ASCII: ids sort by time
+
+
+class QueueIds:
+    """12 base32 characters: 44 bits of milliseconds, 16 bits of a per-ms counter."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._last_ms = -1
+        self._seq = 0
+
+    def next(self, now: float) -> str:
+        ms = max(int(now * 1000), self._last_ms)
+        if ms == self._last_ms and self._seq + 1 < 1 << 16:
+            self._seq += 1
+        else:
+            ms = ms + 1 if ms == self._last_ms else ms
+            self._seq = self._rng.randrange(1 << 15)  # random start: distinct across processes
+        self._last_ms = ms
+        n = (ms & ((1 << 44) - 1)) << 16 | self._seq
+        return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(55, -1, -5))
+
+
+def domain_of(address: str) -> str:
+    """The part after the last '@', lower-cased (recipients are grouped by it)."""
+    return address.rpartition("@")[2].lower()
+
+
+def _recipient(row: Sequence[Any]) -> RecipientRecord | None:
+    address, domain, state, attempts, next_at, last_error = row
+    try:
+        rcpt_state = RcptState(state)
+    except ValueError:
+        return None
+    if not (isinstance(address, str) and isinstance(domain, str) and type(attempts) is int):
+        return None
+    if next_at is not None and not isinstance(next_at, int | float):
+        return None
+    return RecipientRecord(
+        address=address,
+        domain=domain,
+        state=rcpt_state,
+        attempts=attempts,
+        next_attempt_at=None if next_at is None else float(next_at),
+        last_error=last_error if isinstance(last_error, str) else None,
+    )
+
+
+def _message(row: Sequence[Any], rcpts: Iterable[Sequence[Any]]) -> MessageRecord | None:
+    _, queue_id, sender, received_at, size, held = row
+    if not (isinstance(queue_id, str) and isinstance(sender, str)):
+        return None
+    if not (isinstance(received_at, int | float) and type(size) is int):
+        return None
+    decoded = (_recipient(r) for r in rcpts)
+    return MessageRecord(
+        queue_id=queue_id,
+        sender=sender,
+        received_at=float(received_at),
+        size=size,
+        held=bool(held),
+        recipients=tuple(r for r in decoded if r is not None),
+    )
+
+
+def _set_aside(conn: sqlite3.Connection, rcpt_ids: Iterable[int], reason: str) -> None:
+    conn.executemany(
+        "UPDATE queue_recipients SET held = ?, last_error = ?, lease_owner = NULL,"
+        " lease_until = NULL WHERE id = ?",
+        [(SET_ASIDE, f"set aside: {reason}", rid) for rid in rcpt_ids],
+    )
+
+
+def create_schema(conn: sqlite3.Connection) -> None:
+    """Create the queue tables (idempotent). executescript() would COMMIT on Python 3.11."""
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
+def message_id(conn: sqlite3.Connection, queue_id: str) -> int | None:
+    found = conn.execute("SELECT id FROM queue_messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    return None if found is None else int(found[0])
+
+
+def insert_message(conn: sqlite3.Connection, ids: QueueIds, msg: NewMessage, now: float) -> str:
+    """One message row and one QUEUED row per distinct recipient, due now."""
+    for _ in range(5):
+        queue_id = ids.next(now)
+        try:
+            cur = conn.execute(
+                "INSERT INTO queue_messages (queue_id, sender, received_at, size, held, client,"
+                " data) VALUES (?, ?, ?, ?, 0, ?, ?)",
+                (queue_id, msg.sender, now, len(msg.data), msg.client, msg.data),
+            )
+        except sqlite3.IntegrityError:
+            continue  # another process took this id in the same millisecond
+        break
+    else:
+        raise sqlite3.IntegrityError("no free queue id")
+    conn.executemany(
+        "INSERT INTO queue_recipients (message_id, address, domain, state, attempts,"
+        " next_attempt_at) VALUES (?, ?, ?, 'queued', 0, ?)",
+        [(cur.lastrowid, a, domain_of(a), now) for a in dict.fromkeys(msg.recipients)],
+    )
+    return queue_id
+
+
+def lease_due(
+    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float, lifetime: float
+) -> list[Lease]:
+    """Lease up to `limit` (message, domain) groups, most overdue first."""
+    groups: dict[tuple[Any, Any], None] = {}
+    cur = conn.execute(
+        "SELECT message_id, domain FROM queue_recipients"
+        " WHERE state IN ('queued', 'deferred') AND held = 0"
+        " AND next_attempt_at <= ? ORDER BY next_attempt_at",
+        (now,),
+    )
+    for key in cur:  # walks the partial index; stops as soon as it has enough groups
+        groups.setdefault((key[0], key[1]), None)
+        if len(groups) >= limit:
+            break
+    cur.close()
+    leases = (_lease_group(conn, m, d, owner, until, now, lifetime) for m, d in groups)
+    return [lease for lease in leases if lease is not None]
+
+
+def _lease_group(
+    conn: sqlite3.Connection,
+    msg_id: Any,
+    domain: Any,
+    owner: str,
+    until: float,
+    now: float,
+    lifetime: float,
+) -> Lease | None:
+    rows = conn.execute(
+        "SELECT id, address, attempts FROM queue_recipients WHERE message_id = ?"
+        " AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
+        " AND next_attempt_at <= ? ORDER BY id",
+        (msg_id, domain, now),
+    ).fetchall()
+    msg = conn.execute(
+        "SELECT queue_id, sender, received_at, typeof(data) FROM queue_messages WHERE id = ?",
+        (msg_id,),
+    ).fetchone()
+    if not _leasable_message(msg) or not isinstance(domain, str):
+        _set_aside(conn, (r[0] for r in rows), "message row missing or unreadable")
+        return None
+    good = [r for r in rows if isinstance(r[1], str) and type(r[2]) is int]
+    _set_aside(conn, (r[0] for r in rows if r not in good), "recipient row unreadable")
+    if not good:
+        return None
+    conn.executemany(
+        "UPDATE queue_recipients SET lease_owner = ?, lease_until = ?, next_attempt_at = ?"
+        " WHERE id = ?",
+        [(owner, until, until, r[0]) for r in good],
+    )
+    received_at = float(msg[2])
+    return Lease(
+        queue_id=msg[0],
+        domain=domain,
+        sender=msg[1],
+        recipients=tuple(LeasedRecipient(address=r[1], attempts=r[2]) for r in good),
+        received_at=received_at,
+        expires_at=received_at + lifetime,
+        until=until,
+    )
+
+
+def _leasable_message(msg: Sequence[Any] | None) -> bool:
+    if msg is None:
+        return False
+    queue_id, sender, received_at, data_type = msg
+    return (
+        isinstance(queue_id, str)
+        and isinstance(sender, str)
+        and isinstance(received_at, int | float)
+        and data_type == "blob"
+    )
+
+
+def record_results(
+    conn: sqlite3.Connection,
+    queue_id: str,
+    results: Sequence[RecipientResult],
+    now: float,
+    schedule: RetrySchedule,
+    rng: random.Random,
+    lifetime: float,
+) -> None:
+    """Apply outcomes, end the lease, delete the message once every recipient is final."""
+    row = conn.execute(
+        "SELECT id, received_at FROM queue_messages WHERE queue_id = ?", (queue_id,)
+    ).fetchone()
+    if row is None:
+        return  # deleted by an operator while the attempt ran: nothing left to record
+    msg_id, received_at = row
+    expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
+    for result in results:
+        found = conn.execute(
+            "SELECT id, attempts FROM queue_recipients WHERE message_id = ? AND address = ?"
+            " AND state IN ('queued', 'deferred')",
+            (msg_id, result.address),
+        ).fetchone()
+        if found is None:
+            continue  # already final (a duplicate report) or not a recipient
+        attempts = (found[1] if type(found[1]) is int else 0) + 1
+        next_at: float | None = None
+        if result.state is RcptState.DEFERRED:
+            next_at = schedule.next_attempt_at(attempts, now, rng)
+            if now < expires_at:
+                # One last attempt when the lifetime ends, not up to a whole delay later:
+                # the worker turns a deferral after expires_at into a bounce.
+                next_at = min(next_at, expires_at)
+        conn.execute(
+            "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
+            " last_error = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
+            (result.state.value, attempts, next_at, result.error, found[0]),
+        )
+    final = tuple(s.value for s in FINAL_STATES)
+    pending = conn.execute(
+        "SELECT 1 FROM queue_recipients WHERE message_id = ? AND state NOT IN (?, ?) LIMIT 1",
+        (msg_id, *final),
+    ).fetchone()
+    if pending is None:
+        _delete_rows(conn, msg_id)
+
+
+def release_lease(conn: sqlite3.Connection, lease: Lease, now: float) -> None:
+    """Due again now; only rows still under this very lease (same `until`) are touched."""
+    msg_id = message_id(conn, lease.queue_id)
+    if msg_id is None:
+        return
+    conn.executemany(
+        "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL, next_attempt_at = ?"
+        " WHERE message_id = ?"
+        " AND address = ? AND lease_until = ? AND state IN ('queued', 'deferred')",
+        [(now, msg_id, r.address, lease.until) for r in lease.recipients],
+    )
+
+
+def _delete_rows(conn: sqlite3.Connection, msg_id: int) -> None:
+    conn.execute("DELETE FROM queue_recipients WHERE message_id = ?", (msg_id,))
+    conn.execute("DELETE FROM queue_messages WHERE id = ?", (msg_id,))
+
+
+def delete_message(conn: sqlite3.Connection, queue_id: str) -> bool:
+    msg_id = message_id(conn, queue_id)
+    if msg_id is None:
+        return False
+    _delete_rows(conn, msg_id)
+    return True
+
+
+def set_held(conn: sqlite3.Connection, queue_id: str, held: bool) -> bool:
+    """Hold or release a message; set-aside rows (held = 2) stay set aside."""
+    msg_id = message_id(conn, queue_id)
+    if msg_id is None:
+        return False
+    new, old = (HELD, 0) if held else (0, HELD)
+    conn.execute("UPDATE queue_messages SET held = ? WHERE id = ?", (new, msg_id))
+    conn.execute(
+        "UPDATE queue_recipients SET held = ? WHERE message_id = ? AND held = ?",
+        (new, msg_id, old),
+    )
+    return True
+
+
+def flush(conn: sqlite3.Connection, queue_id: str | None, now: float) -> int:
+    """Make waiting recipients due now; held and currently leased ones are left alone."""
+    sql = (
+        "UPDATE queue_recipients SET next_attempt_at = ?"
+        " WHERE state IN ('queued', 'deferred') AND held = 0"
+        " AND next_attempt_at > ? AND (lease_until IS NULL OR lease_until <= ?)"
+    )
+    if queue_id is None:
+        return conn.execute(sql, (now, now, now)).rowcount
+    msg_id = message_id(conn, queue_id)
+    if msg_id is None:
+        return 0
+    return conn.execute(f"{sql} AND message_id = ?", (now, now, now, msg_id)).rowcount
+
+
+def read_data(conn: sqlite3.Connection, queue_id: str) -> bytes | None:
+    row = conn.execute("SELECT data FROM queue_messages WHERE queue_id = ?", (queue_id,)).fetchone()
+    return row[0] if row is not None and isinstance(row[0], bytes) else None
+
+
+def next_due_at(conn: sqlite3.Connection) -> float | None:
+    row = conn.execute(
+        "SELECT MIN(next_attempt_at) FROM queue_recipients"
+        " WHERE state IN ('queued', 'deferred') AND held = 0"
+    )
+    value = row.fetchone()[0]
+    return float(value) if isinstance(value, int | float) else None
+
+
+def get_message(conn: sqlite3.Connection, queue_id: str) -> MessageRecord | None:
+    row = conn.execute(
+        "SELECT id, queue_id, sender, received_at, size, held FROM queue_messages"
+        " WHERE queue_id = ?",
+        (queue_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    rcpts = conn.execute(
+        "SELECT address, domain, state, attempts, next_attempt_at, last_error"
+        " FROM queue_recipients WHERE message_id = ? ORDER BY id",
+        (row[0],),
+    )
+    return _message(row, rcpts)
+
+
+def list_messages(conn: sqlite3.Connection, limit: int | None) -> list[MessageRecord]:
+    """Oldest first; unreadable rows are skipped. Never reads message contents."""
+    rows = conn.execute(
+        "SELECT id, queue_id, sender, received_at, size, held FROM queue_messages"
+        " ORDER BY id LIMIT ?",
+        (-1 if limit is None else limit,),
+    ).fetchall()
+    if not rows:
+        return []
+    by_message: dict[int, list[Sequence[Any]]] = {}
+    for r in conn.execute(
+        "SELECT message_id, address, domain, state, attempts, next_attempt_at, last_error"
+        " FROM queue_recipients WHERE message_id <= ?"
+        " ORDER BY message_id, id",
+        (rows[-1][0],),
+    ):
+        by_message.setdefault(r[0], []).append(r[1:])
+    records = (_message(row, by_message.get(row[0], ())) for row in rows)
+    return [record for record in records if record is not None]
+
+
+def counts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Recipients per state; "held" (of held messages), "set_aside", and "messages".
+
+    One pass without sorting: this runs on every metrics scrape.
+    """
+    states = [state.value for state in RcptState]
+    sums = ", ".join(f"COALESCE(SUM(held <> {SET_ASIDE} AND state = ?), 0)" for _ in states)
+    row = conn.execute(
+        f"SELECT {sums}, COALESCE(SUM(held = {HELD}), 0), COUNT(*) FROM queue_recipients",  # noqa: S608 (constants only)
+        states,
+    ).fetchone()
+    out = dict(zip(states, row[: len(states)], strict=True))
+    out["held"] = row[len(states)]
+    out["set_aside"] = row[len(states) + 1] - sum(out[s] for s in states)
+    out["messages"] = conn.execute("SELECT COUNT(*) FROM queue_messages").fetchone()[0]
+    return out

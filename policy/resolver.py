@@ -1,0 +1,280 @@
+"""Which MTA-STS policy applies to a domain now: the RFC 8461 §5.1 control flow.
+
+Owns the decisions between DNS, HTTPS and the cache: when to fetch, when a cached policy
+still applies, back-off after failures, single-flight lookups and proactive refresh.
+Knows nothing about SMTP or the queue; it reports fetches to a PolicyObserver (the relay
+logs them) and answers with PolicyLookup values. Failures never raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sqlite3
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Protocol
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+
+from policy.cache import CachedPolicy, PolicyCache
+from policy.discover import Found, discover, lookup_addresses
+from policy.fetch import Fetched, fetch_policy
+from policy.match import is_valid_hostname
+from policy.model import Policy, PolicyLookup, TlsRptResult
+
+_TOUCH_INTERVAL: Final = 60.0  # write last_used_at at most once a minute per domain
+_REFRESH_PERIOD_CAP: Final = 86_400.0  # RFC 8461 §3.3: "suggested ... once per day"
+_REFRESH_CONCURRENCY: Final = 8
+
+
+class PolicyObserver(Protocol):
+    """What the resolver reports; the relay turns these into log events."""
+
+    def policy_fetched(self, domain: str, policy_id: str, policy: Policy) -> None: ...
+
+    def policy_fetch_failed(
+        self,
+        domain: str,
+        policy_id: str | None,
+        result: TlsRptResult,
+        detail: str,
+        cached: CachedPolicy | None,
+    ) -> None: ...
+
+
+class NullObserver:
+    """A PolicyObserver that ignores everything."""
+
+    def policy_fetched(self, domain: str, policy_id: str, policy: Policy) -> None:
+        pass
+
+    def policy_fetch_failed(
+        self,
+        domain: str,
+        policy_id: str | None,
+        result: TlsRptResult,
+        detail: str,
+        cached: CachedPolicy | None,
+    ) -> None:
+        pass
+
+
+class _Kind(Enum):
+    RESOLVE = "resolve"  # a delivery attempt: honours the failure back-off
+    RECHECK = "recheck"  # before a bounce (§5.1 step 3): ignores the back-off
+    REFRESH = "refresh"  # proactive: fetches even when the id is unchanged
+
+
+@dataclass(frozen=True, slots=True)
+class _Backoff:
+    until: float
+    result: TlsRptResult
+    detail: str
+
+
+class PolicyResolver:
+    """Resolve the policy for a recipient domain; see resolve() for the rules."""
+
+    def __init__(
+        self,
+        cache: PolicyCache,
+        dns_resolver: dns.asyncresolver.Resolver,
+        ssl_context: ssl.SSLContext,
+        *,
+        https_port: int = 443,
+        fetch_deadline: float = 20.0,
+        dns_timeout: float = 5.0,
+        failure_backoff: float = 300.0,
+        observer: PolicyObserver | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._cache = cache
+        self._dns = dns_resolver
+        self._ssl_context = ssl_context
+        self._https_port = https_port
+        self._fetch_deadline = fetch_deadline
+        self._dns_timeout = dns_timeout
+        self._failure_backoff = failure_backoff
+        self._observer: PolicyObserver = observer or NullObserver()
+        self._clock = clock
+        self._inflight: dict[tuple[str, _Kind], asyncio.Task[PolicyLookup]] = {}
+        self._backoff: dict[tuple[str, str], _Backoff] = {}
+
+    async def resolve(self, domain: str) -> PolicyLookup:
+        """The policy for this delivery attempt (RFC 8461 §3.3, §5.1).
+
+        The TXT record is looked up on every call. An unexpired cached policy with the
+        same id is used as is; a new id, an expired policy or an empty cache means a
+        fetch, awaited within its deadline (STS-16). A failed fetch keeps an unexpired
+        cached policy; a missing or failing TXT lookup never erases or weakens one
+        (STS-63 to STS-66). With nothing live and nothing unexpired cached, the answer
+        has no policy (§3.3 fails open). A failed (domain, id) is not refetched for
+        `failure_backoff` seconds (STS-32); its failure is returned meanwhile.
+        Concurrent calls for one domain share one lookup.
+        """
+        return await self._shared(domain, _Kind.RESOLVE)
+
+    async def recheck(self, domain: str) -> PolicyLookup:
+        """Like resolve() but ignoring the failure back-off: the check for a newer policy
+        that must precede a permanent failure (§5.1 step 3, STS-74)."""
+        return await self._shared(domain, _Kind.RECHECK)
+
+    async def refresh_due(self, now: float, recently_used: float) -> int:
+        """Refetch cached policies near their end that were used in the last
+        `recently_used` seconds (§3.3, §10.2: refresh before expiry, at a randomised
+        time); return how many were refreshed."""
+        try:
+            entries = await asyncio.to_thread(self._cache.all)
+        except sqlite3.Error:
+            return 0
+        due = [
+            entry
+            for entry in entries
+            if now - entry.last_used_at <= recently_used and refresh_at(entry) <= now
+        ]
+        limit = asyncio.Semaphore(_REFRESH_CONCURRENCY)
+
+        async def refresh(entry: CachedPolicy) -> bool:
+            async with limit:
+                lookup = await self._shared(entry.domain, _Kind.REFRESH)
+            return lookup.source == "fetched"
+
+        results = await asyncio.gather(*(refresh(entry) for entry in due))
+        return sum(results)
+
+    async def _shared(self, domain: str, kind: _Kind) -> PolicyLookup:
+        name = _policy_domain(domain)
+        if name is None:
+            return PolicyLookup(domain, None, None, "none", detail="not a DNS domain name")
+        key = (name, kind)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._lookup(name, kind), name=f"sts-{kind.value}-{name}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._forget_task(key, done))
+        # shield: one caller giving up must not cancel the lookup the others await.
+        return await asyncio.shield(task)
+
+    def _forget_task(self, key: tuple[str, _Kind], task: asyncio.Task[PolicyLookup]) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+
+    async def _lookup(self, name: str, kind: _Kind) -> PolicyLookup:
+        now = self._clock()
+        cached = await self._cache_get(name)
+        live = cached if cached is not None and cached.expires_at > now else None
+        found = await discover(name, self._dns, self._dns_timeout)
+        if not isinstance(found, Found):
+            # §3.3: "absence of a usable TXT record is not by itself sufficient to remove
+            # a sender's previously cached policy" (STS-64 to STS-66).
+            return await self._use_cached(name, live, now, kind, found.detail)
+        record_id = found.record.id
+        if live is not None and live.policy_id == record_id and kind is not _Kind.REFRESH:
+            return await self._use_cached(name, live, now, kind, None)
+        backoff = self._backoff.get((name, record_id))
+        if backoff is not None and backoff.until > now and kind is not _Kind.RECHECK:
+            return _failed(name, live, backoff.result, backoff.detail)
+        return await self._fetch(name, record_id, cached, live, now, kind)
+
+    async def _use_cached(
+        self, name: str, live: CachedPolicy | None, now: float, kind: _Kind, detail: str | None
+    ) -> PolicyLookup:
+        if live is None:
+            return PolicyLookup(name, None, None, "none", detail=detail)
+        if kind is not _Kind.REFRESH and now - live.last_used_at >= _TOUCH_INTERVAL:
+            await self._cache_call(self._cache.touch, name, now)
+        return PolicyLookup(name, live.policy, live.policy_id, "cached", detail=detail)
+
+    async def _fetch(
+        self,
+        name: str,
+        record_id: str,
+        cached: CachedPolicy | None,
+        live: CachedPolicy | None,
+        now: float,
+        kind: _Kind,
+    ) -> PolicyLookup:
+        # The policy host is always mta-sts.<recipient domain>, even when _mta-sts is a
+        # CNAME to a provider (§3.1, §8.2).
+        addresses = await lookup_addresses(f"mta-sts.{name}", self._dns, self._dns_timeout)
+        outcome = await fetch_policy(
+            name,
+            addresses=addresses,
+            ssl_context=self._ssl_context,
+            port=self._https_port,
+            deadline=self._fetch_deadline,
+        )
+        if isinstance(outcome, Fetched):
+            policy = outcome.policy
+            fetched_at = self._clock()
+            # A refresh is not a use: keep last_used_at so unused domains stop refreshing.
+            used_at = cached.last_used_at if kind is _Kind.REFRESH and cached else fetched_at
+            entry = CachedPolicy(
+                name, record_id, policy, fetched_at, fetched_at + policy.max_age, used_at
+            )
+            await self._cache_call(self._cache.put, entry)
+            self._backoff.pop((name, record_id), None)
+            self._observer.policy_fetched(name, record_id, policy)
+            return PolicyLookup(name, policy, record_id, "fetched")
+        self._prune_backoff(now)
+        self._backoff[(name, record_id)] = _Backoff(
+            now + self._failure_backoff, outcome.result, outcome.detail
+        )
+        self._observer.policy_fetch_failed(name, record_id, outcome.result, outcome.detail, live)
+        return _failed(name, live, outcome.result, outcome.detail)
+
+    def _prune_backoff(self, now: float) -> None:
+        for key in [key for key, entry in self._backoff.items() if entry.until <= now]:
+            del self._backoff[key]
+
+    async def _cache_get(self, name: str) -> CachedPolicy | None:
+        try:
+            return await asyncio.to_thread(self._cache.get, name)
+        except sqlite3.Error:
+            return None
+
+    async def _cache_call(self, method: Callable[..., object], *args: object) -> None:
+        # A cache write that fails (disk full, lock timeout) must not fail the delivery.
+        try:
+            await asyncio.to_thread(method, *args)
+        except sqlite3.Error:
+            return
+
+
+def _failed(
+    name: str, live: CachedPolicy | None, result: TlsRptResult, detail: str
+) -> PolicyLookup:
+    # §3.3: an unexpired cached policy still applies when the fetch fails (STS-63).
+    if live is not None:
+        return PolicyLookup(name, live.policy, live.policy_id, "cached", result, detail)
+    return PolicyLookup(name, None, None, "none", result, detail)
+
+
+def refresh_at(entry: CachedPolicy) -> float:
+    """When `entry` becomes due for a proactive refresh.
+
+    Between 50% and 75% of its lifetime (capped at a day), at a point fixed per domain and
+    fetch so that many policies fetched together do not refresh together.
+    """
+    seed = hashlib.sha256(f"{entry.domain}|{entry.fetched_at!r}".encode()).digest()
+    fraction = 0.5 + 0.25 * (int.from_bytes(seed[:4], "big") / 2**32)
+    lifetime = min(entry.expires_at - entry.fetched_at, _REFRESH_PERIOD_CAP)
+    return entry.fetched_at + lifetime * fraction
+
+
+def _policy_domain(domain: str) -> str | None:
+    """The A-label form of `domain`, or None when it cannot have a policy (an address
+    literal, §3.4, or not a host name)."""
+    name = domain.strip().lower().removesuffix(".")
+    if not name.isascii():
+        try:
+            name = dns.name.from_text(name).to_text(omit_final_dot=True).lower()
+        except dns.exception.DNSException:
+            return None
+    return name if is_valid_hostname(name) else None

@@ -1,0 +1,247 @@
+"""One delivery attempt of one message to one recipient domain.
+
+Owns the MX walk (RFC 5321 §5.1, RFC 8461 §8.4) and the decision that turns host results
+into per-recipient outcomes (`decide`, pure). The policy lookup comes in from the caller
+(the worker); this module never fetches policies, touches the queue or schedules retries.
+
+Decision rules (Postfix-like; CONVENTIONS "Outcomes are values"): every unknown is
+temporary; TLS, MTA-STS and DNS-timeout failures defer, never bounce; a bounce needs a
+5xx from an MX that passed the policy, NXDOMAIN, a domain without address, or a null MX.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import assert_never
+
+import dns.asyncresolver
+
+from policy.model import PolicyLookup, TlsRptResult
+from relay.delivery.mx import (
+    DnsTempFail,
+    MxList,
+    NoAddresses,
+    NoSuchDomain,
+    NullMx,
+    resolve_addresses,
+    resolve_mx,
+)
+from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
+from relay.delivery.session import Reply, SessionResult, safe_line, send_over
+from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptSettings:
+    """Everything an attempt needs besides the message. Timeouts in seconds.
+
+    Defaults follow Postfix (smtp_connect_timeout 30 s, command timeouts 300 s).
+    `max_addresses` caps the connections of one attempt over all MX hosts (RFC 5321
+    §5.1 allows a limit; it must be at least 2).
+    """
+
+    port: int
+    helo: str
+    verified_ctx: ssl.SSLContext
+    unverified_ctx: ssl.SSLContext
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    dns_timeout: float = 10.0
+    allow_loopback_mx: bool = False
+    max_addresses: int = 10
+
+
+# RFC 3463 §2: class.subject.detail at the start of the reply text (RFC 2034).
+_ENHANCED = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})(?=\s|$)")
+_DEFAULT_STATUS = {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}
+
+
+def reply_status(code: int, text: str) -> str:
+    """The reply's enhanced status code, or one derived from its class; unknown is 4.0.0."""
+    match = _ENHANCED.match(text)
+    if match and match.group(1) == str(code // 100):
+        return match.group(0)
+    return _DEFAULT_STATUS.get(code // 100, "4.0.0")
+
+
+def _transient(status: str) -> str:
+    return "4" + status[1:]
+
+
+def _where(hop: Hop) -> str:
+    return f"{hop.mx}[{hop.ip}]" if hop.ip else hop.mx
+
+
+def _by_reply(reply: Reply, stage: str, hop: Hop, tlsrpt: TlsRptResult | None = None) -> Outcome:
+    """2xx delivered, 5xx bounced, anything else (4xx, or nonsense) deferred."""
+    code, text = reply
+    line = safe_line(f"{code} {text}")
+    status = reply_status(code, text)
+    said = safe_line(f"{_where(hop)} said: {line} (in reply to {stage})")
+    match code // 100:
+        case 2:
+            return Delivered(Reason(said, status, line, hop, tlsrpt))
+        case 5:
+            return Bounced(Reason(said, status, line, hop))
+        case _:
+            return Deferred(Reason(said, _transient(status), line, hop))
+
+
+def _recipient_outcome(
+    rcpt: str, session: SessionResult, would_refuse: TlsRptResult | None
+) -> Outcome:
+    hop = session.hop
+    lost = safe_line(f"{_where(hop)}: {session.error or 'no reply'}")
+    if session.mail_reply is None:
+        return Deferred(Reason(lost, "4.4.2", hop=hop))
+    if session.mail_reply[0] // 100 != 2:
+        return _by_reply(session.mail_reply, "MAIL FROM", hop)
+    rcpt_reply = session.rcpt_replies.get(rcpt)
+    if rcpt_reply is None:
+        return Deferred(Reason(lost, "4.4.2", hop=hop))
+    if rcpt_reply[0] // 100 != 2:
+        return _by_reply(rcpt_reply, "RCPT TO", hop)
+    if session.data_reply is None:
+        # Dropped mid-DATA: maybe delivered, maybe not; RFC 5321 §6.1 keeps it ours.
+        return Deferred(Reason(lost, "4.4.2", hop=hop))
+    return _by_reply(session.data_reply, "end of DATA", hop, would_refuse)
+
+
+def _most_meaningful(failures: Sequence[Reason]) -> Reason:
+    """The first TLS/policy failure (it names what a fix needs), else the last error."""
+    for reason in failures:
+        if reason.tlsrpt is not None:
+            return reason
+    if failures:
+        return failures[-1]
+    return Reason("no MX host could be tried", "4.4.1")
+
+
+def decide(
+    recipients: Sequence[str],
+    session: SessionResult | None,
+    failures: Sequence[Reason],
+    *,
+    would_refuse: TlsRptResult | None = None,
+) -> dict[str, Outcome]:
+    """Per-recipient outcomes of one attempt.
+
+    `session` is the session that completed the transaction, or None when no host did
+    (then every recipient is deferred with the most meaningful of `failures`, the host
+    failures met on the way). `would_refuse` (testing only) is what enforce would have
+    refused; it is carried on Delivered reasons for reporting (RFC 8461 §5, RFC 8460).
+    """
+    if session is None or not session.completed:
+        reason = _most_meaningful(failures)
+        return {rcpt: Deferred(reason) for rcpt in recipients}
+    return {rcpt: _recipient_outcome(rcpt, session, would_refuse) for rcpt in recipients}
+
+
+def session_failure(session: SessionResult, *, enforced: bool) -> Reason:
+    """Why an incomplete session did not decide anything (a transient host failure)."""
+    hop = session.hop
+    if enforced and session.tls_failure is not None:
+        text = safe_line(f"TLS with {_where(hop)} failed: {session.tls_failure_detail}")
+        return Reason(text, "4.7.5", hop=hop, tlsrpt=session.tls_failure)
+    if session.error_reply is not None:
+        code, text = session.error_reply
+        line = safe_line(f"{code} {text}")
+        said = safe_line(f"{_where(hop)} said: {line}")
+        return Reason(said, _transient(reply_status(code, text)), line, hop)
+    status = "4.4.2" if session.connected else "4.4.1"
+    return Reason(safe_line(f"{_where(hop)}: {session.error or 'no answer'}"), status, hop=hop)
+
+
+def _policy_reason(domain: str, host: str, result: TlsRptResult) -> Reason:
+    text = safe_line(f"MX {host} is not permitted by the MTA-STS policy of {domain}")
+    return Reason(text, "4.7.5", hop=Hop(mx=host), tlsrpt=result)
+
+
+def _everyone(recipients: Sequence[str], outcome: Outcome) -> dict[str, Outcome]:
+    return dict.fromkeys(recipients, outcome)
+
+
+async def attempt_domain(
+    domain: str,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    lookup: PolicyLookup,
+    settings: AttemptSettings,
+    resolver: dns.asyncresolver.Resolver,
+    rng: random.Random,
+) -> dict[str, Outcome]:
+    """Try to deliver `data` to `recipients` (all at `domain`); one outcome per recipient."""
+    mx = await resolve_mx(domain, resolver, timeout=settings.dns_timeout, rng=rng)
+    match mx:
+        case NullMx():
+            # RFC 7505 §3: no connection, no retry (NMX-01).
+            text = f"{domain} accepts no mail (null MX)"
+            return _everyone(recipients, Bounced(Reason(text, "5.1.10")))
+        case NoSuchDomain(detail=detail, status=status):
+            return _everyone(recipients, Bounced(Reason(safe_line(detail), status)))
+        case DnsTempFail(detail=detail):
+            return _everyone(recipients, Deferred(Reason(safe_line(detail), "4.4.3")))
+        case MxList():
+            return await _walk(domain, mx, (sender, recipients, data), lookup, settings, resolver)
+        case _:
+            assert_never(mx)
+
+
+async def _walk(
+    domain: str,
+    mx: MxList,
+    envelope: tuple[str, Sequence[str], bytes],
+    lookup: PolicyLookup,
+    settings: AttemptSettings,
+    resolver: dns.asyncresolver.Resolver,
+) -> dict[str, Outcome]:
+    """RFC 8461 §8.4: walk the MX list in order; a host failing the policy counts as a
+    transient failure (enforce: never contacted; testing: used, failure recorded)."""
+    sender, recipients, data = envelope
+    requirement = requirement_for(lookup)
+    failures: list[Reason] = []
+    left = max(settings.max_addresses, 2)
+    for host in mx.hosts:
+        policy_fail = mx_check(lookup, host)
+        if policy_fail is not None and requirement is TlsRequirement.VERIFIED:
+            failures.append(_policy_reason(domain, host, policy_fail))
+            continue
+        addresses = await resolve_addresses(
+            host, resolver, timeout=settings.dns_timeout, allow_loopback=settings.allow_loopback_mx
+        )
+        if isinstance(addresses, DnsTempFail | NoAddresses):
+            status = "4.4.3" if isinstance(addresses, DnsTempFail) else "4.4.4"
+            failures.append(Reason(safe_line(addresses.detail), status, hop=Hop(mx=host)))
+            continue
+        for ip in addresses[:left]:
+            left -= 1
+            session = await send_over(
+                ip,
+                host,
+                port=settings.port,
+                helo=settings.helo,
+                requirement=requirement,
+                verified_ctx=settings.verified_ctx,
+                unverified_ctx=settings.unverified_ctx,
+                sender=sender,
+                recipients=recipients,
+                data=data,
+                connect_timeout=settings.connect_timeout,
+                command_timeout=settings.command_timeout,
+            )
+            if session.completed:
+                would_refuse = None
+                if requirement is TlsRequirement.REPORT:
+                    would_refuse = policy_fail or session.tls_failure
+                return decide(recipients, session, failures, would_refuse=would_refuse)
+            enforced = requirement is TlsRequirement.VERIFIED
+            failures.append(session_failure(session, enforced=enforced))
+        if left <= 0:
+            break
+    return decide(recipients, None, failures)

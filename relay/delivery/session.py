@@ -1,0 +1,378 @@
+"""One SMTP conversation with one IP address of one MX host.
+
+Owns aiosmtplib and the STARTTLS decision for a single session: the adapter where every
+aiosmtplib, ssl and socket exception becomes a field of `SessionResult`. It knows the TLS
+requirement (`TlsRequirement`) but not where it came from (MTA-STS, overrides), and it
+never decides what an outcome means for a recipient (that is `attempt.decide`).
+
+Security (CONVENTIONS "Security parameters"): aiosmtplib connects with `start_tls=False`
+and we send STARTTLS ourselves with SNI = the MX name without its trailing dot
+(RFC 8461 §7.1, STS-97). Under VERIFIED nothing is ever sent in the clear after a missing
+or failed STARTTLS (RFC 8461 §5, STS-90/91). aiosmtplib discards bytes buffered before
+the TLS handshake and its ESMTP state after it (RFC 3207 §4.2, STS-100); we send EHLO
+again ourselves. aiosmtplib's `data()` turns bare CR/LF into CRLF and dot-stuffs
+(RFC 5321 §2.3.8, §4.5.2; SMTP-14/15).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
+
+from policy.model import TlsRptResult
+from policy.webpki import classify_certificate_error
+from relay.delivery.outcome import Hop
+from relay.delivery.tls import TlsRequirement
+
+Reply = tuple[int, str]
+"""An SMTP reply: code and text (multi-line replies joined with newlines)."""
+
+# ssl.SSLError, ConnectionError and TimeoutError are OSError subclasses; ValueError covers
+# names or addresses the library refuses to put on the wire.
+_ERRORS = (SMTPException, OSError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    """What one session achieved. Replies are raw; `error` and details are safe lines.
+
+    `completed` means the transaction reached a point that decides this message at this
+    attempt: MAIL refused with 5xx, every RCPT answered without one accepted, or DATA
+    begun (a retry elsewhere could then duplicate the message). Anything else (refused
+    connection, TLS failure, 421, 4xx to MAIL, a drop before DATA) leaves it False so the
+    caller tries the next address or host.
+    """
+
+    hop: Hop
+    connected: bool = False
+    tls_failure: TlsRptResult | None = None  # set under VERIFIED/REPORT only
+    tls_failure_detail: str | None = None
+    error: str | None = None
+    error_reply: Reply | None = None  # the reply that ended the session early, if any
+    mail_reply: Reply | None = None
+    rcpt_replies: dict[str, Reply] = field(default_factory=dict)
+    data_reply: Reply | None = None
+    completed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _TlsFail:
+    result: TlsRptResult
+    detail: str
+    usable: bool  # the plaintext session may go on (STARTTLS not offered, or refused)
+
+
+def safe_line(text: str, limit: int = 300) -> str:
+    """One line of printable text: control characters (CR, LF, ...) become spaces."""
+    cleaned = "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
+    line = " ".join(cleaned.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def describe(exc: BaseException) -> str:
+    """One safe line naming an exception (ssl errors by their OpenSSL reason)."""
+    if isinstance(exc, ssl.SSLCertVerificationError) and exc.verify_message:
+        text = exc.verify_message
+    elif isinstance(exc, ssl.SSLError) and exc.reason:
+        text = exc.reason
+    else:
+        text = str(exc) or type(exc).__name__
+    return safe_line(f"{type(exc).__name__}: {text}", 200)
+
+
+def _path(address: str, utf8: bool) -> bytes | None:
+    """`<address>` as bytes, or None if it cannot be sent (CR/LF/NUL, or 8-bit without
+    SMTPUTF8: RFC 6531 §3.2). aiosmtplib's own quoting would re-parse and alter it."""
+    if any(c in address for c in "\r\n\0"):
+        return None
+    if not address.isascii() and not utf8:
+        return None
+    return b"<" + address.encode("utf-8") + b">"
+
+
+class _Conversation:
+    """Mutable state of one `send_over` call; `result()` freezes it."""
+
+    def __init__(
+        self, ip: str, sni: str, port: int, helo: str, timeouts: tuple[float, float]
+    ) -> None:
+        self.ip, self.sni, self.port, self.helo = ip, sni, port, helo
+        self.connect_timeout, self.command_timeout = timeouts
+        self.clients: list[aiosmtplib.SMTP] = []
+        self.connected = False
+        self.tls_version: str | None = None
+        self.verified = False
+        self.tls_failure: _TlsFail | None = None
+        self.error: str | None = None
+        self.error_reply: Reply | None = None
+        self.mail_reply: Reply | None = None
+        self.rcpt_replies: dict[str, Reply] = {}
+        self.data_reply: Reply | None = None
+        self.completed = False
+
+    def result(self) -> SessionResult:
+        fail = self.tls_failure
+        return SessionResult(
+            hop=Hop(mx=self.sni, ip=self.ip, tls=self.tls_version, verified=self.verified),
+            connected=self.connected,
+            tls_failure=fail.result if fail else None,
+            tls_failure_detail=fail.detail if fail else None,
+            error=self.error,
+            error_reply=self.error_reply,
+            mail_reply=self.mail_reply,
+            rcpt_replies=dict(self.rcpt_replies),
+            data_reply=self.data_reply,
+            completed=self.completed,
+        )
+
+    def close_all(self) -> None:
+        for smtp in self.clients:
+            smtp.close()
+
+    def fail_reply(self, stage: str, code: int, message: str) -> None:
+        self.error_reply = (code, message)
+        self.error = safe_line(f"{stage} refused: {code} {message}")
+
+    def dropped(self, stage: str, exc: BaseException) -> None:
+        self.error = f"connection lost or timed out at {stage}: {describe(exc)}"
+
+    async def open(self) -> aiosmtplib.SMTP | None:
+        """A new connection, greeted and EHLO'd; None (with `error` set) on failure."""
+        self.tls_version, self.verified = None, False
+        try:
+            smtp = aiosmtplib.SMTP(
+                hostname=self.ip,
+                port=self.port,
+                local_hostname=self.helo,
+                start_tls=False,  # never let aiosmtplib decide about TLS
+                timeout=self.command_timeout,
+            )
+            self.clients.append(smtp)
+            await smtp.connect(timeout=self.connect_timeout)
+        except SMTPResponseException as exc:  # a greeting other than 220
+            self.connected = True
+            self.fail_reply("greeting", exc.code, exc.message)
+            return None
+        except _ERRORS as exc:
+            self.error = f"connect to {self.ip} port {self.port} failed: {describe(exc)}"
+            return None
+        self.connected = True
+        return smtp if await self.hello(smtp) else None
+
+    async def hello(self, smtp: aiosmtplib.SMTP) -> bool:
+        """EHLO, falling back to HELO when EHLO is refused and the server stays."""
+        try:
+            await smtp.ehlo()
+            return True
+        except SMTPHeloError as exc:
+            if not smtp.is_connected:
+                self.fail_reply("EHLO", exc.code, exc.message)
+                return False
+        except _ERRORS as exc:
+            self.dropped("EHLO", exc)
+            return False
+        try:
+            await smtp.helo()
+            return True
+        except SMTPResponseException as exc:
+            self.fail_reply("HELO", exc.code, exc.message)
+        except _ERRORS as exc:
+            self.dropped("HELO", exc)
+        return False
+
+    async def starttls(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> _TlsFail | None:
+        """STARTTLS with SNI = the MX name, then EHLO again. None when TLS is up."""
+        if not smtp.supports_extension("starttls"):
+            return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, "STARTTLS not offered", True)
+        try:
+            await smtp.starttls(server_hostname=self.sni, tls_context=ctx)
+        except ssl.SSLCertVerificationError as exc:
+            return _TlsFail(classify_certificate_error(exc), describe(exc), False)
+        except SMTPResponseException as exc:
+            detail = safe_line(f"STARTTLS refused: {exc.code} {exc.message}")
+            return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, detail, smtp.is_connected)
+        except _ERRORS as exc:
+            # Protocol below TLS 1.2 (RFC 8996), aborted handshake, bad SNI name, ...
+            detail = f"TLS handshake failed: {describe(exc)}"
+            return _TlsFail(TlsRptResult.VALIDATION_FAILURE, detail, False)
+        ssl_object = smtp.get_transport_info("ssl_object")
+        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+        self.tls_version = version or "TLS"
+        return None
+
+    async def command(self, smtp: aiosmtplib.SMTP, verb: bytes, *args: bytes) -> Reply | None:
+        try:
+            response = await smtp.execute_command(verb, *args)
+        except _ERRORS as exc:
+            self.dropped(verb.decode(), exc)
+            return None
+        return (response.code, response.message)
+
+    async def data(self, smtp: aiosmtplib.SMTP, message: bytes) -> None:
+        try:
+            response = await smtp.data(message)
+        except SMTPResponseException as exc:
+            self.data_reply = (exc.code, exc.message)
+        except _ERRORS as exc:
+            # Never counts as sent: the caller defers (RFC 5321 §6.1 keeps responsibility).
+            self.dropped("DATA", exc)
+        else:
+            self.data_reply = (response.code, response.message)
+
+
+def _mail_params(smtp: aiosmtplib.SMTP, data: bytes, utf8: bool) -> list[bytes]:
+    params: list[bytes] = []
+    if smtp.supports_extension("size"):
+        params.append(b"SIZE=%d" % len(data))
+    if smtp.supports_extension("8bitmime") and not data.isascii():
+        params.append(b"BODY=8BITMIME")
+    if utf8:
+        params.append(b"SMTPUTF8")
+    return params
+
+
+async def _transaction(
+    conv: _Conversation, smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes
+) -> None:
+    """MAIL, one RCPT per recipient (each reply kept), DATA if any was accepted."""
+    needs_utf8 = not all(a.isascii() for a in (sender, *recipients))
+    utf8 = needs_utf8 and smtp.supports_extension("smtputf8")
+    sender_path = _path(sender, utf8)
+    if sender_path is None:
+        # RFC 6531 §3.2 / RFC 5321 §4.1.2: this envelope cannot be sent to this server.
+        conv.mail_reply = (550, "5.6.7 sender address cannot be sent to this server (local)")
+        conv.completed = True
+        return
+    reply = await conv.command(
+        smtp, b"MAIL", b"FROM:" + sender_path, *_mail_params(smtp, data, utf8)
+    )
+    if reply is None:
+        return
+    conv.mail_reply = reply
+    if reply[0] // 100 != 2:
+        # 5xx: a decision for every recipient (RFC 5321 §4.5.4.1: never cached).
+        # Anything else is about this host: try the next one.
+        conv.completed = reply[0] // 100 == 5
+        if not conv.completed:
+            conv.fail_reply("MAIL", *reply)
+        return
+    for rcpt in recipients:
+        path = _path(rcpt, utf8)
+        if path is None:
+            conv.rcpt_replies[rcpt] = (553, "5.6.7 recipient address cannot be sent (local)")
+            continue
+        reply = await conv.command(smtp, b"RCPT", b"TO:" + path)
+        if reply is None:
+            return
+        conv.rcpt_replies[rcpt] = reply
+        if reply[0] == 421:  # the server is closing: this host failed, not the recipient
+            conv.fail_reply("RCPT", *reply)
+            return
+    conv.completed = True
+    if any(code // 100 == 2 for code, _ in conv.rcpt_replies.values()):
+        await conv.data(smtp, data)
+
+
+async def _quit(smtp: aiosmtplib.SMTP) -> None:
+    if smtp.is_connected:
+        # The transaction is already decided; a failed QUIT changes nothing.
+        with contextlib.suppress(*_ERRORS):
+            await smtp.quit()
+
+
+async def _run(
+    conv: _Conversation,
+    requirement: TlsRequirement,
+    contexts: tuple[ssl.SSLContext, ssl.SSLContext],
+    envelope: tuple[str, Sequence[str], bytes],
+) -> None:
+    verified_ctx, unverified_ctx = contexts
+    smtp = await conv.open()
+    if smtp is None:
+        return
+    if requirement is not TlsRequirement.OPPORTUNISTIC:
+        fail = await conv.starttls(smtp, verified_ctx)
+        if fail is None:
+            conv.verified = True
+        elif requirement is TlsRequirement.VERIFIED:
+            # RFC 8461 §5: no delivery, no plaintext fallback, nothing more said.
+            conv.tls_failure, conv.error = fail, fail.detail
+            await _quit(smtp)
+            return
+        else:
+            conv.tls_failure = fail  # testing: deliver anyway, report what failed
+            smtp = await _opportunistic(conv, smtp, fail, unverified_ctx)
+    else:
+        smtp = await _opportunistic(conv, smtp, None, unverified_ctx)
+    if smtp is None or (conv.tls_version and not await conv.hello(smtp)):
+        return
+    await _transaction(conv, smtp, *envelope)
+    await _quit(smtp)
+
+
+async def _opportunistic(
+    conv: _Conversation, smtp: aiosmtplib.SMTP, failed: _TlsFail | None, ctx: ssl.SSLContext
+) -> aiosmtplib.SMTP | None:
+    """A session secured if possible: unverified STARTTLS, else plaintext (reconnecting
+    once when a failed handshake killed the connection). `failed` is an earlier verified
+    try on this same connection."""
+    if failed is None:
+        failed = await conv.starttls(smtp, ctx)
+        if failed is None:
+            return smtp
+    elif not failed.usable:
+        smtp.close()
+        fresh = await conv.open()
+        if fresh is None:
+            return None
+        smtp = fresh
+        failed = await conv.starttls(smtp, ctx)
+        if failed is None:
+            return smtp
+    if failed.usable:
+        return smtp
+    smtp.close()
+    return await conv.open()  # plaintext: opportunistic TLS may not block delivery
+
+
+async def send_over(
+    ip: str,
+    mx_host: str,
+    *,
+    port: int,
+    helo: str,
+    requirement: TlsRequirement,
+    verified_ctx: ssl.SSLContext,
+    unverified_ctx: ssl.SSLContext,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    connect_timeout: float,
+    command_timeout: float,
+) -> SessionResult:
+    """Deliver one message over one connection (two or three under REPORT/OPPORTUNISTIC
+    when a TLS handshake fails). Never raises for network, TLS or SMTP errors."""
+    sni = mx_host.rstrip(".").lower()
+    conv = _Conversation(ip, sni, port, helo, (connect_timeout, command_timeout))
+    # Each step is bounded by aiosmtplib's timeouts; this bounds the whole: up to three
+    # connections, each greeting + EHLO, STARTTLS, EHLO, MAIL, RCPTs, DATA (2 replies), QUIT.
+    budget = 3 * (connect_timeout + command_timeout * (8 + len(recipients)))
+    try:
+        async with asyncio.timeout(budget):
+            await _run(
+                conv,
+                requirement,
+                (verified_ctx, unverified_ctx),
+                (sender, recipients, data),
+            )
+    except TimeoutError:
+        conv.error = "session timed out"
+    finally:
+        conv.close_all()
+    return conv.result()

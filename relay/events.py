@@ -1,0 +1,290 @@
+"""The catalogue of operator-facing events, written one line each (chasquid's maillog idea).
+
+Owns the event names, their fields and their levels, and the two line formats: a JSON
+object per line (`ts`, `level`, `event`, then the fields, in catalogue order) or text
+(`ts level event key=value ...`). Knows nothing of where the facts come from.
+
+To add an event: add its name and fields to EVENTS and a method of the same name with
+exactly those keyword-only parameters (a test checks the two agree, and the README's
+event table against EVENTS).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+LEVELS = ("debug", "info", "warning", "error")
+
+EVENTS: dict[str, tuple[str, ...]] = {
+    "started": ("version", "state_path"),
+    "listening": ("addresses",),
+    "stopping": ("reason",),
+    "received": ("queue_id", "message_id", "sender", "rcpts", "size", "client"),
+    "rejected": ("client", "stage", "code", "reason", "sender", "rcpt"),
+    "delivery": (
+        "queue_id",
+        "rcpt",
+        "domain",
+        "status",
+        "mx",
+        "ip",
+        "tls",
+        "verified",
+        "sts_mode",
+        "policy_id",
+        "reason",
+        "tlsrpt_result",
+        "attempt",
+        "delay_s",
+    ),
+    "bounce_queued": ("queue_id", "dsn_queue_id", "sender", "rcpts"),
+    "policy_fetched": ("domain", "policy_id", "mode", "max_age", "mx"),
+    "policy_fetch_failed": ("domain", "policy_id", "result", "reason", "cached_mode"),
+    "tls_override": ("queue_id", "domain", "mx", "override", "decision", "reason"),
+    "queue_admin": ("action", "queue_id"),
+    "store_error": ("error",),
+    "worker_error": ("queue_id", "domain", "error"),
+    "session_error": ("client", "error"),
+}
+
+_BARE = re.compile(r"[^\s\"=\\]+")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rfc3339(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _text_value(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        value = ",".join(str(v) for v in value)
+    text = str(value)
+    return text if _BARE.fullmatch(text) else json.dumps(text, ensure_ascii=False)
+
+
+class EventLog:
+    """Writes events to `stream`, one line each, flushed; safe to call from any thread."""
+
+    def __init__(
+        self,
+        stream: TextIO,
+        fmt: str = "json",
+        level: str = "info",
+        *,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if fmt not in ("json", "text"):
+            raise ValueError(f"unknown log format {fmt!r}")
+        if level not in LEVELS:
+            raise ValueError(f"unknown log level {level!r}")
+        self._stream = stream
+        self._fmt = fmt
+        self._min = LEVELS.index(level)
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def _emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
+        if LEVELS.index(level) < self._min:
+            return
+        ts = _rfc3339(self._clock())
+        if self._fmt == "json":
+            record = {"ts": ts, "level": level, "event": event, **fields}
+            line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
+        else:
+            parts = [ts, level, event]
+            parts += [f"{k}={_text_value(v)}" for k, v in fields.items()]
+            line = " ".join(parts)
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+    # --- lifecycle ---
+
+    def started(self, *, version: str, state_path: str) -> None:
+        self._emit("started", "info", {"version": version, "state_path": state_path})
+
+    def listening(self, *, addresses: Sequence[str]) -> None:
+        self._emit("listening", "info", {"addresses": list(addresses)})
+
+    def stopping(self, *, reason: str) -> None:
+        self._emit("stopping", "info", {"reason": reason})
+
+    # --- the listener ---
+
+    def received(
+        self,
+        *,
+        queue_id: str,
+        message_id: str | None,
+        sender: str,
+        rcpts: Sequence[str],
+        size: int,
+        client: str,
+    ) -> None:
+        self._emit(
+            "received",
+            "info",
+            {
+                "queue_id": queue_id,
+                "message_id": message_id,
+                "sender": sender,
+                "rcpts": list(rcpts),
+                "size": size,
+                "client": client,
+            },
+        )
+
+    def rejected(
+        self,
+        *,
+        client: str,
+        stage: str,
+        code: str,
+        reason: str,
+        sender: str | None = None,
+        rcpt: str | None = None,
+    ) -> None:
+        """An SMTP command refused by policy or limits; `code` is "554 5.7.1"."""
+        fields = {"client": client, "stage": stage, "code": code, "reason": reason}
+        self._emit("rejected", "info", {**fields, "sender": sender, "rcpt": rcpt})
+
+    def session_error(self, *, client: str, error: str) -> None:
+        """An unexpected error inside an SMTP session; the client saw only 451 4.3.0."""
+        self._emit("session_error", "error", {"client": client, "error": error})
+
+    # --- delivery ---
+
+    def delivery(
+        self,
+        *,
+        queue_id: str,
+        rcpt: str,
+        domain: str,
+        status: str,
+        mx: str | None,
+        ip: str | None,
+        tls: str | None,
+        verified: bool,
+        sts_mode: str | None,
+        policy_id: str | None,
+        reason: str | None,
+        tlsrpt_result: str | None,
+        attempt: int,
+        delay_s: float,
+    ) -> None:
+        """One recipient's attempt: status "sent" (info), "deferred" or "bounced" (warning)."""
+        self._emit(
+            "delivery",
+            "info" if status == "sent" else "warning",
+            {
+                "queue_id": queue_id,
+                "rcpt": rcpt,
+                "domain": domain,
+                "status": status,
+                "mx": mx,
+                "ip": ip,
+                "tls": tls,
+                "verified": verified,
+                "sts_mode": sts_mode,
+                "policy_id": policy_id,
+                "reason": reason,
+                "tlsrpt_result": tlsrpt_result,
+                "attempt": attempt,
+                "delay_s": delay_s,
+            },
+        )
+
+    def bounce_queued(
+        self, *, queue_id: str, dsn_queue_id: str, sender: str, rcpts: Sequence[str]
+    ) -> None:
+        fields = {"queue_id": queue_id, "dsn_queue_id": dsn_queue_id, "sender": sender}
+        self._emit("bounce_queued", "info", {**fields, "rcpts": list(rcpts)})
+
+    def tls_override(
+        self,
+        *,
+        queue_id: str | None,
+        domain: str,
+        mx: str | None,
+        override: str,
+        decision: str,
+        reason: str,
+    ) -> None:
+        """An operator override (or `TLS-Required: No`) changed a TLS decision."""
+        self._emit(
+            "tls_override",
+            "warning",
+            {
+                "queue_id": queue_id,
+                "domain": domain,
+                "mx": mx,
+                "override": override,
+                "decision": decision,
+                "reason": reason,
+            },
+        )
+
+    def worker_error(self, *, queue_id: str, domain: str, error: str) -> None:
+        self._emit(
+            "worker_error", "error", {"queue_id": queue_id, "domain": domain, "error": error}
+        )
+
+    # --- policies ---
+
+    def policy_fetched(
+        self, *, domain: str, policy_id: str, mode: str, max_age: int, mx: Sequence[str]
+    ) -> None:
+        self._emit(
+            "policy_fetched",
+            "info",
+            {
+                "domain": domain,
+                "policy_id": policy_id,
+                "mode": mode,
+                "max_age": max_age,
+                "mx": list(mx),
+            },
+        )
+
+    def policy_fetch_failed(
+        self,
+        *,
+        domain: str,
+        policy_id: str | None,
+        result: str,
+        reason: str,
+        cached_mode: str | None,
+    ) -> None:
+        """Warning when a cached enforce/testing policy is in play, info otherwise."""
+        level = "info" if cached_mode in (None, "none") else "warning"
+        self._emit(
+            "policy_fetch_failed",
+            level,
+            {
+                "domain": domain,
+                "policy_id": policy_id,
+                "result": result,
+                "reason": reason,
+                "cached_mode": cached_mode,
+            },
+        )
+
+    # --- the store and operators ---
+
+    def store_error(self, *, error: str) -> None:
+        self._emit("store_error", "error", {"error": error})
+
+    def queue_admin(self, *, action: str, queue_id: str | None) -> None:
+        self._emit("queue_admin", "info", {"action": action, "queue_id": queue_id})

@@ -1,0 +1,133 @@
+"""Header work the listener does on submitted messages, on raw bytes.
+
+Owns the Received trace field (RFC 5321 §4.4), loop counting (§6.3), the Message-ID and
+Date added when missing (RFC 5322 §3.6), and the bare CR / bare LF check (SMTP
+smuggling, RFC 5321 §2.3.8). Pure functions; never re-serialises a message through
+`email.*`: existing bytes are never changed, reordered or removed, only added to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from datetime import datetime
+from email.utils import format_datetime
+
+# A header field line: a field name (printable ASCII but ":"), optional WSP, then ":".
+# Obsolete syntax (RFC 5322 §4.5) allows the WSP.
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")
+_RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
+_MESSAGE_ID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.IGNORECASE)
+_DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.IGNORECASE)
+_MESSAGE_ID_VALUE = re.compile(rb"(?:^|\r\n)message-id[ \t]*:((?:[^\r]|\r\n[ \t])*)", re.IGNORECASE)
+# What may appear of a client's HELO argument inside a Received field.
+_UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+
+def has_bare_cr_or_lf(data: bytes) -> bool:
+    """True if `data` holds a CR not followed by LF, or an LF not preceded by CR."""
+    # CRLF pairs cannot overlap, so equal counts mean every CR and LF is in a pair.
+    pairs = data.count(b"\r\n")
+    return data.count(b"\r") != pairs or data.count(b"\n") != pairs
+
+
+def header_end(data: bytes) -> int:
+    """Offset where the header section ends (just after its last CRLF), i.e. where the
+    blank line or the first non-header line starts; len(data) if the message is all header."""
+    pos = 0
+    while pos < len(data):
+        eol = data.find(b"\r\n", pos)
+        line_end = len(data) if eol < 0 else eol + 2
+        line = data[pos:line_end]
+        is_continuation = pos > 0 and line[:1] in (b" ", b"\t")
+        if not (is_continuation or _FIELD.match(line)):
+            return pos
+        pos = line_end
+    return pos
+
+
+def count_received(data: bytes) -> int:
+    """Number of Received header fields in the header section (RFC 5321 §6.3 loop check)."""
+    return len(_RECEIVED.findall(data[: header_end(data)]))
+
+
+def _address_literal(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return "unknown"
+    # RFC 5321 §4.1.3: IPv6 address literals carry the "IPv6:" tag.
+    return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+
+
+def received_header(
+    *,
+    client_ip: str,
+    helo: str | None,
+    by_host: str,
+    queue_id: str,
+    tls: str | None,
+    when: datetime,
+    for_rcpt: str | None,
+) -> bytes:
+    """One Received field (RFC 5321 §4.4), folded, CRLF-terminated.
+
+    `tls` is the negotiated version ("TLSv1.3") or None; `when` must be timezone-aware.
+    """
+    if when.tzinfo is None:
+        raise ValueError("received_header needs an aware datetime")
+    name = _UNSAFE_HELO.sub("?", helo or "")[:255] or "unknown"
+    lines = [
+        f"Received: from {name} ({_address_literal(client_ip)})",
+        f"\tby {by_host} (sts-relay) with {'ESMTPS' if tls else 'ESMTP'} id {queue_id}",
+    ]
+    if tls:
+        lines.append(f"\t(using {_UNSAFE_HELO.sub('?', tls)})")
+    if for_rcpt is not None and "\r" not in for_rcpt and "\n" not in for_rcpt:
+        lines.append(f"\tfor <{for_rcpt}>")
+    lines[-1] += f"; {format_datetime(when)}"
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8", errors="surrogateescape")
+
+
+def new_message_id(hostname: str, queue_id: str) -> str:
+    return f"<{queue_id}.{secrets.token_hex(8)}@{hostname}>"
+
+
+def message_id_of(headers: bytes) -> str | None:
+    """The Message-ID field's value (unfolded, stripped), or None if absent."""
+    match = _MESSAGE_ID_VALUE.search(headers)
+    if match is None:
+        return None
+    value = re.sub(rb"\r\n[ \t]", b" ", match.group(1)).strip()
+    return value.decode("utf-8", errors="replace")
+
+
+def add_missing_headers(
+    data: bytes, *, hostname: str, now: datetime, queue_id: str, received: bytes = b""
+) -> tuple[bytes, str | None]:
+    """Prepend `received` (a field from received_header), and add Date and Message-ID at
+    the end of the header section when the message has none (RFC 5322 §3.6: both are
+    required; RFC 5321 §6.4 lets the submission server add them).
+
+    Returns the new message and its Message-ID value (the existing one or the new one).
+    Every byte of `data` is kept, in order.
+    """
+    end = header_end(data)
+    headers = data[:end]
+    added = b""
+    if not _DATE.search(headers):
+        added += b"Date: " + format_datetime(now).encode("ascii") + b"\r\n"
+    message_id = message_id_of(headers)
+    if message_id is None:
+        message_id = new_message_id(hostname, queue_id)
+        added += b"Message-ID: " + message_id.encode("utf-8", errors="replace") + b"\r\n"
+    if added and end > 0 and not headers.endswith(b"\r\n"):
+        # All header and no final CRLF: end the last field before adding ours.
+        added = b"\r\n" + added
+    if added and end < len(data) and not data.startswith(b"\r\n", end):
+        # No blank line before the body: supply the separator so the body stays a body.
+        added += b"\r\n"
+    elif added and end == len(data) and end == 0:
+        added += b"\r\n"  # empty message: headers, then an empty body
+    return received + data[:end] + added + data[end:], message_id

@@ -1,0 +1,463 @@
+"""SqliteStore against real SQLite files: durability, group commit, leases, admin, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailqueue.model import Lease, NewMessage, RcptState, RecipientResult
+from mailqueue.schedule import RetrySchedule
+from mailqueue.sqlite import SqliteStore
+from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
+from mailqueue.writer import GroupCommitWriter
+
+SCHEDULE = RetrySchedule((300.0, 600.0, 1200.0))
+LIFETIME = 86400.0
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Opener = Callable[..., Coroutine[Any, Any, SqliteStore]]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "relay.db"
+
+
+@pytest.fixture
+async def open_store(db: Path, clock: Clock) -> AsyncIterator[Opener]:
+    opened: list[SqliteStore] = []
+
+    async def opener(cls: type[SqliteStore] = SqliteStore, **kw: Any) -> SqliteStore:
+        args: dict[str, Any] = {"schedule": SCHEDULE, "lifetime": LIFETIME, "clock": clock}
+        store = cls(db, **(args | kw))
+        await store.open()
+        opened.append(store)
+        return store
+
+    yield opener
+    for store in opened:
+        await store.close()
+
+
+@pytest.fixture
+async def store(open_store: Opener) -> SqliteStore:
+    return await open_store()
+
+
+def message(*rcpts: str, data: bytes = b"Subject: t\r\n\r\nhello\r\n") -> NewMessage:
+    return NewMessage(sender="app@src.test", recipients=rcpts, data=data, client="127.0.0.1")
+
+
+def keys(leases: list[Lease]) -> list[tuple[str, str, str]]:
+    return [(ls.queue_id, ls.domain, r.address) for ls in leases for r in ls.recipients]
+
+
+async def test_is_a_queue_store(store: SqliteStore) -> None:
+    typed: QueueStore = store  # mypy checks the Protocol
+    assert await typed.counts() == {
+        "queued": 0, "deferred": 0, "sent": 0, "bounced": 0, "held": 0, "set_aside": 0,
+        "messages": 0,
+    }  # fmt: skip
+
+
+async def test_put_then_lease_groups_by_message_and_domain(store: SqliteStore) -> None:
+    msg = message("a@one.test", "b@One.TEST", "c@two.test", "a@one.test")
+    qid = await store.put(msg)
+    assert len(qid) == 12
+    assert await store.read_data(qid) == msg.data
+    assert await store.next_due_at() == T0
+
+    leases = await store.lease_due("w1", limit=10, lease_seconds=60)
+    by_domain = {ls.domain: ls for ls in leases}
+    assert set(by_domain) == {"one.test", "two.test"}
+    one = by_domain["one.test"]
+    assert [r.address for r in one.recipients] == ["a@one.test", "b@One.TEST"]
+    assert one.queue_id == qid
+    assert one.sender == "app@src.test"
+    assert one.received_at == T0
+    assert one.expires_at == T0 + LIFETIME
+    assert one.until == T0 + 60
+    assert all(r.attempts == 0 for r in one.recipients)
+    # Leased work is not due again until the lease ends.
+    assert await store.lease_due("w2", limit=10, lease_seconds=60) == []
+    assert await store.next_due_at() == T0 + 60
+
+
+async def test_queue_ids_are_unique_and_sortable(store: SqliteStore, clock: Clock) -> None:
+    ids = []
+    for i in range(30):
+        clock.now = T0 + i * 0.0004  # several per millisecond, and across milliseconds
+        ids.append(await store.put(message("a@one.test")))
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+
+
+async def test_limit_counts_leases(store: SqliteStore) -> None:
+    for _ in range(5):
+        await store.put(message("a@one.test", "b@two.test"))
+    first = await store.lease_due("w", limit=3, lease_seconds=60)
+    assert len(first) == 3
+    rest = await store.lease_due("w", limit=100, lease_seconds=60)
+    assert len(rest) == 7
+    assert not set(keys(first)) & set(keys(rest))
+
+
+async def test_record_sent_and_bounced_deletes_message(store: SqliteStore) -> None:
+    qid = await store.put(message("a@one.test", "b@one.test"))
+    assert len(await store.lease_due("w", 10, 60)) == 1
+    await store.record(
+        qid,
+        [
+            RecipientResult("a@one.test", RcptState.SENT),
+            RecipientResult("b@one.test", RcptState.BOUNCED, "550 5.1.1 no such user"),
+        ],
+    )
+    assert await store.get_message(qid) is None
+    with pytest.raises(MessageNotFound):
+        await store.read_data(qid)
+    assert (await store.counts())["messages"] == 0
+
+
+async def test_record_partial_keeps_final_rows_until_all_final(
+    store: SqliteStore, clock: Clock
+) -> None:
+    qid = await store.put(message("a@one.test", "b@one.test"))
+    await store.lease_due("w", 10, 60)
+    clock.now += 5
+    await store.record(
+        qid,
+        [
+            RecipientResult("a@one.test", RcptState.SENT),
+            RecipientResult("b@one.test", RcptState.DEFERRED, "451 4.3.0 try later"),
+        ],
+    )
+    record = await store.get_message(qid)
+    assert record is not None
+    a, b = record.recipients
+    assert (a.state, a.attempts, a.next_attempt_at) == (RcptState.SENT, 1, None)
+    assert b.state is RcptState.DEFERRED
+    assert b.attempts == 1
+    assert b.last_error == "451 4.3.0 try later"
+    assert b.next_attempt_at is not None
+    assert 300 * 0.9 <= b.next_attempt_at - clock.now <= 300 * 1.1
+    # Not due before the schedule says so, due after.
+    assert await store.lease_due("w", 10, 60) == []
+    clock.now = b.next_attempt_at
+    (again,) = await store.lease_due("w", 10, 60)
+    assert [(r.address, r.attempts) for r in again.recipients] == [("b@one.test", 1)]
+    clock.now += 1
+    await store.record(qid, [RecipientResult("b@one.test", RcptState.DEFERRED, "451")])
+    record = await store.get_message(qid)
+    assert record is not None
+    assert record.recipients[1].attempts == 2
+    assert record.recipients[1].next_attempt_at is not None
+    assert 600 * 0.9 <= record.recipients[1].next_attempt_at - clock.now <= 600 * 1.1
+
+
+async def test_deferral_never_waits_past_the_lifetime(open_store: Opener, clock: Clock) -> None:
+    store = await open_store(lifetime=100.0)
+    qid = await store.put(message("a@one.test"))
+    await store.lease_due("w", 10, 60)
+    await store.record(qid, [RecipientResult("a@one.test", RcptState.DEFERRED, "451")])
+    record = await store.get_message(qid)
+    assert record is not None
+    assert record.recipients[0].next_attempt_at == T0 + 100.0
+
+
+async def test_leases_are_exclusive_between_owners_and_stores(open_store: Opener) -> None:
+    node_a = await open_store()
+    node_b = await open_store()  # a second connection, as a second node would have
+    rcpts = ("a@one.test", "b@two.test", "c@three.test")
+    await asyncio.gather(*(node_a.put(message(*rcpts)) for _ in range(40)))
+    results = await asyncio.gather(
+        *(
+            store.lease_due(owner, limit=7, lease_seconds=60)
+            for _ in range(10)
+            for store, owner in ((node_a, "a"), (node_b, "b"))
+        )
+    )
+    leased = [k for leases in results for k in keys(leases)]
+    assert len(leased) == len(set(leased)) == 120
+    assert all(leases for leases in results[:2])
+
+
+async def test_expired_lease_goes_to_another_owner(store: SqliteStore, clock: Clock) -> None:
+    qid = await store.put(message("a@one.test"))
+    (first,) = await store.lease_due("dead-worker", 10, 60)
+    clock.now += 59
+    assert await store.lease_due("w2", 10, 60) == []
+    clock.now += 1
+    (second,) = await store.lease_due("w2", 10, 60)
+    assert second.queue_id == qid
+    assert second.recipients[0].attempts == 0
+    assert second.until == clock.now + 60
+    # The dead worker's late release must not free the new owner's lease.
+    await store.release(first)
+    assert await store.lease_due("w3", 10, 60) == []
+
+
+async def test_release_gives_work_back_without_an_attempt(store: SqliteStore) -> None:
+    await store.put(message("a@one.test"))
+    (lease,) = await store.lease_due("w", 10, 60)
+    await store.release(lease)
+    (again,) = await store.lease_due("w2", 10, 60)
+    assert again.recipients[0].attempts == 0
+
+
+async def test_flush_hold_release_delete(store: SqliteStore, clock: Clock) -> None:
+    qid = await store.put(message("a@one.test"))
+    other = await store.put(message("b@two.test"))
+    for lease in await store.lease_due("w", 10, 60):
+        await store.record(
+            lease.queue_id, [RecipientResult(lease.recipients[0].address, RcptState.DEFERRED)]
+        )
+    assert await store.lease_due("w", 10, 60) == []
+    assert await store.flush(qid) == 1
+    (lease,) = await store.lease_due("w", 10, 60)
+    assert lease.queue_id == qid
+    await store.release(lease)
+
+    assert await store.hold(qid) is True
+    assert await store.flush() == 1  # only `other`: held messages stay put
+    assert [ls.queue_id for ls in await store.lease_due("w", 10, 60)] == [other]
+    record = await store.get_message(qid)
+    assert record is not None
+    assert record.held
+    assert (await store.counts())["held"] == 1
+    assert await store.release_hold(qid) is True
+    assert [ls.queue_id for ls in await store.lease_due("w", 10, 60)] == [qid]
+
+    assert await store.delete(qid) is True
+    assert await store.delete(qid) is False
+    assert await store.hold(qid) is False
+    assert await store.release_hold(qid) is False
+    # The worker's report for a message an operator deleted is ignored.
+    await store.record(qid, [RecipientResult("a@one.test", RcptState.SENT)])
+    assert [m.queue_id for m in await store.list_messages()] == [other]
+
+
+async def test_list_messages_and_counts(store: SqliteStore) -> None:
+    ids = [await store.put(message(f"u{i}@one.test", "v@two.test")) for i in range(5)]
+    listed = await store.list_messages()
+    assert [m.queue_id for m in listed] == ids
+    assert all(len(m.recipients) == 2 and m.size > 0 for m in listed)
+    assert [m.queue_id for m in await store.list_messages(limit=2)] == ids[:2]
+    counts = await store.counts()
+    assert (counts["queued"], counts["messages"]) == (10, 5)
+
+
+async def test_restart_keeps_everything(open_store: Opener, clock: Clock, db: Path) -> None:
+    store = await open_store()
+    qid = await store.put(message("a@one.test", "b@two.test", data=b"x" * 100_000))
+    await store.lease_due("w", 1, 60)
+    await store.close()
+
+    reopened = await open_store()
+    assert reopened.recovered_leases == 1  # left by the "previous process"
+    assert await reopened.read_data(qid) == b"x" * 100_000
+    leases = await reopened.lease_due("w", 10, 60)
+    assert sorted(ls.domain for ls in leases) == ["one.test", "two.test"]
+
+
+async def test_admin_beside_a_running_relay_steals_no_lease(open_store: Opener) -> None:
+    relay = await open_store()
+    qid = await relay.put(message("a@one.test"))
+    await relay.lease_due("relay-worker", 10, 60)
+    admin = await open_store()  # the CLI opening its own store while the relay runs
+    assert admin.recovered_leases == 0
+    assert await admin.lease_due("other", 10, 60) == []
+    assert await admin.hold(qid) is True
+    record = await relay.get_message(qid)
+    assert record is not None
+    assert record.held
+
+
+async def test_group_commit_batches_concurrent_puts(store: SqliteStore) -> None:
+    before = store.commits
+    ids = await asyncio.gather(*(store.put(message(f"u{i}@one.test")) for i in range(50)))
+    assert len(set(ids)) == 50
+    assert store.commits - before <= 10  # one commit each would be 50
+    assert (await store.counts())["messages"] == 50
+
+
+async def test_due_work_is_found_through_the_partial_index(store: SqliteStore, db: Path) -> None:
+    with sqlite3.connect(db) as conn:
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT message_id, domain FROM queue_recipients"
+            " WHERE state IN ('queued', 'deferred') AND held = 0"
+            " AND next_attempt_at <= ? ORDER BY next_attempt_at",
+            (T0,),
+        ).fetchall()
+    conn.close()
+    assert "queue_recipients_due" in " ".join(str(row[-1]) for row in plan)
+
+
+async def test_shares_the_file_with_other_tables(open_store: Opener, db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE sts_policies (domain TEXT PRIMARY KEY, body TEXT)")
+    conn.execute("INSERT INTO sts_policies VALUES ('one.test', 'version: STSv1')")
+    conn.execute("PRAGMA user_version = 7")
+    conn.commit()
+    conn.close()
+    store = await open_store()
+    await store.put(message("a@one.test"))
+    await store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT * FROM sts_policies").fetchall() == [("one.test", "version: STSv1")]
+    assert conn.execute("PRAGMA user_version").fetchone() == (7,)
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    conn.close()
+
+
+async def test_newer_schema_is_refused(open_store: Opener, db: Path) -> None:
+    await (await open_store()).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE queue_meta SET value = '99' WHERE key = 'schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="schema version 99"):
+        await open_store()
+
+
+async def test_corrupt_rows_are_set_aside(store: SqliteStore, db: Path) -> None:
+    good = await store.put(message("a@one.test"))
+    bad_rcpt = await store.put(message("b@one.test"))
+    bad_msg = await store.put(message("c@one.test"))
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE queue_recipients SET attempts = 'many' WHERE address = 'b@one.test'")
+    conn.execute("UPDATE queue_messages SET data = 'not a blob' WHERE queue_id = ?", (bad_msg,))
+    conn.execute("UPDATE queue_recipients SET state = 'garbage' WHERE address = 'a@one.test'")
+    conn.commit()
+    conn.close()
+    assert await store.lease_due("w", 10, 60) == []
+    counts = await store.counts()
+    assert counts["set_aside"] == 3
+    assert await store.next_due_at() is None
+    listed = {m.queue_id: m for m in await store.list_messages()}
+    assert listed[good].recipients == ()  # the undecodable row is skipped, not fatal
+    assert listed[bad_rcpt].recipients == ()
+    conn = sqlite3.connect(db)
+    aside = conn.execute(
+        "SELECT address, held, last_error FROM queue_recipients WHERE held = 2 ORDER BY id"
+    ).fetchall()
+    conn.close()
+    assert aside == [
+        ("b@one.test", 2, "set aside: recipient row unreadable"),
+        ("c@one.test", 2, "set aside: message row missing or unreadable"),
+    ]
+    with pytest.raises(MessageNotFound):
+        await store.read_data(bad_msg)
+
+
+class Disk:
+    full = False
+
+
+def disk_full_store(disk: Disk) -> type[SqliteStore]:
+    class FullDiskWriter(GroupCommitWriter):
+        def _begin(self, conn: sqlite3.Connection) -> None:
+            # A real SQLITE_FULL: the file may not grow past its current size.
+            pages = conn.execute("PRAGMA page_count").fetchone()[0] if disk.full else 1 << 30
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+            super()._begin(conn)
+
+    class FullDiskStore(SqliteStore):
+        writer_class = FullDiskWriter
+
+    return FullDiskStore
+
+
+async def test_disk_full_raises_store_unavailable_then_recovers(open_store: Opener) -> None:
+    disk = Disk()
+    store = await open_store(disk_full_store(disk))
+    kept = await store.put(message("a@one.test"))
+    disk.full = True
+    big = message("b@one.test", "c@two.test", data=b"x" * 500_000)
+    results = await asyncio.gather(*(store.put(big) for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    assert [m.queue_id for m in await store.list_messages()] == [kept]
+    assert (await store.counts())["queued"] == 1  # no half-stored message
+    disk.full = False
+    qid = await store.put(big)
+    assert await store.read_data(qid) == big.data
+
+
+async def test_closed_store_is_unavailable(open_store: Opener) -> None:
+    store = await open_store()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await store.put(message("a@one.test"))
+    with pytest.raises(StoreUnavailable):
+        await store.counts()
+
+
+async def test_invalid_envelopes_are_refused(store: SqliteStore) -> None:
+    with pytest.raises(ValueError, match="recipient"):
+        await store.put(message())
+    with pytest.raises(ValueError, match="domain"):
+        await store.put(message("postmaster"))
+
+
+_CHILD = """
+import asyncio, sys
+from mailqueue.model import NewMessage
+from mailqueue.schedule import DEFAULT_RETRY_SCHEDULE
+from mailqueue.sqlite import SqliteStore
+
+async def main() -> None:
+    store = SqliteStore(sys.argv[1], schedule=DEFAULT_RETRY_SCHEDULE, lifetime=3600)
+    await store.open()
+    msg = NewMessage("s@a.test", ("r1@b.test", "r2@c.test", "r3@b.test"), b"x" * 4000)
+
+    async def worker() -> None:
+        while True:
+            print(await store.put(msg), flush=True)
+
+    await asyncio.gather(*(worker() for _ in range(20)))
+
+asyncio.run(main())
+"""
+
+
+async def test_kill_after_put_returns_loses_nothing_and_halves_nothing(
+    open_store: Opener, db: Path
+) -> None:
+    db.parent.mkdir(parents=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, str(db), stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acked: list[str] = []
+    async with asyncio.timeout(60):
+        while len(acked) < 300:
+            line = await proc.stdout.readline()
+            assert line, "the child died early"
+            acked.append(line.decode().strip())
+    proc.kill()  # SIGKILL while puts are in flight
+    await proc.wait()
+
+    store = await open_store()
+    listed = {m.queue_id: m for m in await store.list_messages()}
+    assert set(acked) <= set(listed)
+    assert all(len(m.recipients) == 3 for m in listed.values())

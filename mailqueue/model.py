@@ -5,7 +5,7 @@ Pure data; no I/O. Times are POSIX seconds (float, UTC).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -22,6 +22,21 @@ FINAL_STATES = frozenset({RcptState.SENT, RcptState.BOUNCED})
 
 
 @dataclass(frozen=True, slots=True)
+class DsnRequest:
+    """RFC 3461 parameters given at submission, kept with the message for its whole life.
+
+    `notify` maps a recipient to its NOTIFY keywords ("NEVER", or some of "SUCCESS",
+    "FAILURE", "DELAY"); a recipient absent from it gave no NOTIFY. `orcpt` maps a
+    recipient to its ORCPT value ("rfc822;addr", decoded). `envid` is decoded xtext.
+    """
+
+    ret: str | None = None  # "FULL" or "HDRS"
+    envid: str | None = None
+    notify: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    orcpt: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class NewMessage:
     """A message as the listener hands it over; `data` is the full RFC 5322 message, CRLF."""
 
@@ -29,12 +44,15 @@ class NewMessage:
     recipients: tuple[str, ...]
     data: bytes
     client: str = ""  # peer address of the submitting client, for the record
+    dsn: DsnRequest = field(default_factory=DsnRequest)
+    queue_id: str | None = None  # chosen by the submitter (mailqueue.new_queue_id()), else by put
 
 
 @dataclass(frozen=True, slots=True)
 class LeasedRecipient:
     address: str
     attempts: int  # attempts already made before this one
+    delay_notified: bool = False  # a "delayed" DSN was already sent for this recipient
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +66,7 @@ class Lease:
     received_at: float
     expires_at: float  # received_at + lifetime: after this a deferral becomes a bounce
     until: float
+    dsn: DsnRequest = field(default_factory=DsnRequest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +76,7 @@ class RecipientResult:
     address: str
     state: RcptState  # SENT, DEFERRED or BOUNCED
     error: str | None = None  # last error (remote reply or local reason), one line
+    delay_notified: bool = False  # set once a "delayed" DSN has been queued for it
 
 
 @dataclass(frozen=True, slots=True)

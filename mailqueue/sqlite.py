@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from mailqueue import sqlite_ops as ops
+from mailqueue import sqlite_schema as schema
+from mailqueue.ids import QueueIds
 from mailqueue.model import (
     FINAL_STATES,
     Lease,
@@ -69,13 +71,14 @@ class SqliteStore:
         self._clock = clock
         self._busy_ms = int(busy_timeout * 1000)
         self._rng = rng or random.Random()  # noqa: S311 (jitter and id spread, not secrets)
-        self._ids = ops.QueueIds(self._rng)  # used in the writer thread only
+        self._ids = QueueIds(self._rng)
         self._writer = self.writer_class(lambda: self._connect(readonly=False))
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._open = False
         self.recovered_leases = 0  # leases of a dead previous process returned by open()
+        self.migrated_from: int | None = None  # schema version open() found (None: new store)
 
     @property
     def commits(self) -> int:
@@ -104,6 +107,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Create or check the queue tables; recover a dead previous process's leases."""
         conn = await asyncio.to_thread(self._open_sync)
+        self._writer = self.writer_class(lambda: self._connect(readonly=False))  # reopenable
         self._writer.start(conn)
         self._open = True
 
@@ -119,8 +123,10 @@ class SqliteStore:
             if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
                 raise StoreUnavailable(f"queue store {self.path}: WAL mode unavailable")
             conn.execute("BEGIN IMMEDIATE")
-            ops.create_schema(conn)
-            self._check_version(conn)
+            try:
+                self.migrated_from = schema.prepare(conn)
+            except schema.SchemaMismatch as exc:
+                raise StoreUnavailable(f"queue store {self.path}: {exc}") from exc
             if sole:
                 self.recovered_leases = conn.execute(
                     "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL,"
@@ -139,19 +145,6 @@ class SqliteStore:
                 raise as_unavailable(exc) from exc
             raise
         return conn
-
-    def _check_version(self, conn: sqlite3.Connection) -> None:
-        row = conn.execute("SELECT value FROM queue_meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT INTO queue_meta (key, value) VALUES ('schema_version', ?)",
-                (str(ops.SCHEMA_VERSION),),
-            )
-        elif row[0] != str(ops.SCHEMA_VERSION):
-            raise StoreUnavailable(
-                f"queue store {self.path}: schema version {row[0]}, this code knows"
-                f" {ops.SCHEMA_VERSION}"
-            )
 
     def _lock(self) -> bool:
         """Take the lock file: exclusive (returns True: we are alone, leases are stale) or

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from mailqueue.ids import QueueIds
 from mailqueue.model import (
     FINAL_STATES,
     Lease,
@@ -24,62 +25,16 @@ from mailqueue.model import (
     RecipientResult,
 )
 from mailqueue.schedule import RetrySchedule
+from mailqueue.sqlite_schema import dsn_from_json, dsn_to_json
 
-SCHEMA_VERSION = 1
 HELD, SET_ASIDE = 1, 2
+BLOB_CHUNK = 1 << 20  # larger contents are written and read in pieces of this size
+_INSERT = (
+    "INSERT INTO queue_messages (queue_id, sender, received_at, size, held, client, dsn, data)"
+    " VALUES (?, ?, ?, ?, 0, ?, ?, "
+)
+_INSERT_SMALL, _INSERT_BIG = _INSERT + "?)", _INSERT + "zeroblob(?))"
 LEASABLE = "state IN ('queued', 'deferred') AND held = 0"  # must match the partial index
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS queue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS queue_messages (
-    id INTEGER PRIMARY KEY,
-    queue_id TEXT NOT NULL UNIQUE,
-    sender TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    size INTEGER NOT NULL,
-    held INTEGER NOT NULL DEFAULT 0,
-    client TEXT NOT NULL DEFAULT '',
-    data BLOB NOT NULL
-);
-CREATE TABLE IF NOT EXISTS queue_recipients (
-    id INTEGER PRIMARY KEY,
-    message_id INTEGER NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
-    address TEXT NOT NULL,
-    domain TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL,
-    last_error TEXT,
-    lease_owner TEXT,
-    lease_until REAL,
-    held INTEGER NOT NULL DEFAULT 0, -- copy of the message's flag (2: set aside), for the index
-    UNIQUE (message_id, address)
-);
-CREATE INDEX IF NOT EXISTS queue_recipients_due
-    ON queue_recipients(next_attempt_at) WHERE state IN ('queued', 'deferred') AND held = 0;
-CREATE INDEX IF NOT EXISTS queue_recipients_leased
-    ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL;
-"""
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # ascending in ASCII: ids sort by time
-
-
-class QueueIds:
-    """12 base32 characters: 44 bits of milliseconds, 16 bits of a per-ms counter."""
-
-    def __init__(self, rng: random.Random) -> None:
-        self._rng = rng
-        self._last_ms = -1
-        self._seq = 0
-
-    def next(self, now: float) -> str:
-        ms = max(int(now * 1000), self._last_ms)
-        if ms == self._last_ms and self._seq + 1 < 1 << 16:
-            self._seq += 1
-        else:
-            ms = ms + 1 if ms == self._last_ms else ms
-            self._seq = self._rng.randrange(1 << 15)  # random start: distinct across processes
-        self._last_ms = ms
-        n = (ms & ((1 << 44) - 1)) << 16 | self._seq
-        return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(55, -1, -5))
 
 
 def domain_of(address: str) -> str:
@@ -132,39 +87,52 @@ def _set_aside(conn: sqlite3.Connection, rcpt_ids: Iterable[int], reason: str) -
     )
 
 
-def create_schema(conn: sqlite3.Connection) -> None:
-    """Create the queue tables (idempotent). executescript() would COMMIT on Python 3.11."""
-    for statement in _SCHEMA.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
-
 def message_id(conn: sqlite3.Connection, queue_id: str) -> int | None:
     found = conn.execute("SELECT id FROM queue_messages WHERE queue_id = ?", (queue_id,)).fetchone()
     return None if found is None else int(found[0])
 
 
 def insert_message(conn: sqlite3.Connection, ids: QueueIds, msg: NewMessage, now: float) -> str:
-    """One message row and one QUEUED row per distinct recipient, due now."""
-    for _ in range(5):
-        queue_id = ids.next(now)
+    """One message row and one QUEUED row per distinct recipient, due now.
+
+    Uses `msg.queue_id` when the submitter chose one (a clash is an IntegrityError: the
+    submitter answers 4xx and tries again with a new id), else picks a fresh id.
+    """
+    dsn = dsn_to_json(msg.dsn)
+    big = len(msg.data) > BLOB_CHUNK
+    content: bytes | int = len(msg.data) if big else msg.data
+    sql = _INSERT_BIG if big else _INSERT_SMALL
+    for _ in range(1 if msg.queue_id else 5):
+        queue_id = msg.queue_id or ids.next(now)
         try:
             cur = conn.execute(
-                "INSERT INTO queue_messages (queue_id, sender, received_at, size, held, client,"
-                " data) VALUES (?, ?, ?, ?, 0, ?, ?)",
-                (queue_id, msg.sender, now, len(msg.data), msg.client, msg.data),
+                sql,
+                (queue_id, msg.sender, now, len(msg.data), msg.client, dsn, content),
             )
         except sqlite3.IntegrityError:
+            if msg.queue_id:
+                raise
             continue  # another process took this id in the same millisecond
         break
     else:
         raise sqlite3.IntegrityError("no free queue id")
+    row_id = int(cur.lastrowid or 0)
+    if big:
+        write_blob(conn, row_id, msg.data)
     conn.executemany(
         "INSERT INTO queue_recipients (message_id, address, domain, state, attempts,"
         " next_attempt_at) VALUES (?, ?, ?, 'queued', 0, ?)",
-        [(cur.lastrowid, a, domain_of(a), now) for a in dict.fromkeys(msg.recipients)],
+        [(row_id, a, domain_of(a), now) for a in dict.fromkeys(msg.recipients)],
     )
     return queue_id
+
+
+def write_blob(conn: sqlite3.Connection, row_id: int, data: bytes) -> None:
+    """Fill a zeroblob in chunks: binding a large value would make SQLite copy it whole."""
+    view = memoryview(data)
+    with conn.blobopen("queue_messages", "data", row_id) as blob:
+        for start in range(0, len(view), BLOB_CHUNK):
+            blob.write(view[start : start + BLOB_CHUNK])
 
 
 def lease_due(
@@ -197,16 +165,17 @@ def _lease_group(
     lifetime: float,
 ) -> Lease | None:
     rows = conn.execute(
-        "SELECT id, address, attempts FROM queue_recipients WHERE message_id = ?"
-        " AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
+        "SELECT id, address, attempts, delay_notified FROM queue_recipients"
+        " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
         " AND next_attempt_at <= ? ORDER BY id",
         (msg_id, domain, now),
     ).fetchall()
     msg = conn.execute(
-        "SELECT queue_id, sender, received_at, typeof(data) FROM queue_messages WHERE id = ?",
+        "SELECT queue_id, sender, received_at, typeof(data), dsn FROM queue_messages WHERE id = ?",
         (msg_id,),
     ).fetchone()
-    if not _leasable_message(msg) or not isinstance(domain, str):
+    dsn = dsn_from_json(msg[4]) if msg is not None else None
+    if dsn is None or not _leasable_message(msg) or not isinstance(domain, str):
         _set_aside(conn, (r[0] for r in rows), "message row missing or unreadable")
         return None
     good = [r for r in rows if isinstance(r[1], str) and type(r[2]) is int]
@@ -223,17 +192,18 @@ def _lease_group(
         queue_id=msg[0],
         domain=domain,
         sender=msg[1],
-        recipients=tuple(LeasedRecipient(address=r[1], attempts=r[2]) for r in good),
+        recipients=tuple(LeasedRecipient(r[1], r[2], bool(r[3])) for r in good),
         received_at=received_at,
         expires_at=received_at + lifetime,
         until=until,
+        dsn=dsn,
     )
 
 
 def _leasable_message(msg: Sequence[Any] | None) -> bool:
     if msg is None:
         return False
-    queue_id, sender, received_at, data_type = msg
+    queue_id, sender, received_at, data_type, _ = msg
     return (
         isinstance(queue_id, str)
         and isinstance(sender, str)
@@ -277,8 +247,9 @@ def record_results(
                 next_at = min(next_at, expires_at)
         conn.execute(
             "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
-            " last_error = ?, lease_owner = NULL, lease_until = NULL WHERE id = ?",
-            (result.state.value, attempts, next_at, result.error, found[0]),
+            " last_error = ?, lease_owner = NULL, lease_until = NULL,"
+            " delay_notified = MAX(delay_notified, ?) WHERE id = ?",
+            (result.state.value, attempts, next_at, result.error, result.delay_notified, found[0]),
         )
     final = tuple(s.value for s in FINAL_STATES)
     pending = conn.execute(

@@ -3,6 +3,10 @@
 The one place where configuration becomes objects: the store, the policy cache and
 resolver, the delivery worker and the listener. `policy` and `mailqueue` take plain
 arguments from here and never see the Config.
+
+Also owns the process lifecycle of `serve`: SIGTERM/SIGINT stop accepting, let deliveries
+in flight finish within `delivery.shutdown_grace` and leave the rest queued; SIGHUP reloads
+what can change without a restart (TLS overrides, the listener's certificates).
 """
 
 from __future__ import annotations
@@ -11,25 +15,34 @@ import asyncio
 import contextlib
 import os
 import secrets
+import signal
+import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.nameserver
 
+from mailqueue.model import Lease
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
+from mailqueue.store import StoreUnavailable
 from policy.cache import CachedPolicy, PolicyCache
-from policy.model import Policy, TlsRptResult
+from policy.model import Policy, PolicyLookup, TlsRptResult
 from policy.resolver import PolicyResolver
 from policy.webpki import client_context, unverified_context
 from relay import __version__
-from relay.config import Config, parse_hostport
+from relay.config import Config, ConfigError, parse_hostport
 from relay.delivery.attempt import AttemptSettings
 from relay.delivery.worker import Worker, WorkerSettings
 from relay.events import EventLog
 from relay.listener import Listener
+from relay.metrics import Metrics, MetricsServer
+from relay.overrides import TlsOverrides
+from relay.reporting import Reporting, build_reporting
 
 # Proactive policy refresh (RFC 8461 §3.3, §10.2): how often to look, and which domains
 # count as "still being mailed".
@@ -59,9 +72,38 @@ def make_resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncreso
     return resolver
 
 
+class GatedStore(SqliteStore):
+    """The queue store as the worker sees it: leasing can be closed for a graceful stop."""
+
+    leasing = True
+
+    async def lease_due(self, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
+        if not self.leasing:
+            return []
+        return await super().lease_due(owner, limit, lease_seconds)
+
+
+class CountingResolver(PolicyResolver):
+    """The policy resolver, reporting each delivery lookup's source (cache hits) to metrics."""
+
+    on_lookup: Callable[[PolicyLookup], None] = staticmethod(lambda _lookup: None)
+
+    async def resolve(self, domain: str) -> PolicyLookup:
+        lookup = await super().resolve(domain)
+        self.on_lookup(lookup)
+        return lookup
+
+
 def open_store(cfg: Config) -> SqliteStore:
+    return _open_store(cfg, SqliteStore)
+
+
+_Store = TypeVar("_Store", bound=SqliteStore)
+
+
+def _open_store(cfg: Config, store_class: type[_Store]) -> _Store:
     Path(cfg.state.path).mkdir(parents=True, exist_ok=True)
-    return SqliteStore(
+    return store_class(
         database_path(cfg),
         schedule=RetrySchedule(tuple(float(d) for d in cfg.queue.retry_schedule)),
         lifetime=float(cfg.queue.lifetime),
@@ -109,18 +151,27 @@ class _PolicyEvents:
 class Relay:
     """The running parts, for tests and for the `serve` command."""
 
-    store: SqliteStore
+    store: GatedStore
     cache: PolicyCache
     policies: PolicyResolver
     worker: Worker
     listener: Listener
+    metrics: Metrics = field(default_factory=Metrics)
+    overrides: TlsOverrides | None = None
+    stopping: bool = False
+    reporting: Reporting | None = None
 
 
 def build(cfg: Config, events: EventLog) -> Relay:
     resolver = make_resolver(tuple(cfg.dns.nameservers), cfg.dns.timeout)
     verified = client_context(cfg.tls.ca_file)
     cache = open_policy_cache(cfg)
-    policies = PolicyResolver(
+    metrics = Metrics()
+    events.subscribe(metrics.observe_event)
+    overrides = TlsOverrides(
+        cfg.tls.overrides, resolver=resolver, dns_timeout=cfg.dns.timeout, events=events
+    )
+    policies = CountingResolver(
         cache,
         resolver,
         verified,
@@ -130,7 +181,8 @@ def build(cfg: Config, events: EventLog) -> Relay:
         failure_backoff=cfg.policy.failure_backoff,
         observer=_PolicyEvents(events),
     )
-    store = open_store(cfg)
+    policies.on_lookup = metrics.observe_lookup
+    store = _open_store(cfg, GatedStore)
     attempt = AttemptSettings(
         port=cfg.delivery.port,
         helo=cfg.delivery.hostname,
@@ -140,6 +192,14 @@ def build(cfg: Config, events: EventLog) -> Relay:
         command_timeout=cfg.delivery.command_timeout,
         dns_timeout=cfg.dns.timeout,
         allow_loopback_mx=cfg.delivery.allow_loopback_mx,
+        max_messages_per_connection=cfg.delivery.max_messages_per_connection,
+        max_connections_per_host=cfg.delivery.max_connections_per_host,
+        own_addresses=frozenset(
+            parse_hostport(a)[0] for a in (*cfg.listen.addresses, *cfg.listen.tls_addresses)
+        ),
+    )
+    reporting = build_reporting(
+        cfg, database_path(cfg), queue=store, resolver=resolver, ssl_context=verified, events=events
     )
     worker = Worker(
         store=store,
@@ -150,11 +210,24 @@ def build(cfg: Config, events: EventLog) -> Relay:
             hostname=cfg.delivery.hostname,
             concurrency=cfg.delivery.concurrency,
             owner=f"{cfg.delivery.hostname}:{os.getpid()}:{secrets.token_hex(4)}",
+            delay_notice_after=cfg.queue.delay_notice_after,
         ),
         events=events,
+        adjust_lookup=overrides.apply,
+        session_hook=reporting.session_hook,
     )
+    reporting.reporter.on_queued = worker.wake
     listener = Listener(cfg, store=store, events=events, on_queued=worker.wake)
-    return Relay(store=store, cache=cache, policies=policies, worker=worker, listener=listener)
+    return Relay(
+        store=store,
+        cache=cache,
+        policies=policies,
+        worker=worker,
+        listener=listener,
+        metrics=metrics,
+        overrides=overrides,
+        reporting=reporting,
+    )
 
 
 async def _refresh_policies(policies: PolicyResolver) -> None:
@@ -163,24 +236,128 @@ async def _refresh_policies(policies: PolicyResolver) -> None:
         await policies.refresh_due(time.time(), _RECENTLY_USED_S)
 
 
-async def serve(cfg: Config, events: EventLog, stop: asyncio.Event) -> None:
-    """Run the relay until `stop` is set; mail not yet delivered stays queued."""
+async def readiness(relay: Relay) -> str | None:
+    """None when the relay can take mail (listener accepting, store writable), else why not."""
+    if relay.stopping:
+        return "stopping"
+    if not relay.listener.bound_addresses:
+        return "listener not accepting"
+    try:
+        await relay.store.counts()
+        await asyncio.to_thread(_probe_write, relay.store.path.parent)
+    except (StoreUnavailable, OSError) as exc:
+        return f"store not writable: {exc}"
+    return None
+
+
+def _probe_write(directory: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".readyz-") as probe:
+        probe.write(b"ok")
+        probe.flush()
+
+
+async def _drain(relay: Relay, grace: float) -> int:
+    """Lease nothing more and wait up to `grace` seconds for deliveries in flight; return
+    how many were still running (they are cut off and stay queued: their leases are
+    released when the store is next opened)."""
+    relay.store.leasing = False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while relay.worker.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - a count only
+        await asyncio.sleep(0.05)
+    return relay.worker.in_flight
+
+
+ConfigLoader = Callable[[], Config]
+
+
+async def _reload_on(
+    hangup: asyncio.Event, relay: Relay, events: EventLog, load: ConfigLoader
+) -> None:
+    """SIGHUP: re-read the configuration and apply what can change while running."""
+    while True:
+        await hangup.wait()
+        hangup.clear()
+        try:
+            cfg = await asyncio.to_thread(load)
+            parts = []
+            if relay.overrides is not None:
+                relay.overrides.replace(cfg.tls.overrides)
+                parts.append("tls_overrides")
+            reload_tls = getattr(relay.listener, "reload_tls", None)
+            if callable(reload_tls):
+                reload_tls()
+                parts.append("certificates")
+        except (ConfigError, OSError, ValueError) as exc:
+            events.reload_failed(error=str(exc))
+            continue
+        events.reloaded(parts=parts)
+
+
+async def serve(
+    cfg: Config,
+    events: EventLog,
+    stop: asyncio.Event,
+    *,
+    hangup: asyncio.Event | None = None,
+    load: ConfigLoader | None = None,
+    reason: Callable[[], str] = lambda: "signal",
+) -> None:
+    """Run the relay until `stop` is set; mail not yet delivered stays queued.
+
+    When `hangup` is set, `load` is called for a fresh configuration (SIGHUP).
+    """
     relay = build(cfg, events)
     await relay.store.open()
+    metrics_server: MetricsServer | None = None
     try:
         await relay.listener.start()
         events.started(version=__version__, state_path=str(cfg.state.path))
+        if cfg.metrics.address:
+            metrics_server = MetricsServer(
+                relay.metrics, relay.store.counts, lambda: readiness(relay)
+            )
+            address = await metrics_server.start(cfg.metrics.address)
+            events.metrics_listening(address=address)
         events.listening(addresses=relay.listener.bound_addresses)
         async with asyncio.TaskGroup() as tasks:
             worker = tasks.create_task(relay.worker.run())
-            refresh = tasks.create_task(_refresh_policies(relay.policies))
+            background = [tasks.create_task(_refresh_policies(relay.policies))]
+            if relay.reporting is not None:  # RFC 8460 counters and the daily report job
+                background.append(tasks.create_task(relay.reporting.run()))
+            if hangup is not None and load is not None:
+                background.append(tasks.create_task(_reload_on(hangup, relay, events, load)))
             await stop.wait()
-            events.stopping(reason="signal")
+            events.stopping(reason=reason())
+            relay.stopping = True
             await relay.listener.stop()
+            abandoned = await _drain(relay, cfg.delivery.shutdown_grace)
             worker.cancel()
-            refresh.cancel()
+            for task in background:
+                task.cancel()
+        events.stopped(abandoned=abandoned)
     finally:
         with contextlib.suppress(Exception):
             await relay.listener.stop()
+        if metrics_server is not None:
+            await metrics_server.stop()
+        if relay.reporting is not None:
+            await relay.reporting.close()
         await relay.store.close()
         relay.cache.close()
+
+
+async def run_until_signalled(cfg: Config, events: EventLog, load: ConfigLoader) -> None:
+    """`sts-relay serve`: SIGTERM/SIGINT stop gracefully, SIGHUP reloads."""
+    stop, hangup = asyncio.Event(), asyncio.Event()
+    received: list[str] = []
+    loop = asyncio.get_running_loop()
+
+    def on_stop(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, hangup.set)
+    await serve(cfg, events, stop, hangup=hangup, load=load, reason=lambda: received[0])

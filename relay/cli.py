@@ -10,7 +10,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +62,34 @@ def _parser() -> argparse.ArgumentParser:
     )
     pcheck.add_argument("domain")
     pcheck.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_text in (
+        ("show", "show the cached policy of a domain"),
+        ("forget", "remove a domain's cached policy (it is fetched again on next use)"),
+    ):
+        sub = policy_cmds.add_parser(name, help=help_text)
+        sub.add_argument("domain")
+        sub.add_argument("--json", action="store_true", help="print JSON")
+
+    user = commands.add_parser("user", help="SMTP AUTH users (password read from stdin)")
+    user_cmds = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("add", "add a user or change its password (prompted, or one line on stdin)"),
+        ("remove", "remove a user"),
+    ):
+        user_cmds.add_parser(name, help=help_text).add_argument("user")
+    user_cmds.add_parser("list", help="list user names").add_argument(
+        "--json", action="store_true", help="print JSON"
+    )
+
+    tlsrpt = commands.add_parser("tlsrpt", help="TLS reports (RFC 8460)")
+    tlsrpt_cmds = tlsrpt.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_text in (
+        ("show", "show a day's reports and where they go, without sending"),
+        ("send", "build and send a day's reports not sent yet"),
+    ):
+        sub = tlsrpt_cmds.add_parser(name, help=help_text)
+        sub.add_argument("--day", metavar="D", help="YYYY-MM-DD, today or yesterday (default)")
+        sub.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -74,23 +101,18 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False, default=str))
 
 
-def _serve(cfg: Config) -> int:
-    from relay.app import serve
+def _serve(cfg: Config, args: argparse.Namespace) -> int:
+    from relay.app import run_until_signalled
 
     events = EventLog(sys.stdout, fmt=cfg.log.format, level=cfg.log.level)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(cfg, events, stop)
-
     try:
-        asyncio.run(run())
+        asyncio.run(run_until_signalled(cfg, events, lambda: _load(args)))
     except OSError as exc:
         print(f"sts-relay: cannot start: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except ConfigError as exc:  # found while building (e.g. a DKIM key that cannot sign)
+        print(f"sts-relay: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -116,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sts-relay: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.command == "serve":
-        return _serve(cfg)
+        return _serve(cfg, args)
     if args.command == "config":
         return _config_check(cfg, args.json)
     if args.command == "queue":
@@ -126,7 +148,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_queue_command(cfg, args.action, getattr(args, "queue_id", None), args.json)
         )
     if args.command == "policy":
-        from relay.policy_cli import run_policy_check
+        from relay.policy_cli import run_policy_command
 
-        return asyncio.run(run_policy_check(cfg, args.domain, args.json))
+        return asyncio.run(run_policy_command(cfg, args.action, args.domain, args.json))
+    if args.command == "tlsrpt":
+        from relay.tlsrpt_cli import run_tlsrpt_command
+
+        return asyncio.run(run_tlsrpt_command(cfg, args.action, args.day, args.json))
+    if args.command == "user":
+        from relay.users_cli import run_user_command
+
+        return run_user_command(
+            cfg, args.action, getattr(args, "user", None), getattr(args, "json", False)
+        )
     return EXIT_USAGE

@@ -84,6 +84,18 @@ def _seconds(raw: object) -> float:
     return value
 
 
+def _seconds_or_zero(raw: object) -> float:
+    """A duration in seconds where 0 means "off"."""
+    if (isinstance(raw, int) and not isinstance(raw, bool) and raw == 0) or (
+        isinstance(raw, str) and raw.strip() == "0"
+    ):
+        return 0
+    try:
+        return _seconds(raw)
+    except _Invalid:
+        raise _Invalid("a number of seconds (0 = off)") from None
+
+
 def _bool(raw: object) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -123,6 +135,12 @@ def _text(raw: object) -> str:
     raise _Invalid("a non-empty string")
 
 
+def _optional_text(raw: object) -> str:
+    if isinstance(raw, str):
+        return raw.strip()
+    raise _Invalid("a string")
+
+
 def _ca_file(raw: object) -> str | None:
     if not isinstance(raw, str):
         raise _Invalid("a file path")
@@ -131,6 +149,20 @@ def _ca_file(raw: object) -> str | None:
     if not (os.path.isfile(raw) and os.access(raw, os.R_OK)):
         raise _Invalid("a readable PEM file")
     return raw
+
+
+TLS_OVERRIDE_ACTIONS = ("require-verified", "opportunistic")
+
+
+def _tls_override(raw: object) -> str:
+    """ "domain=action": one operator override of the TLS decision for one domain."""
+    if isinstance(raw, str):
+        domain, sep, action = raw.strip().partition("=")
+        domain = domain.strip().lower().removesuffix(".")
+        action = action.strip().lower()
+        if sep and _HOSTNAME.fullmatch(domain) and action in TLS_OVERRIDE_ACTIONS:
+            return f"{domain}={action}"
+    raise _Invalid('"domain=require-verified" or "domain=opportunistic"')
 
 
 def _list(item: Parser, *, nonempty: bool = False) -> Parser:
@@ -242,6 +274,9 @@ class ListenConfig:
     max_sessions: int = _key(100, _int(1))
     command_timeout: float = _key(300, _seconds)
     data_timeout: float = _key(600, _seconds)
+    tls_addresses: tuple[str, ...] = _key((), _list(_hostport))  # implicit TLS (port 465)
+    max_sessions_per_client: int = _key(20, _int(1))
+    max_errors: int = _key(10, _int(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +292,12 @@ class DeliveryConfig:
     connect_timeout: float = _key(30, _seconds)
     command_timeout: float = _key(300, _seconds)
     allow_loopback_mx: bool = _key(False, _bool)
+    # Connection reuse (issue 4): transactions per connection (1 = no reuse), and open
+    # connections per MX address; delivery.concurrency bounds them in total.
+    max_messages_per_connection: int = _key(100, _int(1))
+    max_connections_per_host: int = _key(10, _int(1))
+    # SIGTERM: seconds for deliveries in flight to finish; the rest stays queued.
+    shutdown_grace: float = _key(30, _seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,11 +307,26 @@ class QueueConfig:
         (300, 600, 1200, 2400, 3600, 7200, 14400), _list(_seconds, nonempty=True)
     )
     lifetime: float = _key(432_000, _seconds)
+    # RFC 3461 §4.1: a "delayed" DSN once a recipient has waited this long; 0 disables.
+    delay_notice_after: float = _key(14_400, _seconds_or_zero)
 
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     ca_file: str | None = _key(None, _ca_file)
+    # The listener's own certificate and key (PEM); STARTTLS and AUTH need them.
+    cert_file: str | None = _key(None, _ca_file)
+    key_file: str | None = _key(None, _ca_file)
+    # Per-domain TLS overrides, "domain=require-verified" or "domain=opportunistic".
+    overrides: tuple[str, ...] = _key((), _list(_tls_override))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    users_file: str = _key("", _optional_text)  # "" = <state.path>/users
+    required: bool = _key(False, _bool)
+    max_failures: int = _key(5, _int(1))  # failed logins per client address ...
+    failure_window: float = _key(300, _seconds)  # ... within this many seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,16 +354,32 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsRptConfig:
+    """RFC 8460 reports; "" values are computed from `submitter` (see relay/reporting.py)."""
+
+    enabled: bool = _key(True, _bool)
+    submitter: str = _key("", _hostname)  # "" = delivery.hostname
+    organization_name: str = _key("", _optional_text)  # "" = submitter
+    contact_info: str = _key("", _optional_text)  # "" = tlsrpt-noreply@<submitter>
+    send_delay: float = _key(14400, _seconds)  # random delay after 00:00 UTC, at most this
+    dkim_key_file: str | None = _key(None, _ca_file)  # PEM RSA key (PKCS#1)
+    dkim_selector: str = _key("", _optional_text)
+    dkim_domain: str = _key("", _hostname)  # "" = submitter
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: ListenConfig = field(default_factory=ListenConfig)
     state: StateConfig = field(default_factory=StateConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     dns: DnsConfig = field(default_factory=DnsConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tlsrpt: TlsRptConfig = field(default_factory=TlsRptConfig)
 
 
 SECTIONS: dict[str, type[Any]] = {
@@ -316,10 +388,12 @@ SECTIONS: dict[str, type[Any]] = {
     "delivery": DeliveryConfig,
     "queue": QueueConfig,
     "tls": TlsConfig,
+    "auth": AuthConfig,
     "dns": DnsConfig,
     "policy": PolicyConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "tlsrpt": TlsRptConfig,
 }
 
 
@@ -388,6 +462,18 @@ def _build_section(name: str, table: Mapping[str, Any], environ: Mapping[str, st
     return cls(**values)
 
 
+def _check_listener_tls(cfg: Config) -> None:
+    if (cfg.tls.cert_file is None) != (cfg.tls.key_file is None):
+        raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
+    if cfg.listen.tls_addresses and cfg.tls.cert_file is None:
+        raise ConfigError("listen.tls_addresses: needs tls.cert_file and tls.key_file")
+
+
+def users_file_path(cfg: Config) -> Path:
+    """Where the SMTP AUTH users file is: auth.users_file, else <state.path>/users."""
+    return Path(cfg.auth.users_file or Path(cfg.state.path) / "users")
+
+
 def load_config(
     path: str | Path | None,
     environ: Mapping[str, str],
@@ -405,6 +491,9 @@ def load_config(
     _check_env_keys(environ)
     sections = {name: _build_section(name, doc.get(name, {}), environ) for name in SECTIONS}
     cfg = Config(**sections)
+    _check_listener_tls(cfg)
+    if cfg.tlsrpt.dkim_key_file is not None and not cfg.tlsrpt.dkim_selector:
+        raise ConfigError("tlsrpt.dkim_selector: needed when tlsrpt.dkim_key_file is set")
     # Computed defaults: the EHLO name is the machine's FQDN unless set; the listener
     # greets with the same name unless told otherwise.
     delivery_host = cfg.delivery.hostname or fqdn()

@@ -24,6 +24,10 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "started": ("version", "state_path"),
     "listening": ("addresses",),
     "stopping": ("reason",),
+    "stopped": ("abandoned",),
+    "metrics_listening": ("address",),
+    "reloaded": ("parts",),
+    "reload_failed": ("error",),
     "received": ("queue_id", "message_id", "sender", "rcpts", "size", "client"),
     "rejected": ("client", "stage", "code", "reason", "sender", "rcpt"),
     "delivery": (
@@ -45,11 +49,15 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "bounce_queued": ("queue_id", "dsn_queue_id", "sender", "rcpts"),
     "policy_fetched": ("domain", "policy_id", "mode", "max_age", "mx"),
     "policy_fetch_failed": ("domain", "policy_id", "result", "reason", "cached_mode"),
+    "policy_forgotten": ("domain", "policy_id"),
     "tls_override": ("queue_id", "domain", "mx", "override", "decision", "reason"),
     "queue_admin": ("action", "queue_id"),
     "store_error": ("error",),
     "worker_error": ("queue_id", "domain", "error"),
+    "tlsrpt_report": ("domain", "day", "report_id", "uri", "state", "attempts", "error"),
     "session_error": ("client", "error"),
+    "authenticated": ("client", "user", "mechanism"),
+    "auth_failed": ("client", "user", "mechanism", "reason"),
 }
 
 _BARE = re.compile(r"[^\s\"=\\]+")
@@ -94,8 +102,15 @@ class EventLog:
         self._min = LEVELS.index(level)
         self._clock = clock
         self._lock = threading.Lock()
+        self._observers: list[Callable[[str, dict[str, Any]], None]] = []
+
+    def subscribe(self, observer: Callable[[str, dict[str, Any]], None]) -> None:
+        """Also hand every event (whatever its level) to `observer`, e.g. the metrics."""
+        self._observers.append(observer)
 
     def _emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
+        for observer in self._observers:
+            observer(event, fields)
         if LEVELS.index(level) < self._min:
             return
         ts = _rfc3339(self._clock())
@@ -120,6 +135,21 @@ class EventLog:
 
     def stopping(self, *, reason: str) -> None:
         self._emit("stopping", "info", {"reason": reason})
+
+    def stopped(self, *, abandoned: int) -> None:
+        """The relay is about to exit; `abandoned` deliveries were cut off (still queued)."""
+        self._emit("stopped", "warning" if abandoned else "info", {"abandoned": abandoned})
+
+    def metrics_listening(self, *, address: str) -> None:
+        self._emit("metrics_listening", "info", {"address": address})
+
+    def reloaded(self, *, parts: Sequence[str]) -> None:
+        """SIGHUP: what was reloaded (certificates, users, tls_overrides)."""
+        self._emit("reloaded", "info", {"parts": list(parts)})
+
+    def reload_failed(self, *, error: str) -> None:
+        """SIGHUP with a broken configuration: the previous settings stay in force."""
+        self._emit("reload_failed", "error", {"error": error})
 
     # --- the listener ---
 
@@ -163,6 +193,19 @@ class EventLog:
     def session_error(self, *, client: str, error: str) -> None:
         """An unexpected error inside an SMTP session; the client saw only 451 4.3.0."""
         self._emit("session_error", "error", {"client": client, "error": error})
+
+    def authenticated(self, *, client: str, user: str, mechanism: str) -> None:
+        """A client logged in with SMTP AUTH (RFC 4954)."""
+        self._emit(
+            "authenticated", "info", {"client": client, "user": user, "mechanism": mechanism}
+        )
+
+    def auth_failed(
+        self, *, client: str, user: str | None, mechanism: str | None, reason: str
+    ) -> None:
+        """A failed or refused SMTP AUTH ("bad credentials", "rate limited", ...)."""
+        fields = {"client": client, "user": user, "mechanism": mechanism, "reason": reason}
+        self._emit("auth_failed", "warning", fields)
 
     # --- delivery ---
 
@@ -236,6 +279,23 @@ class EventLog:
             },
         )
 
+    def tlsrpt_report(
+        self,
+        *,
+        domain: str,
+        day: str,
+        report_id: str,
+        uri: str,
+        state: str,
+        attempts: int,
+        error: str | None,
+    ) -> None:
+        """An RFC 8460 report was queued, sent, or failed (to be retried) for one URI."""
+        level = "warning" if state in ("pending", "failed") else "info"
+        fields = {"domain": domain, "day": day, "report_id": report_id, "uri": uri}
+        outcome = {"state": state, "attempts": attempts, "error": error}
+        self._emit("tlsrpt_report", level, {**fields, **outcome})
+
     def worker_error(self, *, queue_id: str, domain: str, error: str) -> None:
         self._emit(
             "worker_error", "error", {"queue_id": queue_id, "domain": domain, "error": error}
@@ -280,6 +340,10 @@ class EventLog:
                 "cached_mode": cached_mode,
             },
         )
+
+    def policy_forgotten(self, *, domain: str, policy_id: str | None) -> None:
+        """An operator removed a cached policy (`sts-relay policy forget`)."""
+        self._emit("policy_forgotten", "warning", {"domain": domain, "policy_id": policy_id})
 
     # --- the store and operators ---
 

@@ -1,10 +1,11 @@
-"""The SMTP listener: accepts mail from trusted applications and hands it to the queue.
+"""The SMTP listener: accepts mail from applications and hands it to the queue.
 
-Owns the receiving side of SMTP on top of aiosmtpd: who may relay (trusted networks),
-limits (size, recipients, sessions, timeouts), envelope syntax, SMTP smuggling defences
-(RFC 5321 §2.3.8), loop detection (§6.3), trace and missing headers, and the rule that
-250 is sent only once the store has the message. Knows nothing of delivery, MTA-STS or
-how the store keeps messages: it calls `put()` and nothing else.
+Owns the handler side of receiving SMTP on top of aiosmtpd (relay/smtpd.py has the
+protocol): who may relay (trusted networks or SMTP AUTH), SMTP smuggling defences in DATA
+(RFC 5321 §2.3.8), loop detection (§6.3), trace and missing headers, the RFC 3461
+parameters kept with the message, the rule that 250 is sent only once the store has the
+message, and the listening sockets (plain with STARTTLS, and implicit TLS). Knows nothing
+of delivery, MTA-STS or how the store keeps messages: it calls `put()` and nothing else.
 """
 
 from __future__ import annotations
@@ -12,239 +13,49 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-import re
-import secrets
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, AnyStr, Protocol, cast
+from typing import Protocol
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import Session
 
+from mailqueue import new_queue_id
 from mailqueue.model import NewMessage
 from mailqueue.store import StoreUnavailable
-from relay.config import Config, format_hostport, parse_hostport
+from relay.auth import FailureLimiter, UsersFile
+from relay.config import Config, format_hostport, parse_hostport, users_file_path
+from relay.esmtp import path_ok
 from relay.events import EventLog
 from relay.headers import add_missing_headers, count_received, has_bare_cr_or_lf, received_header
+from relay.server_tls import ServerTls
+from relay.smtp_session import (
+    REPLY_RELAY_DENIED,
+    RelayEnvelope,
+    RelaySMTP,
+    SessionSettings,
+    SessionTable,
+    peer_ip,
+    report_error,
+)
+
+__all__ = ["Listener", "MessageStore", "path_ok"]
 
 # RFC 5321 §6.3: a loop is assumed past this many Received fields (the RFC's floor is 100).
 MAX_RECEIVED = 100
 _STOP_GRACE_S = 10.0
 
-REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
 REPLY_BARE_CRLF = "550 5.5.2 Message contains bare CR or LF"
 REPLY_LOOP = "554 5.4.6 Too many Received headers (mail loop?)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
-REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
-REPLY_BAD_ADDRESS = "501 5.1.3 Bad address syntax"
-REPLY_BARE_LF_COMMAND = "500 5.5.2 Syntax error: command lines must end with CRLF"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
-REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
-
-# aiosmtpd's stock replies that lack an RFC 3463 status, and ours in their place.
-# (DSN and REQUIRETLS are not advertised, so NOTIFY/RET/ENVID/ORCPT/REQUIRETLS land in the
-# "parameters not recognized" replies: RFC 3461 §4, RFC 8689 §2.)
-_STOCK_REPLIES: dict[str, tuple[str, str | None]] = {
-    "555 MAIL FROM parameters not recognized or not implemented": (
-        "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
-        "mail",
-    ),
-    "555 RCPT TO parameters not recognized or not implemented": (
-        "555 5.5.4 RCPT TO parameters not recognized or not implemented",
-        "rcpt",
-    ),
-    "552 Error: message size exceeds fixed maximum message size": (REPLY_TOO_BIG, "mail"),
-    "552 Error: Too much mail data": (REPLY_TOO_BIG, "data"),
-    "553 5.1.3 Error: malformed address": (REPLY_BAD_ADDRESS, None),
-}
-
-# Envelope paths (RFC 5321 §4.1.2), checked on the raw argument: aiosmtpd's parser drops
-# CR and NUL and "repairs" garbage (`<a b@c>` becomes `"a b"@c`); CR, LF and NUL must never
-# reach the outbound client (aiosmtplib GHSA-v3q9-hj7j-63hq). UTF-8 allowed (RFC 6531).
-_U8 = "\u0080-\ud7ff\ue000-\U0010ffff"
-_ATOM = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~\-{_U8}]+"
-_QUOTED = rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U8}]|\\[\x20-\x7e])*"'
-_LABEL = rf"[A-Za-z0-9{_U8}](?:[A-Za-z0-9\-{_U8}]*[A-Za-z0-9{_U8}])?"
-_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
-_MAILBOX = rf"(?:{_ATOM}(?:\.{_ATOM})*|{_QUOTED})@(?:{_DOMAIN}|\[[A-Za-z0-9.:]+\])"
-_PATH = re.compile(rf"(?:<(?:@{_DOMAIN}(?:,@{_DOMAIN})*:)?({_MAILBOX})>|({_MAILBOX}))(?: |$)")
-_NULL_PATH = re.compile(r"<>(?: |$)")
-
-
-def path_ok(arg: str, *, null_ok: bool) -> bool:
-    """Whether the text after `FROM:`/`TO:` starts with a well-formed path (params follow)."""
-    arg = arg.lstrip(" ")
-    if null_ok and _NULL_PATH.match(arg):
-        return True
-    match = _PATH.match(arg)
-    if match is None:
-        return False
-    domain = (match.group(1) or match.group(2)).rpartition("@")[2]
-    if domain.startswith("["):
-        literal = domain[1:-1]
-        if literal[:5].lower() == "ipv6:":
-            literal = literal[5:]
-        elif ":" in literal:
-            return False
-        try:
-            ipaddress.ip_address(literal)
-        except ValueError:
-            return False
-    return True
-
-
-def _peer_ip(session: Any) -> str:
-    peer = getattr(session, "peer", None)
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "")
-
-
-def _report_error(events: EventLog, client: str, error: str) -> None:
-    # Must not raise: aiosmtpd would answer an exception raised here with its text.
-    with contextlib.suppress(Exception):
-        events.session_error(client=client, error=error)
 
 
 class MessageStore(Protocol):
     """What the listener needs of the queue (mailqueue.store.QueueStore has it)."""
 
     async def put(self, msg: NewMessage) -> str: ...
-
-
-class _BareLfCommand(Exception):
-    """A command line ended with LF alone (RFC 5321 §2.3.8: only CRLF ends a line)."""
-
-
-class _CrlfReader:
-    """Wraps the session's StreamReader: refuses bare-LF command lines, and restarts the
-    data timeout on every DATA line (aiosmtpd reads commands up to LF, DATA up to CRLF)."""
-
-    def __init__(self, reader: Any, on_data_line: Callable[[], None]) -> None:
-        object.__setattr__(self, "_reader", reader)
-        object.__setattr__(self, "_on_data_line", on_data_line)
-
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        line: bytes = await self._reader.readuntil(separator)
-        if separator == b"\n":
-            if not line.endswith(b"\r\n"):
-                raise _BareLfCommand
-        else:
-            self._on_data_line()
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._reader, name, value)
-
-
-class _Sessions:
-    """The live sessions, for the concurrency limit and for shutdown."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.live: set[RelaySMTP] = set()
-        self.storing = 0
-        self.quiet = asyncio.Event()
-        self.quiet.set()
-
-
-class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with our limits, syntax checks, replies and error handling."""
-
-    def __init__(
-        self, handler: _Handler, *, sessions: _Sessions, data_timeout: float, **kwargs: Any
-    ) -> None:
-        super().__init__(handler, **kwargs)
-        self._sessions = sessions
-        self._data_timeout = data_timeout
-        self._events = handler.events
-        self._refused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.transport is None and len(self._sessions.live) >= self._sessions.limit:
-            self._refused = True
-            peer = transport.get_extra_info("peername")
-            ip = str(peer[0]) if isinstance(peer, tuple) else ""
-            self._events.rejected(
-                client=ip, stage="connect", code="421 4.7.0", reason="too many sessions"
-            )
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(REPLY_TOO_MANY_SESSIONS.encode() + b"\r\n")
-            transport.close()
-            return
-        self._sessions.live.add(self)
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        if self._refused:
-            return
-        self._sessions.live.discard(self)
-        super().connection_lost(error)
-
-    def eof_received(self) -> bool | None:
-        if self._refused:
-            return False
-        result: bool | None = super().eof_received()
-        return result
-
-    def _cb_client_connected(self, reader: Any, writer: Any) -> None:
-        wrapped = _CrlfReader(reader, self._restart_data_timer)
-        super()._cb_client_connected(cast(asyncio.StreamReader, wrapped), writer)
-
-    def _restart_data_timer(self) -> None:
-        self._reset_timeout(self._data_timeout)
-
-    async def push(self, status: AnyStr) -> None:
-        if isinstance(status, str) and status in _STOCK_REPLIES:
-            status, stage = _STOCK_REPLIES[status]
-            if stage is not None:
-                self.reject(stage, status, "message too big" if "5.3.4" in status else status)
-        await super().push(status)
-
-    def reject(self, stage: str, reply: str, reason: str, rcpt: str | None = None) -> None:
-        """Log a refusal as a `rejected` event (`reply` starts "554 5.7.1 ...")."""
-        sender = self.envelope.mail_from if self.envelope is not None else None
-        self._events.rejected(
-            client=_peer_ip(self.session),
-            stage=stage,
-            code=reply[:9],
-            reason=reason,
-            sender=None if sender is None else ("" if sender == "<>" else sender),
-            rcpt=rcpt,
-        )
-
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        rest = arg[5:] if arg is not None and arg[:5].upper() == "FROM:" else None
-        if rest is not None and not path_ok(rest, null_ok=True):
-            self.reject("mail", REPLY_BAD_ADDRESS, "bad sender address syntax")
-            await super().push(REPLY_BAD_ADDRESS)
-            return
-        await super().smtp_MAIL(arg)
-
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        rest = arg[3:] if arg is not None and arg[:3].upper() == "TO:" else None
-        if rest is not None and not path_ok(rest, null_ok=False):
-            self.reject("rcpt", REPLY_BAD_ADDRESS, "bad recipient address syntax")
-            await super().push(REPLY_BAD_ADDRESS)
-            return
-        await super().smtp_RCPT(arg)
-
-    async def smtp_DATA(self, arg: str | None) -> None:
-        await super().smtp_DATA(arg)
-        if self.transport is not None:
-            self._reset_timeout()  # back to the command timeout
-
-    async def handle_exception(self, error: Exception) -> str:
-        # aiosmtpd's default answers 500 with the exception's text: never show internals.
-        if isinstance(error, _BareLfCommand):
-            return REPLY_BARE_LF_COMMAND
-        _report_error(self._events, _peer_ip(self.session), repr(error))
-        self.envelope = self._create_envelope()  # a half-done transaction is void
-        return REPLY_INTERNAL
 
 
 class _Handler:
@@ -257,7 +68,7 @@ class _Handler:
         store: MessageStore,
         events: EventLog,
         on_queued: Callable[[], None],
-        sessions: _Sessions,
+        sessions: SessionTable,
     ) -> None:
         self.events = events
         self._listen = config.listen
@@ -275,15 +86,29 @@ class _Handler:
             addr = addr.ipv4_mapped
         return any(addr in net for net in self._networks)
 
+    async def handle_EHLO(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: RelayEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname  # this hook's duty (aiosmtpd's new-style EHLO hook)
+        # RFC 3461 §4: DSN advertised; REQUIRETLS (RFC 8689) is not.
+        return [*responses[:-1], "250-DSN", responses[-1]]
+
     async def handle_RCPT(
         self,
         server: RelaySMTP,
         session: Session,
-        envelope: Envelope,
+        envelope: RelayEnvelope,
         address: str,
         options: list[str],
     ) -> str:
-        if not self.is_trusted(_peer_ip(session)):
+        # Authenticated clients may relay from anywhere (RFC 6409 §4.1), others only from
+        # the trusted networks; the same refusal for every address trick.
+        if not (session.authenticated or self.is_trusted(peer_ip(session))):
             server.reject("rcpt", REPLY_RELAY_DENIED, "relay access denied", rcpt=address)
             return REPLY_RELAY_DENIED
         if len(envelope.rcpt_tos) >= self._listen.max_recipients:
@@ -293,7 +118,9 @@ class _Handler:
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: RelaySMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(
+        self, server: RelaySMTP, session: Session, envelope: RelayEnvelope
+    ) -> str:
         data: bytes = envelope.original_content or b""
         # RFC 5321 §2.3.8 and the 2023 smuggling attacks: refuse, never forward.
         if has_bare_cr_or_lf(data):
@@ -302,12 +129,24 @@ class _Handler:
         if count_received(data) > MAX_RECEIVED:
             server.reject("data", REPLY_LOOP, "too many Received headers")
             return REPLY_LOOP
-        client = _peer_ip(session)
+        client = peer_ip(session)
         sender = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
         rcpts = tuple(str(r) for r in envelope.rcpt_tos)
-        message, message_id = self._stamp(data, session, client, rcpts)
+        queue_id = new_queue_id()  # chosen now: the Received id and the queue id agree
+        message, message_id = self._stamp(
+            data, session, client, rcpts, queue_id, server.tls_version()
+        )
         try:
-            queue_id = await self._put(NewMessage(sender, rcpts, message, client))
+            queue_id = await self._put(
+                NewMessage(
+                    sender,
+                    rcpts,
+                    message,
+                    client,
+                    dsn=envelope.dsn_request(),
+                    queue_id=queue_id,
+                )
+            )
         except StoreUnavailable as exc:
             self.events.store_error(error=str(exc))
             return REPLY_STORE_FAILED
@@ -327,27 +166,33 @@ class _Handler:
             )
             self._on_queued()
         except Exception as exc:  # noqa: BLE001 - reported; the 250 stands
-            _report_error(self.events, client, f"after queueing {queue_id}: {exc!r}")
+            report_error(self.events, client, f"after queueing {queue_id}: {exc!r}")
+        server.transaction_done()
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     def _stamp(
-        self, data: bytes, session: Session, client: str, rcpts: Sequence[str]
+        self,
+        data: bytes,
+        session: Session,
+        client: str,
+        rcpts: Sequence[str],
+        queue_id: str,
+        tls: str | None,
     ) -> tuple[bytes, str | None]:
         """Prepend Received (RFC 5321 §4.4); add Date and Message-ID if missing."""
         now = datetime.now(UTC)
-        trace_id = secrets.token_hex(8).upper()
         received = received_header(
             client_ip=client,
             helo=session.host_name,
             by_host=self._listen.hostname,
-            queue_id=trace_id,
-            tls=None,
+            queue_id=queue_id,
+            tls=tls,
             when=now,
             # Only a single recipient is named: listing several would disclose them all.
             for_rcpt=rcpts[0] if len(rcpts) == 1 else None,
         )
         return add_missing_headers(
-            data, hostname=self._listen.hostname, now=now, queue_id=trace_id, received=received
+            data, hostname=self._listen.hostname, now=now, queue_id=queue_id, received=received
         )
 
     async def _put(self, msg: NewMessage) -> str:
@@ -363,7 +208,8 @@ class _Handler:
 
 
 class Listener:
-    """Binds every `listen.addresses` entry and serves SMTP on it until stopped."""
+    """Binds every `listen.addresses` (plain, STARTTLS when a certificate is configured) and
+    `listen.tls_addresses` (implicit TLS) entry and serves SMTP on them until stopped."""
 
     def __init__(
         self,
@@ -374,7 +220,11 @@ class Listener:
         on_queued: Callable[[], None],
     ) -> None:
         self._config = config.listen
-        self._sessions = _Sessions(config.listen.max_sessions)
+        self._tls_files = (config.tls.cert_file, config.tls.key_file)
+        self._tls: ServerTls | None = None
+        self._sessions = SessionTable(
+            config.listen.max_sessions, config.listen.max_sessions_per_client
+        )
         self._handler = _Handler(
             config=config,
             store=store,
@@ -382,39 +232,74 @@ class Listener:
             on_queued=on_queued,
             sessions=self._sessions,
         )
+        self._users = UsersFile(users_file_path(config))
+        self._limiter = FailureLimiter(
+            config.auth.max_failures, config.auth.failure_window, time.monotonic
+        )
+        self._auth_required = config.auth.required
         self._servers: list[asyncio.Server] = []
         self._bound: list[str] = []
 
     @property
     def bound_addresses(self) -> list[str]:
-        """The "host:port" of every listening socket (real ports when 0 was configured)."""
+        """The "host:port" of every listening socket (real ports when 0 was configured),
+        the `listen.addresses` ones first, then the implicit-TLS ones."""
         return list(self._bound)
 
-    def _protocol(self) -> RelaySMTP:
+    def reload_tls(self) -> None:
+        """Load the certificate and key files again (SIGHUP). New connections use them;
+        on error (relay.server_tls.ServerTlsError, a ValueError) the old ones stay."""
+        if self._tls is not None:
+            self._tls.reload()
+
+    def _protocol(self, *, implicit_tls: bool) -> RelaySMTP:
         cfg = self._config
+        settings = SessionSettings(
+            data_timeout=cfg.data_timeout,
+            max_errors=cfg.max_errors,
+            auth_required=self._auth_required,
+            users=self._users,
+            limiter=self._limiter,
+            implicit_tls=implicit_tls,
+        )
+        starttls = self._tls.front if self._tls is not None and not implicit_tls else None
         return RelaySMTP(
             self._handler,
             sessions=self._sessions,
-            data_timeout=cfg.data_timeout,
+            settings=settings,
             data_size_limit=cfg.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=cfg.hostname or None,
             ident="ESMTP sts-relay",
             timeout=cfg.command_timeout,
+            tls_context=starttls,
             loop=asyncio.get_running_loop(),
         )
 
-    async def start(self) -> None:
+    async def _bind(self, address: str, *, implicit_tls: bool) -> None:
         loop = asyncio.get_running_loop()
+        host, port = parse_hostport(address)
+        server = await loop.create_server(
+            lambda: self._protocol(implicit_tls=implicit_tls),
+            host,
+            port,
+            ssl=self._tls.front if implicit_tls and self._tls is not None else None,
+        )
+        self._servers.append(server)
+        for sock in server.sockets:
+            name = sock.getsockname()
+            self._bound.append(format_hostport(str(name[0]), int(name[1])))
+
+    async def start(self) -> None:
+        cert_file, key_file = self._tls_files
+        if cert_file is not None and key_file is not None:
+            self._tls = ServerTls(cert_file, key_file)
         try:
             for address in self._config.addresses:
-                host, port = parse_hostport(address)
-                server = await loop.create_server(self._protocol, host, port)
-                self._servers.append(server)
-                for sock in server.sockets:
-                    name = sock.getsockname()
-                    self._bound.append(format_hostport(str(name[0]), int(name[1])))
+                await self._bind(address, implicit_tls=False)
+            for address in self._config.tls_addresses:
+                await self._bind(address, implicit_tls=True)
         except BaseException:
             await self.stop()
             raise
@@ -430,8 +315,10 @@ class Listener:
                 await self._sessions.quiet.wait()
         for session in list(self._sessions.live):
             transport = session.transport
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(REPLY_SHUTDOWN.encode() + b"\r\n")
+            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+                # A TLS transport whose connection just went away raises on write.
+                with contextlib.suppress(Exception):
+                    transport.write(REPLY_SHUTDOWN.encode() + b"\r\n")
                 transport.close()
         for server in servers:
             await server.wait_closed()

@@ -1,8 +1,12 @@
-"""`sts-relay policy check DOMAIN`: what MTA-STS says about a domain, live.
+"""`sts-relay policy check|show|forget DOMAIN`: the operator's MTA-STS diagnostics.
 
-Looks up the TXT record, fetches and parses the policy exactly as delivery would (same
-resolver, same trust store, same limits), shows the cached copy, and checks each MX host
-of the domain against the policy's `mx` patterns. It changes nothing in the cache.
+`check` answers "will mail to this domain go out securely?": it looks up the TXT record,
+fetches and parses the policy exactly as delivery would (same resolver, trust store and
+limits), applies the operator's `tls.overrides`, then for each MX shows whether the policy
+allows it, its addresses, and for each address the connection, STARTTLS, the certificate
+chain, the name match and the TLS version (a probe that sends no mail), and a verdict.
+It changes nothing in the cache. `show` prints the cached policy; `forget` removes it and
+logs `policy_forgotten`.
 """
 
 from __future__ import annotations
@@ -10,16 +14,33 @@ from __future__ import annotations
 import json
 import random
 import sys
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
+import dns.asyncresolver
+
+from policy.cache import CachedPolicy
 from policy.discover import Found, NotFound, discover, lookup_addresses
 from policy.fetch import Fetched, fetch_policy
 from policy.match import mx_matches
 from policy.model import Mode, Policy
-from policy.webpki import client_context
+from policy.webpki import client_context, unverified_context
 from relay.app import make_resolver, open_policy_cache
 from relay.config import Config
-from relay.delivery.mx import DnsTempFail, MxList, NoSuchDomain, NullMx, resolve_mx
+from relay.delivery.mx import (
+    DnsTempFail,
+    MxList,
+    NoSuchDomain,
+    NullMx,
+    resolve_addresses,
+    resolve_mx,
+)
+from relay.events import EventLog
+from relay.overrides import TlsOverride, parse_overrides
+from relay.probe import Probe, ProbeSettings, probe_mx
+
+_MAX_ADDRESSES_PER_MX = 4  # a diagnosis, not a scan
 
 
 def _policy_dict(policy: Policy) -> dict[str, Any]:
@@ -31,7 +52,22 @@ def _policy_dict(policy: Policy) -> dict[str, Any]:
     }
 
 
-async def _txt(domain: str, cfg: Config, resolver: Any) -> dict[str, Any]:
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")
+
+
+def cached_dict(entry: CachedPolicy) -> dict[str, Any]:
+    return {
+        "domain": entry.domain,
+        "policy_id": entry.policy_id,
+        **_policy_dict(entry.policy),
+        "fetched_at": _iso(entry.fetched_at),
+        "expires_at": _iso(entry.expires_at),
+        "last_used_at": _iso(entry.last_used_at),
+    }
+
+
+async def _txt(domain: str, cfg: Config, resolver: dns.asyncresolver.Resolver) -> dict[str, Any]:
     found = await discover(domain, resolver, cfg.dns.timeout)
     if isinstance(found, Found):
         return {"status": "found", "id": found.record.id}
@@ -40,7 +76,9 @@ async def _txt(domain: str, cfg: Config, resolver: Any) -> dict[str, Any]:
     return {"status": "temporary-failure", "detail": found.detail}
 
 
-async def _policy(domain: str, cfg: Config, resolver: Any) -> tuple[dict[str, Any], Policy | None]:
+async def _policy(
+    domain: str, cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> tuple[dict[str, Any], Policy | None]:
     host = f"mta-sts.{domain}"
     addresses = await lookup_addresses(host, resolver, cfg.dns.timeout)
     if not addresses:
@@ -58,16 +96,62 @@ async def _policy(domain: str, cfg: Config, resolver: Any) -> tuple[dict[str, An
     return {"status": "error", "result": fetched.result.value, "detail": fetched.detail}, None
 
 
-async def _mx(domain: str, cfg: Config, resolver: Any, policy: Policy | None) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """What delivery will demand of this domain's MX hosts."""
+
+    requirement: str  # "verified" | "report" | "opportunistic"
+    check_names: bool  # MX names must match the policy's patterns
+    why: str
+
+
+def _rule(policy: Policy | None, override: TlsOverride | None) -> _Rule:
+    mode = policy.mode if policy is not None else None
+    if override is TlsOverride.OPPORTUNISTIC and mode is Mode.ENFORCE:
+        return _Rule("opportunistic", False, "policy enforce, overridden: opportunistic")
+    if override is TlsOverride.REQUIRE_VERIFIED and mode is not Mode.ENFORCE:
+        return _Rule("verified", False, "tls.overrides: require-verified")
+    if mode is Mode.ENFORCE:
+        return _Rule("verified", True, "MTA-STS policy mode enforce")
+    if mode is Mode.TESTING:
+        return _Rule("report", True, "MTA-STS policy mode testing")
+    return _Rule("opportunistic", False, "no MTA-STS policy in force")
+
+
+def _host_verdict(rule: _Rule, allowed: bool | None, probes: list[Probe]) -> tuple[bool, str]:
+    """(usable, why) for one MX under `rule`."""
+    verified = [p for p in probes if p.verified]
+    reached = [p for p in probes if p.connected]
+    if rule.requirement == "verified":
+        if rule.check_names and not allowed:
+            return False, "not permitted by the policy: never contacted"
+        if verified:
+            return True, f"verified TLS ({verified[0].tls_version})"
+        failure = next((p for p in probes if p.result), None)
+        if failure is not None:
+            return False, f"refused: {failure.result}: {failure.detail}"
+        return False, "unreachable: mail would wait in the queue"
+    if not reached:
+        return False, "unreachable"
+    if verified:
+        return True, f"verified TLS ({verified[0].tls_version})"
+    tls = next((p.tls_version for p in reached if p.tls_version), None)
+    what = f"unverified TLS ({tls})" if tls else "plaintext"
+    if rule.requirement == "report":
+        result = next((p.result for p in reached if p.result), None)
+        return True, f"{what}; enforce would refuse ({result or 'MX not in policy'})"
+    return True, what
+
+
+async def _mx_hosts(
+    domain: str, cfg: Config, resolver: dns.asyncresolver.Resolver, policy: Policy | None
+) -> dict[str, Any]:
     found = await resolve_mx(domain, resolver, timeout=cfg.dns.timeout, rng=random.Random(0))  # noqa: S311 - display order only
     match found:
         case MxList():
             hosts = [
-                {
-                    "host": host,
-                    "allowed": None if policy is None else mx_matches(host, policy.mx),
-                }
-                for host in found.hosts
+                {"host": h, "allowed": None if policy is None else mx_matches(h, policy.mx)}
+                for h in found.hosts
             ]
             return {"status": "ok", "implicit": found.implicit, "hosts": hosts}
         case NullMx():
@@ -78,17 +162,57 @@ async def _mx(domain: str, cfg: Config, resolver: Any, policy: Policy | None) ->
             return {"status": "temporary-failure", "detail": found.detail, "hosts": []}
 
 
-def _verdict(txt: dict[str, Any], policy: Policy | None, mx: dict[str, Any]) -> str:
-    if policy is None:
-        if txt["status"] == "found":
-            return "policy published but not usable: mail goes out as without MTA-STS"
-        return "no MTA-STS policy: opportunistic TLS"
-    if policy.mode is Mode.NONE:
-        return "policy mode none: opportunistic TLS"
-    allowed = [h["host"] for h in mx["hosts"] if h["allowed"]]
-    if not allowed:
-        return f"{policy.mode.value}: no MX host matches the policy; enforce would defer all mail"
-    return f"{policy.mode.value}: verified TLS required to {', '.join(allowed)}"
+async def _probe_host(
+    host: dict[str, Any], rule: _Rule, cfg: Config, resolver: dns.asyncresolver.Resolver
+) -> None:
+    """Fill in `host` with addresses, probes and a verdict."""
+    host["addresses"], probes = [], []
+    if not (rule.requirement == "verified" and rule.check_names and not host["allowed"]):
+        addresses = await resolve_addresses(
+            host["host"],
+            resolver,
+            timeout=cfg.dns.timeout,
+            allow_loopback=cfg.delivery.allow_loopback_mx,
+        )
+        if isinstance(addresses, list):
+            host["addresses"] = addresses
+            settings = _probe_settings(cfg)
+            for ip in addresses[:_MAX_ADDRESSES_PER_MX]:
+                probes.append(await probe_mx(ip, host["host"], settings))
+        else:
+            host["address_error"] = addresses.detail
+    host["probes"] = [p.as_dict() for p in probes]
+    host["usable"], host["verdict"] = _host_verdict(rule, host["allowed"], probes)
+
+
+def _probe_settings(cfg: Config) -> ProbeSettings:
+    return ProbeSettings(
+        port=cfg.delivery.port,
+        helo=cfg.delivery.hostname,
+        verified_ctx=client_context(cfg.tls.ca_file),
+        unverified_ctx=unverified_context(),
+        connect_timeout=cfg.delivery.connect_timeout,
+        command_timeout=min(cfg.delivery.command_timeout, 30.0),
+    )
+
+
+def _verdict(rule: _Rule, mx: dict[str, Any]) -> tuple[bool, bool, str]:
+    """(deliverable, secure, sentence) for the whole domain."""
+    usable = [h for h in mx["hosts"] if h["usable"]]
+    if mx["status"] != "ok":
+        return False, False, f"no: MX lookup: {mx['status']}"
+    if not usable:
+        if rule.requirement == "verified":
+            return False, False, f"no: {rule.why}, and no MX passes; mail would wait in the queue"
+        return False, False, "no: no MX host could be reached"
+    first = usable[0]
+    secure = rule.requirement == "verified"
+    how = "securely" if secure else "without authenticated TLS"
+    return (
+        True,
+        secure,
+        f"yes, {how}: {rule.why}; first usable MX {first['host']}: {first['verdict']}",
+    )
 
 
 async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
@@ -103,43 +227,90 @@ async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
         cached = cache.get(domain)
     finally:
         cache.close()
-    mx = await _mx(domain, cfg, resolver, policy)
+    override = parse_overrides(cfg.tls.overrides).get(domain)
+    rule = _rule(policy, override)
+    mx = await _mx_hosts(domain, cfg, resolver, policy)
+    for host in mx["hosts"]:
+        await _probe_host(host, rule, cfg, resolver)
+    deliverable, secure, verdict = _verdict(rule, mx)
     report = {
         "domain": domain,
         "txt": txt,
         "policy": policy_info or None,
-        "cached": None
-        if cached is None
-        else {"policy_id": cached.policy_id, **_policy_dict(cached.policy)},
+        "cached": None if cached is None else cached_dict(cached),
+        "override": override.value if override else None,
+        "requirement": rule.requirement,
         "mx": mx,
-        "verdict": _verdict(txt, policy, mx),
+        "deliverable": deliverable,
+        "secure": secure,
+        "verdict": verdict,
     }
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        _print_text(report)
-    return 0 if policy_info.get("status", "ok") == "ok" else 1
+        _print_check(report)
+    return 0 if deliverable and policy_info.get("status", "ok") == "ok" else 1
 
 
-def _print_text(report: dict[str, Any]) -> None:
-    out = sys.stdout
+def _print_check(report: dict[str, Any]) -> None:
     txt = report["txt"]
-    print(f"domain:  {report['domain']}", file=out)
-    print(f"TXT:     {txt['status']}" + (f" id={txt['id']}" if "id" in txt else ""), file=out)
+    print(f"domain:   {report['domain']}")
+    print(f"TXT:      {txt['status']}" + (f" id={txt['id']}" if "id" in txt else ""))
     policy = report["policy"]
-    if policy:
-        if policy["status"] == "ok":
-            print(f"policy:  mode={policy['mode']} max_age={policy['max_age']}", file=out)
-            for pattern in policy["mx"]:
-                print(f"         mx: {pattern}", file=out)
-        else:
-            print(f"policy:  {policy['result']}: {policy['detail']}", file=out)
+    if policy and policy["status"] == "ok":
+        print(f"policy:   mode={policy['mode']} max_age={policy['max_age']}")
+        for pattern in policy["mx"]:
+            print(f"          mx: {pattern}")
+    elif policy:
+        print(f"policy:   {policy['result']}: {policy['detail']}")
     if report["cached"]:
         c = report["cached"]
-        print(f"cached:  id={c['policy_id']} mode={c['mode']}", file=out)
-    for host in report["mx"]["hosts"]:
-        allowed = {None: "-", True: "allowed", False: "NOT in policy"}[host["allowed"]]
-        print(f"MX:      {host['host']}  {allowed}", file=out)
+        print(f"cached:   id={c['policy_id']} mode={c['mode']} expires={c['expires_at']}")
+    if report["override"]:
+        print(f"override: {report['override']}")
+    print(f"requires: {report['requirement']} TLS")
     if report["mx"]["status"] != "ok":
-        print(f"MX:      {report['mx']['status']}", file=out)
-    print(f"verdict: {report['verdict']}", file=out)
+        print(f"MX:       {report['mx']['status']}")
+    for host in report["mx"]["hosts"]:
+        allowed = {None: "", True: " (in policy)", False: " (NOT in policy)"}[host["allowed"]]
+        print(f"MX:       {host['host']}{allowed}: {host['verdict']}")
+        for p in host["probes"]:
+            print(
+                f"          {p['ip']}: connect {p['connect']}, STARTTLS {_yn(p['starttls'])},"
+                f" TLS {p['tls_version'] or '-'}, chain {p['chain']}, name {p['name']}"
+                + (f" ({p['detail']})" if p["detail"] else "")
+            )
+    print(f"verdict:  {report['verdict']}")
+
+
+def _yn(value: bool | None) -> str:
+    return {None: "-", True: "offered", False: "not offered"}[value]
+
+
+async def run_policy_command(cfg: Config, action: str, domain: str, as_json: bool) -> int:
+    """`policy check|show|forget DOMAIN`; exit 1 when the answer is no (none cached, ...)."""
+    if action == "check":
+        return await run_policy_check(cfg, domain, as_json)
+    domain = domain.strip().rstrip(".").lower()
+    cache = open_policy_cache(cfg)
+    try:
+        entry = cache.get(domain)
+        if action == "forget" and entry is not None:
+            cache.forget(domain)
+            events = EventLog(sys.stderr, fmt=cfg.log.format, level=cfg.log.level)
+            events.policy_forgotten(domain=domain, policy_id=entry.policy_id)
+    finally:
+        cache.close()
+    if entry is None:
+        print(f"sts-relay: no cached policy for {domain}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"forgotten": action == "forget", **cached_dict(entry)}, indent=2))
+    elif action == "forget":
+        print(f"forgot the cached policy of {domain} (id {entry.policy_id})")
+    else:
+        for key, value in cached_dict(entry).items():
+            if key != "text":
+                shown = ", ".join(value) if isinstance(value, list) else value
+                print(f"{key + ':':<14}{shown}")
+    return 0

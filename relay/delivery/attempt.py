@@ -14,13 +14,14 @@ from __future__ import annotations
 import random
 import re
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, replace
 from typing import assert_never
 
 import dns.asyncresolver
 
 from policy.model import PolicyLookup, TlsRptResult
+from relay.delivery.envelope import Envelope
 from relay.delivery.mx import (
     DnsTempFail,
     MxList,
@@ -31,7 +32,16 @@ from relay.delivery.mx import (
     resolve_mx,
 )
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
-from relay.delivery.session import Reply, SessionResult, safe_line, send_over
+from relay.delivery.pool import ConnectionPool, PoolKey, PoolLimits
+from relay.delivery.session import (
+    Connection,
+    Dialer,
+    Reply,
+    SessionResult,
+    connect,
+    safe_line,
+    transact,
+)
 from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
 
 
@@ -41,7 +51,8 @@ class AttemptSettings:
 
     Defaults follow Postfix (smtp_connect_timeout 30 s, command timeouts 300 s).
     `max_addresses` caps the connections of one attempt over all MX hosts (RFC 5321
-    §5.1 allows a limit; it must be at least 2).
+    §5.1 allows a limit; it must be at least 2). `allow_loopback_mx` also allows MX
+    addresses that belong to this machine (`own_addresses`, local interfaces).
     """
 
     port: int
@@ -53,6 +64,27 @@ class AttemptSettings:
     dns_timeout: float = 10.0
     allow_loopback_mx: bool = False
     max_addresses: int = 10
+    max_messages_per_connection: int = 100
+    max_connections_per_host: int = 10
+    own_addresses: frozenset[str] = frozenset()
+
+    @property
+    def dialer(self) -> Dialer:
+        return Dialer(
+            port=self.port,
+            helo=self.helo,
+            verified_ctx=self.verified_ctx,
+            unverified_ctx=self.unverified_ctx,
+            connect_timeout=self.connect_timeout,
+            command_timeout=self.command_timeout,
+        )
+
+    def pool_limits(self) -> PoolLimits:
+        return PoolLimits(
+            max_per_host=self.max_connections_per_host,
+            max_messages=self.max_messages_per_connection,
+            slot_wait=min(self.connect_timeout, 5.0),
+        )
 
 
 # RFC 3463 §2: class.subject.detail at the start of the reply text (RFC 2034).
@@ -167,16 +199,19 @@ def _everyone(recipients: Sequence[str], outcome: Outcome) -> dict[str, Outcome]
 
 async def attempt_domain(
     domain: str,
-    sender: str,
-    recipients: Sequence[str],
-    data: bytes,
+    envelope: Envelope,
     *,
     lookup: PolicyLookup,
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     rng: random.Random,
+    pool: ConnectionPool | None = None,
 ) -> dict[str, Outcome]:
-    """Try to deliver `data` to `recipients` (all at `domain`); one outcome per recipient."""
+    """Try to deliver `envelope` (all recipients at `domain`); one outcome per recipient.
+
+    Without a `pool`, every session uses a new connection closed after it.
+    """
+    recipients = envelope.recipients
     mx = await resolve_mx(domain, resolver, timeout=settings.dns_timeout, rng=rng)
     match mx:
         case NullMx():
@@ -188,7 +223,13 @@ async def attempt_domain(
         case DnsTempFail(detail=detail):
             return _everyone(recipients, Deferred(Reason(safe_line(detail), "4.4.3")))
         case MxList():
-            return await _walk(domain, mx, (sender, recipients, data), lookup, settings, resolver)
+            own_pool = pool is None
+            active = pool or ConnectionPool(replace(settings.pool_limits(), max_messages=1))
+            try:
+                return await _walk(domain, mx, envelope, lookup, settings, resolver, active)
+            finally:
+                if own_pool:
+                    active.close_all()
         case _:
             assert_never(mx)
 
@@ -196,52 +237,126 @@ async def attempt_domain(
 async def _walk(
     domain: str,
     mx: MxList,
-    envelope: tuple[str, Sequence[str], bytes],
+    envelope: Envelope,
     lookup: PolicyLookup,
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
+    pool: ConnectionPool,
 ) -> dict[str, Outcome]:
     """RFC 8461 §8.4: walk the MX list in order; a host failing the policy counts as a
     transient failure (enforce: never contacted; testing: used, failure recorded)."""
-    sender, recipients, data = envelope
+    recipients = envelope.recipients
     requirement = requirement_for(lookup)
+    enforced = requirement is TlsRequirement.VERIFIED
     failures: list[Reason] = []
     left = max(settings.max_addresses, 2)
     for host in mx.hosts:
         policy_fail = mx_check(lookup, host)
-        if policy_fail is not None and requirement is TlsRequirement.VERIFIED:
+        if policy_fail is not None and enforced:
             failures.append(_policy_reason(domain, host, policy_fail))
             continue
-        addresses = await resolve_addresses(
-            host, resolver, timeout=settings.dns_timeout, allow_loopback=settings.allow_loopback_mx
-        )
-        if isinstance(addresses, DnsTempFail | NoAddresses):
-            status = "4.4.3" if isinstance(addresses, DnsTempFail) else "4.4.4"
-            failures.append(Reason(safe_line(addresses.detail), status, hop=Hop(mx=host)))
-            continue
-        for ip in addresses[:left]:
+        sessions = _sessions(pool, host, requirement, envelope, settings, resolver, failures)
+        async for session in sessions:
             left -= 1
-            session = await send_over(
-                ip,
-                host,
-                port=settings.port,
-                helo=settings.helo,
-                requirement=requirement,
-                verified_ctx=settings.verified_ctx,
-                unverified_ctx=settings.unverified_ctx,
-                sender=sender,
-                recipients=recipients,
-                data=data,
-                connect_timeout=settings.connect_timeout,
-                command_timeout=settings.command_timeout,
-            )
             if session.completed:
+                await sessions.aclose()
                 would_refuse = None
                 if requirement is TlsRequirement.REPORT:
                     would_refuse = policy_fail or session.tls_failure
                 return decide(recipients, session, failures, would_refuse=would_refuse)
-            enforced = requirement is TlsRequirement.VERIFIED
             failures.append(session_failure(session, enforced=enforced))
-        if left <= 0:
-            break
+            if left <= 0:
+                await sessions.aclose()
+                return decide(recipients, None, failures)
     return decide(recipients, None, failures)
+
+
+async def _sessions(
+    pool: ConnectionPool,
+    host: str,
+    requirement: TlsRequirement,
+    envelope: Envelope,
+    settings: AttemptSettings,
+    resolver: dns.asyncresolver.Resolver,
+    failures: list[Reason],
+) -> AsyncGenerator[SessionResult, None]:
+    """The sessions tried at `host`: over an idle pooled connection first (no address
+    lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
+    session = await _over_idle(pool, host, requirement, envelope, settings)
+    if session is not None:
+        yield session
+    addresses = await resolve_addresses(
+        host,
+        resolver,
+        timeout=settings.dns_timeout,
+        allow_loopback=settings.allow_loopback_mx,
+        own=settings.own_addresses,
+    )
+    if isinstance(addresses, DnsTempFail | NoAddresses):
+        status = "4.4.3" if isinstance(addresses, DnsTempFail) else "4.4.4"
+        failures.append(Reason(safe_line(addresses.detail), status, hop=Hop(mx=host)))
+        return
+    for ip in addresses:
+        yield await pooled_session(pool, (host, ip, requirement), envelope, settings)
+
+
+async def _over_idle(
+    pool: ConnectionPool,
+    host: str,
+    requirement: TlsRequirement,
+    envelope: Envelope,
+    settings: AttemptSettings,
+) -> SessionResult | None:
+    """A transaction over an idle pooled connection to `host`, if there is a live one."""
+    while (conn := pool.take_idle_for_host(host, requirement)) is not None:
+        timeout = settings.command_timeout
+        result = await transact(conn, envelope, command_timeout=timeout, reused=True)
+        if result.stale:
+            await pool.discard(conn)
+            continue
+        await _give_back(pool, (host, conn.ip, requirement), conn, result)
+        return result
+    return None
+
+
+async def pooled_session(
+    pool: ConnectionPool, key: PoolKey, envelope: Envelope, settings: AttemptSettings
+) -> SessionResult:
+    """One transaction to key's (MX, IP) under key's requirement, over an idle pooled
+    connection when there is one. A pooled connection found dead is discarded and the
+    message sent over a fresh one; that is not a failed attempt (nothing was sent)."""
+    host, ip, requirement = key
+    timeout = settings.command_timeout
+    while True:
+        got = await pool.acquire(key)
+        if got is False:
+            error = f"too many connections to {ip} (delivery.max_connections_per_host)"
+            if pool.is_down(ip):
+                error = f"{ip} timed out recently; not tried again yet"
+            return SessionResult(hop=Hop(mx=host, ip=ip), error=error)
+        if isinstance(got, Connection):
+            result = await transact(got, envelope, command_timeout=timeout, reused=True)
+            if result.stale:
+                await pool.discard(got)
+                continue
+            await _give_back(pool, key, got, result)
+            return result
+        break
+    conn = await connect(ip, host, requirement, settings.dialer)
+    if isinstance(conn, SessionResult):
+        if conn.timed_out:
+            pool.mark_down(ip, settings.connect_timeout)
+        await pool.unreserve(ip)
+        return conn
+    result = await transact(conn, envelope, command_timeout=timeout, reused=False)
+    await _give_back(pool, key, conn, result)
+    return result
+
+
+async def _give_back(
+    pool: ConnectionPool, key: PoolKey, conn: Connection, result: SessionResult
+) -> None:
+    if result.error is None and conn.alive:
+        await pool.put_back(key, conn)
+    else:
+        await pool.discard(conn)

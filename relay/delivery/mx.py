@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -157,9 +158,27 @@ async def _implicit_mx(
             return MxList(hosts=(host,), implicit=True)
 
 
-def _usable(address: str, allow_loopback: bool) -> bool:
+def is_local_address(address: str) -> bool:
+    """Does this address belong to this machine? (A socket can be bound to it.)"""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def usable_address(address: str, allow_loopback: bool, own: frozenset[str] = frozenset()) -> bool:
+    """False for loopback, unspecified and this machine's own addresses (the listen
+    addresses in `own`, and any local interface address) unless `allow_loopback`: an MX
+    pointing back at the relay would make it deliver to itself (a mail loop)."""
+    if allow_loopback:
+        return True
     ip = ipaddress.ip_address(address)
-    return allow_loopback or not (ip.is_loopback or ip.is_unspecified)
+    if ip.is_loopback or ip.is_unspecified or address in own or str(ip) in own:
+        return False
+    return not is_local_address(address)
 
 
 async def resolve_addresses(
@@ -168,8 +187,10 @@ async def resolve_addresses(
     *,
     timeout: float,  # noqa: ASYNC109 - part of the API; also dnspython's lifetime (per query)
     allow_loopback: bool,
+    own: frozenset[str] = frozenset(),
 ) -> list[str] | DnsTempFail | NoAddresses:
-    """IPv6 then IPv4 addresses of `host`; loopback/unspecified ones refused unless allowed.
+    """IPv6 then IPv4 addresses of `host`; loopback, unspecified and this machine's own
+    addresses (`usable_address`) refused unless `allow_loopback`.
 
     One family failing temporarily while the other answers still yields the answer.
     `timeout` bounds each of the two queries.
@@ -192,9 +213,10 @@ async def resolve_addresses(
             found.extend(rd.to_text() for rd in answer.rrset if rd.rdtype == answer.rdtype)
     if not found and temp_errors:
         return DnsTempFail(f"address lookup for {host} failed: {'; '.join(temp_errors)}")
-    usable = [a for a in found if _usable(a, allow_loopback)]
+    usable = [a for a in found if usable_address(a, allow_loopback, own)]
     if not found:
         return NoAddresses(f"{normalize_host(host)}: no A/AAAA records")
     if not usable:
-        return NoAddresses(f"{normalize_host(host)}: only loopback/unspecified addresses (refused)")
+        detail = "only loopback or this relay's own addresses (refused)"
+        return NoAddresses(f"{normalize_host(host)}: {detail}")
     return usable

@@ -20,6 +20,7 @@ class Hop:
     ip: str | None = None
     tls: str | None = None  # negotiated TLS version ("TLSv1.3"), None when in the clear
     verified: bool = False  # certificate chained to a trusted root and named `mx`
+    dsn: bool = False  # the MX advertised DSN: RFC 3461 parameters were passed on to it
 
 
 @dataclass(frozen=True, slots=True)

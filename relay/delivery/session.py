@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -27,6 +26,7 @@ from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from policy.model import TlsRptResult
 from policy.webpki import classify_certificate_error
+from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
 from relay.delivery.tls import TlsRequirement
 
@@ -59,6 +59,8 @@ class SessionResult:
     rcpt_replies: dict[str, Reply] = field(default_factory=dict)
     data_reply: Reply | None = None
     completed: bool = False
+    stale: bool = False  # a pooled connection was found dead before MAIL was answered
+    timed_out: bool = False  # the host did not answer in time (connect, greeting, command)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +88,8 @@ def describe(exc: BaseException) -> str:
     return safe_line(f"{type(exc).__name__}: {text}", 200)
 
 
-def _path(address: str, utf8: bool) -> bytes | None:
-    """`<address>` as bytes, or None if it cannot be sent (CR/LF/NUL, or 8-bit without
-    SMTPUTF8: RFC 6531 §3.2). aiosmtplib's own quoting would re-parse and alter it."""
-    if any(c in address for c in "\r\n\0"):
-        return None
-    if not address.isascii() and not utf8:
-        return None
-    return b"<" + address.encode("utf-8") + b">"
-
-
 class _Conversation:
-    """Mutable state of one `send_over` call; `result()` freezes it."""
+    """Mutable state of one connection attempt or transaction; `result()` freezes it."""
 
     def __init__(
         self, ip: str, sni: str, port: int, helo: str, timeouts: tuple[float, float]
@@ -115,11 +107,33 @@ class _Conversation:
         self.rcpt_replies: dict[str, Reply] = {}
         self.data_reply: Reply | None = None
         self.completed = False
+        self.stale = False
+        self.timed_out = False
+        self.dsn = False  # the server advertised DSN (RFC 3461 parameters passed on)
+
+    @classmethod
+    def over(cls, conn: Connection, command_timeout: float) -> _Conversation:
+        """The state of a transaction over an already open connection."""
+        conv = cls(conn.ip, conn.mx, 0, "", (0.0, command_timeout))
+        conv.connected = True
+        conv.tls_version, conv.verified, conv.tls_failure = (
+            conn.tls_version,
+            conn.verified,
+            conn.tls_failure,
+        )
+        conv.dsn = conn.smtp.supports_extension("dsn")
+        return conv
 
     def result(self) -> SessionResult:
         fail = self.tls_failure
         return SessionResult(
-            hop=Hop(mx=self.sni, ip=self.ip, tls=self.tls_version, verified=self.verified),
+            hop=Hop(
+                mx=self.sni,
+                ip=self.ip,
+                tls=self.tls_version,
+                verified=self.verified,
+                dsn=self.dsn,
+            ),
             connected=self.connected,
             tls_failure=fail.result if fail else None,
             tls_failure_detail=fail.detail if fail else None,
@@ -129,6 +143,8 @@ class _Conversation:
             rcpt_replies=dict(self.rcpt_replies),
             data_reply=self.data_reply,
             completed=self.completed,
+            stale=self.stale,
+            timed_out=self.timed_out,
         )
 
     def close_all(self) -> None:
@@ -140,6 +156,7 @@ class _Conversation:
         self.error = safe_line(f"{stage} refused: {code} {message}")
 
     def dropped(self, stage: str, exc: BaseException) -> None:
+        self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
         self.error = f"connection lost or timed out at {stage}: {describe(exc)}"
 
     async def open(self) -> aiosmtplib.SMTP | None:
@@ -160,6 +177,7 @@ class _Conversation:
             self.fail_reply("greeting", exc.code, exc.message)
             return None
         except _ERRORS as exc:
+            self.timed_out = isinstance(exc, TimeoutError)
             self.error = f"connect to {self.ip} port {self.port} failed: {describe(exc)}"
             return None
         self.connected = True
@@ -226,32 +244,17 @@ class _Conversation:
             self.data_reply = (response.code, response.message)
 
 
-def _mail_params(smtp: aiosmtplib.SMTP, data: bytes, utf8: bool) -> list[bytes]:
-    params: list[bytes] = []
-    if smtp.supports_extension("size"):
-        params.append(b"SIZE=%d" % len(data))
-    if smtp.supports_extension("8bitmime") and not data.isascii():
-        params.append(b"BODY=8BITMIME")
-    if utf8:
-        params.append(b"SMTPUTF8")
-    return params
-
-
-async def _transaction(
-    conv: _Conversation, smtp: aiosmtplib.SMTP, sender: str, recipients: Sequence[str], data: bytes
-) -> None:
+async def _transaction(conv: _Conversation, smtp: aiosmtplib.SMTP, envelope: Envelope) -> None:
     """MAIL, one RCPT per recipient (each reply kept), DATA if any was accepted."""
-    needs_utf8 = not all(a.isascii() for a in (sender, *recipients))
-    utf8 = needs_utf8 and smtp.supports_extension("smtputf8")
-    sender_path = _path(sender, utf8)
+    utf8 = envelope.needs_utf8 and smtp.supports_extension("smtputf8")
+    sender_path = path(envelope.sender, utf8)
     if sender_path is None:
         # RFC 6531 §3.2 / RFC 5321 §4.1.2: this envelope cannot be sent to this server.
         conv.mail_reply = (550, "5.6.7 sender address cannot be sent to this server (local)")
         conv.completed = True
         return
-    reply = await conv.command(
-        smtp, b"MAIL", b"FROM:" + sender_path, *_mail_params(smtp, data, utf8)
-    )
+    params = mail_params(envelope, smtp.supports_extension, utf8)
+    reply = await conv.command(smtp, b"MAIL", b"FROM:" + sender_path, *params)
     if reply is None:
         return
     conv.mail_reply = reply
@@ -262,12 +265,13 @@ async def _transaction(
         if not conv.completed:
             conv.fail_reply("MAIL", *reply)
         return
-    for rcpt in recipients:
-        path = _path(rcpt, utf8)
-        if path is None:
+    for rcpt in envelope.recipients:
+        rcpt_path = path(rcpt, utf8)
+        if rcpt_path is None:
             conv.rcpt_replies[rcpt] = (553, "5.6.7 recipient address cannot be sent (local)")
             continue
-        reply = await conv.command(smtp, b"RCPT", b"TO:" + path)
+        extra = rcpt_params(envelope, rcpt, smtp.supports_extension)
+        reply = await conv.command(smtp, b"RCPT", b"TO:" + rcpt_path, *extra)
         if reply is None:
             return
         conv.rcpt_replies[rcpt] = reply
@@ -276,26 +280,28 @@ async def _transaction(
             return
     conv.completed = True
     if any(code // 100 == 2 for code, _ in conv.rcpt_replies.values()):
-        await conv.data(smtp, data)
+        await conv.data(smtp, envelope.data)
 
 
-async def _quit(smtp: aiosmtplib.SMTP) -> None:
+async def quit_politely(smtp: aiosmtplib.SMTP, within: float) -> None:
+    """QUIT (bounded), then close; the transaction is already decided either way."""
     if smtp.is_connected:
-        # The transaction is already decided; a failed QUIT changes nothing.
-        with contextlib.suppress(*_ERRORS):
-            await smtp.quit()
+        with contextlib.suppress(*_ERRORS, TimeoutError):
+            async with asyncio.timeout(within):
+                await smtp.quit()
+    smtp.close()
 
 
-async def _run(
+async def _secure(
     conv: _Conversation,
     requirement: TlsRequirement,
     contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-    envelope: tuple[str, Sequence[str], bytes],
-) -> None:
+) -> aiosmtplib.SMTP | None:
+    """A connection ready for MAIL under `requirement`, or None (with the reason in conv)."""
     verified_ctx, unverified_ctx = contexts
     smtp = await conv.open()
     if smtp is None:
-        return
+        return None
     if requirement is not TlsRequirement.OPPORTUNISTIC:
         fail = await conv.starttls(smtp, verified_ctx)
         if fail is None:
@@ -303,17 +309,16 @@ async def _run(
         elif requirement is TlsRequirement.VERIFIED:
             # RFC 8461 §5: no delivery, no plaintext fallback, nothing more said.
             conv.tls_failure, conv.error = fail, fail.detail
-            await _quit(smtp)
-            return
+            await quit_politely(smtp, conv.command_timeout)
+            return None
         else:
             conv.tls_failure = fail  # testing: deliver anyway, report what failed
             smtp = await _opportunistic(conv, smtp, fail, unverified_ctx)
     else:
         smtp = await _opportunistic(conv, smtp, None, unverified_ctx)
     if smtp is None or (conv.tls_version and not await conv.hello(smtp)):
-        return
-    await _transaction(conv, smtp, *envelope)
-    await _quit(smtp)
+        return None
+    return smtp
 
 
 async def _opportunistic(
@@ -341,38 +346,113 @@ async def _opportunistic(
     return await conv.open()  # plaintext: opportunistic TLS may not block delivery
 
 
-async def send_over(
-    ip: str,
-    mx_host: str,
-    *,
-    port: int,
-    helo: str,
-    requirement: TlsRequirement,
-    verified_ctx: ssl.SSLContext,
-    unverified_ctx: ssl.SSLContext,
-    sender: str,
-    recipients: Sequence[str],
-    data: bytes,
-    connect_timeout: float,
-    command_timeout: float,
-) -> SessionResult:
-    """Deliver one message over one connection (two or three under REPORT/OPPORTUNISTIC
-    when a TLS handshake fails). Never raises for network, TLS or SMTP errors."""
+@dataclass(frozen=True, slots=True)
+class Dialer:
+    """How to open connections: port, EHLO name, TLS contexts and timeouts (seconds)."""
+
+    port: int
+    helo: str
+    verified_ctx: ssl.SSLContext
+    unverified_ctx: ssl.SSLContext
+    connect_timeout: float
+    command_timeout: float
+
+
+@dataclass(eq=False, slots=True)
+class Connection:
+    """An open SMTP connection, greeted, EHLO'd and secured as `requirement` asks.
+
+    Used by one transaction at a time (the pool hands it out exclusively).
+    """
+
+    smtp: aiosmtplib.SMTP
+    ip: str
+    mx: str
+    requirement: TlsRequirement
+    tls_version: str | None
+    verified: bool
+    tls_failure: _TlsFail | None
+    transactions: int = 0
+    idle_since: float = 0.0
+
+    @property
+    def alive(self) -> bool:
+        return self.smtp.is_connected
+
+    def close(self) -> None:
+        self.smtp.close()
+
+
+async def connect(
+    ip: str, mx_host: str, requirement: TlsRequirement, dialer: Dialer
+) -> Connection | SessionResult:
+    """A connection ready for MAIL, or the (incomplete) SessionResult saying why not.
+
+    Up to three TCP connections under REPORT/OPPORTUNISTIC when a TLS handshake fails.
+    Never raises for network, TLS or SMTP errors.
+    """
     sni = mx_host.rstrip(".").lower()
-    conv = _Conversation(ip, sni, port, helo, (connect_timeout, command_timeout))
+    timeouts = (dialer.connect_timeout, dialer.command_timeout)
+    conv = _Conversation(ip, sni, dialer.port, dialer.helo, timeouts)
     # Each step is bounded by aiosmtplib's timeouts; this bounds the whole: up to three
-    # connections, each greeting + EHLO, STARTTLS, EHLO, MAIL, RCPTs, DATA (2 replies), QUIT.
-    budget = 3 * (connect_timeout + command_timeout * (8 + len(recipients)))
+    # connections, each greeting + EHLO, STARTTLS, EHLO.
+    budget = 3 * (dialer.connect_timeout + dialer.command_timeout * 4)
+    smtp: aiosmtplib.SMTP | None = None
     try:
         async with asyncio.timeout(budget):
-            await _run(
-                conv,
-                requirement,
-                (verified_ctx, unverified_ctx),
-                (sender, recipients, data),
-            )
+            smtp = await _secure(conv, requirement, (dialer.verified_ctx, dialer.unverified_ctx))
     except TimeoutError:
-        conv.error = "session timed out"
-    finally:
+        conv.error, conv.timed_out, smtp = "session timed out", True, None
+    except BaseException:
         conv.close_all()
+        raise
+    for other in conv.clients:
+        if other is not smtp:
+            other.close()
+    if smtp is None:
+        return conv.result()
+    return Connection(smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure)
+
+
+async def transact(
+    conn: Connection, envelope: Envelope, *, command_timeout: float, reused: bool
+) -> SessionResult:
+    """One transaction over `conn`; RSET first when the connection carried mail before.
+
+    A reused connection found dead (RSET or MAIL unanswered, or RSET refused) gives a
+    result with `stale` set: nothing of this message reached the server, so the caller
+    may retry it on a fresh connection without counting a failure.
+    """
+    conv = _Conversation.over(conn, command_timeout)
+    budget = command_timeout * (6 + len(envelope.recipients))
+    try:
+        async with asyncio.timeout(budget):
+            reset = (250, "") if not reused else await conv.command(conn.smtp, b"RSET")
+            if reset is not None and reset[0] // 100 == 2:
+                await _transaction(conv, conn.smtp, envelope)
+            elif reset is not None:
+                conv.fail_reply("RSET", *reset)
+    except TimeoutError:
+        conv.error, conv.timed_out = "session timed out", True
+        conn.close()
+    conn.transactions += 1
+    conv.stale = reused and conv.mail_reply is None
+    if conv.error is not None and conn.alive:
+        conn.close()  # a host failure: never reuse this connection
     return conv.result()
+
+
+async def send_over(
+    ip: str, mx_host: str, requirement: TlsRequirement, dialer: Dialer, envelope: Envelope
+) -> SessionResult:
+    """Deliver one message over one new connection and close it (no pooling)."""
+    conn = await connect(ip, mx_host, requirement, dialer)
+    if isinstance(conn, SessionResult):
+        return conn
+    try:
+        result = await transact(
+            conn, envelope, command_timeout=dialer.command_timeout, reused=False
+        )
+    finally:
+        await quit_politely(conn.smtp, dialer.command_timeout)
+    return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import assert_never
@@ -24,8 +24,11 @@ from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from policy.model import PolicyLookup
 from policy.resolver import PolicyResolver
 from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.envelope import Envelope
+from relay.delivery.notify import notices
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
-from relay.dsn import FailedRecipient, build_dsn
+from relay.delivery.pool import ConnectionPool
+from relay.dsn import DsnEntry, build_dsn
 from relay.events import EventLog
 
 # How long an idle worker waits before looking at the store again; this bounds how soon
@@ -36,11 +39,18 @@ _IDLE_POLL_S = 0.5
 _LEASE_S = 3600.0
 
 
+LookupAdjuster = Callable[[str, str, PolicyLookup], Awaitable[PolicyLookup]]
+SessionHook = Callable[[str, PolicyLookup, dict[str, Outcome], bytes], None]
+"""(domain, lookup, outcomes, message) after each attempt: TLSRPT counting (relay/reporting.py)."""
+"""(queue_id, domain, lookup) -> the lookup an attempt should use (operator overrides)."""
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     hostname: str  # Reporting-MTA of DSNs
     concurrency: int
     owner: str  # lease owner: this node's identity
+    delay_notice_after: float = 14_400.0  # queue.delay_notice_after; 0 = no delay notices
 
 
 class Worker:
@@ -55,8 +65,12 @@ class Worker:
         events: EventLog,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        adjust_lookup: LookupAdjuster | None = None,
+        session_hook: SessionHook | None = None,
     ) -> None:
+        self._session_hook = session_hook
         self._store = store
+        self._adjust_lookup = adjust_lookup
         self._policies = policies
         self._resolver = resolver
         self._attempt = attempt_settings
@@ -67,6 +81,9 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._in_flight = 0
+        # Connections reused across leases for the same MX (relay/delivery/pool.py).
+        limits = replace(attempt_settings.pool_limits(), max_idle=settings.concurrency)
+        self.pool = ConnectionPool(limits)
 
     def wake(self) -> None:
         """Look at the queue now (new mail was accepted)."""
@@ -79,6 +96,7 @@ class Worker:
     async def run(self) -> None:
         """Deliver until cancelled; every attempt is a task of this one TaskGroup."""
         async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.pool.run_sweeper())
             while True:
                 free = self._settings.concurrency - self._in_flight
                 if free <= 0:
@@ -147,15 +165,16 @@ class Worker:
     async def _attempt_once(
         self, lease: Lease, data: bytes, addresses: list[str], lookup: PolicyLookup
     ) -> dict[str, Outcome]:
+        if self._adjust_lookup is not None:  # operator TLS overrides (relay/overrides.py)
+            lookup = await self._adjust_lookup(lease.queue_id, lease.domain, lookup)
         return await attempt_domain(
             lease.domain,
-            lease.sender,
-            addresses,
-            data,
+            Envelope(lease.sender, addresses, data, lease.dsn),
             lookup=lookup,
             settings=self._attempt,
             resolver=self._resolver,
             rng=self._rng,
+            pool=self.pool,
         )
 
     async def _last_chance(
@@ -179,36 +198,44 @@ class Worker:
         self, lease: Lease, data: bytes, lookup: PolicyLookup, outcomes: dict[str, Outcome]
     ) -> None:
         attempts = {r.address: r.attempts + 1 for r in lease.recipients}
-        results = [_result(address, outcome) for address, outcome in outcomes.items()]
-        bounced = [
-            FailedRecipient(a, o.reason) for a, o in outcomes.items() if isinstance(o, Bounced)
-        ]
-        if bounced:
-            await self._queue_dsn(lease, data, bounced)
+        owed = notices(
+            lease,
+            outcomes,
+            now=self._clock(),
+            delay_notice_after=self._settings.delay_notice_after,
+        )
+        if owed.entries:
+            await self._queue_dsn(lease, data, owed.entries)
+        notified = owed.delay_notified | {r.address for r in lease.recipients if r.delay_notified}
+        results = [_result(a, o, a in notified) for a, o in outcomes.items()]
         await self._store.record(lease.queue_id, results)
+        if self._session_hook is not None:  # RFC 8460 session counts; in memory, no I/O
+            self._session_hook(lease.domain, lookup, outcomes, data)
         delay = self._clock() - lease.received_at
         for address, outcome in outcomes.items():
             self._log(lease, address, outcome, lookup, attempts.get(address, 1), delay)
 
-    async def _queue_dsn(self, lease: Lease, data: bytes, failed: list[FailedRecipient]) -> None:
-        # RFC 5321 §6.1/§4.5.5: no bounce for a bounce.
-        if not lease.sender:
-            return
+    async def _queue_dsn(self, lease: Lease, data: bytes, entries: Sequence[DsnEntry]) -> None:
+        """Queue one report (failed, delayed and relayed entries) to the envelope sender,
+        with the null reverse-path (RFC 5321 §4.5.5; never for a null-sender message:
+        `notices` returns nothing for one)."""
         now = datetime.fromtimestamp(self._clock(), tz=UTC)
         dsn = build_dsn(
             reporting_mta=self._settings.hostname,
             original_sender=lease.sender,
             original=data,
-            failed=failed,
+            entries=entries,
             arrival=datetime.fromtimestamp(lease.received_at, tz=UTC),
             now=now,
+            envid=lease.dsn.envid,
+            ret=lease.dsn.ret,
         )
         dsn_id = await self._store.put(NewMessage(sender="", recipients=(lease.sender,), data=dsn))
         self._events.bounce_queued(
             queue_id=lease.queue_id,
             dsn_queue_id=dsn_id,
             sender=lease.sender,
-            rcpts=[f.address for f in failed],
+            rcpts=[e.address for e in entries],
         )
         self.wake()
 
@@ -267,7 +294,9 @@ def _status(outcome: Outcome) -> RcptState:
             assert_never(outcome)
 
 
-def _result(address: str, outcome: Outcome) -> RecipientResult:
+def _result(address: str, outcome: Outcome, delay_notified: bool = False) -> RecipientResult:
     reason: Reason = outcome.reason
     error = None if isinstance(outcome, Delivered) else (reason.reply or reason.text)
-    return RecipientResult(address=address, state=_status(outcome), error=error)
+    return RecipientResult(
+        address=address, state=_status(outcome), error=error, delay_notified=delay_notified
+    )

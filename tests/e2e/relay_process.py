@@ -92,6 +92,18 @@ class RelayProcess:
             _, reply = await client.sendmail(sender, list(rcpts), body)
         return reply
 
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    async def kill(self) -> None:
+        """SIGKILL: no shutdown code runs (a crash, a power cut for the process)."""
+        assert self._proc is not None
+        if self._proc.returncode is None:
+            self._proc.kill()
+        await self._proc.wait()
+
     async def stop(self) -> int:
         if self._proc is None:
             return 0

@@ -18,6 +18,7 @@ import pytest
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
 from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from tests.support.dns import FailureMode
 from tests.support.world import World
@@ -63,9 +64,7 @@ async def _attempt(
     rcpts = list(recipients or [f"u@{domain}"])
     return await attempt_domain(
         domain,
-        SENDER,
-        rcpts,
-        data,
+        Envelope(SENDER, rcpts, data),
         lookup=lookup,
         settings=_settings(world, **changes),
         resolver=_resolver(world),
@@ -325,9 +324,7 @@ async def test_null_sender_stays_null(world: World) -> None:
     sink = await world.sts_domain(domain, mode=None)
     outcomes = await attempt_domain(
         domain,
-        "",
-        [f"u@{domain}"],
-        b"Subject: bounce\r\n\r\nbody\r\n",
+        Envelope("", [f"u@{domain}"], b"Subject: bounce\r\n\r\nbody\r\n"),
         lookup=_lookup(domain, None),
         settings=_settings(world),
         resolver=_resolver(world),

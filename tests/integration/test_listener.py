@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from mailqueue.model import NewMessage
+from mailqueue.model import DsnRequest, NewMessage
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
@@ -66,13 +66,18 @@ async def running(
     store: FakeStore | None = None,
     log: io.StringIO | None = None,
     real_store: MessageStore | None = None,
+    extra: dict[str, str] | None = None,
     **env: str,
 ) -> AsyncIterator[Lab]:
+    """A listener on an ephemeral loopback port; `env` are listen.* keys, `extra` any
+    other STS_RELAY_* variables."""
     environ = {
         "STS_RELAY_LISTEN_ADDRESSES": "127.0.0.1:0",
         "STS_RELAY_LISTEN_HOSTNAME": "relay.test",
+        "STS_RELAY_STATE_PATH": "/nonexistent/sts-relay-test",
     }
     environ.update({f"STS_RELAY_LISTEN_{k.upper()}": v for k, v in env.items()})
+    environ.update(extra or {})
     cfg = load_config(None, environ, fqdn=lambda: "relay.test")
     lab = Lab(listener=None, store=store or FakeStore(), log=log or io.StringIO())  # type: ignore[arg-type]
     lab.listener = Listener(
@@ -97,9 +102,20 @@ class Client:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, lab: Lab) -> AsyncIterator[Client]:
+    async def connect(
+        cls,
+        lab: Lab | None = None,
+        *,
+        source: str | None = None,
+        address: tuple[str, int] | None = None,
+    ) -> AsyncIterator[Client]:
+        """Connect to the lab's listener, or to `address`; from `source` if given."""
+        target = address or (lab.address if lab is not None else None)
+        assert target is not None
         async with asyncio.timeout(IO_TIMEOUT):
-            reader, writer = await asyncio.open_connection(*lab.address)
+            reader, writer = await asyncio.open_connection(
+                *target, local_addr=(source, 0) if source else None
+            )
         client = cls(reader, writer)
         try:
             yield client
@@ -155,7 +171,9 @@ async def test_trusted_client_is_queued_with_envelope_and_headers() -> None:
         ehlo = await c.hello()
         assert ehlo[0] == "250-relay.test"
         assert "250-SIZE 52428800" in ehlo
-        assert not any("DSN" in line or "REQUIRETLS" in line for line in ehlo)
+        assert "250-DSN" in ehlo  # RFC 3461
+        assert not any("REQUIRETLS" in line or "AUTH" in line for line in ehlo)  # RTLS-01
+        assert ehlo[-1] == "250 HELP"
         reply = await c.send("app@src.test", ["u@d.test", "v@e.test"], MESSAGE)
         assert reply == "250 2.0.0 Ok: queued as Q1"
     [msg] = lab.store.puts
@@ -258,6 +276,55 @@ async def test_untrusted_client_is_refused_and_nothing_stored() -> None:
     assert event["rcpt"] == "u@d.test"
 
 
+RELAY_TRICKS = [
+    "u@d.test",
+    "U@D.TEST",
+    "u%d.test@relay.test",  # percent hack
+    "u%d.test@[127.0.0.1]",
+    "@relay.test:u@d.test",  # source routes
+    "@relay.test,@b.test:u@d.test",
+    "u@d.test@relay.test",  # user@domain@other
+    '"u@d.test"@relay.test',  # quoted local parts
+    '"u%d.test"@relay.test',
+    '"u@d.test"',
+    "u!d.test@relay.test",  # bang paths
+    "d.test!u@relay.test",
+    "u@[127.0.0.1]",  # address literals
+    "u@[IPv6:::1]",
+    "u@[10.1.2.3]",
+    "u@relay.test",  # the relay's own name, in other spellings
+    "U@Relay.Test",
+    "u@relay.test.",  # trailing dots
+    "u@d.test.",
+    "u@localhost",
+    "postmaster",
+    "u@d.test ",
+]
+
+
+@pytest.mark.parametrize("helo", [b"EHLO", b"HELO"])
+async def test_untrusted_client_cannot_relay_with_any_address_trick(helo: bytes) -> None:
+    # Issue 5 item 5: from an untrusted address, without AUTH, nothing is accepted.
+    untrusted = running(trusted_networks="10.0.0.0/8", max_errors="1000")
+    async with untrusted as lab, Client.connect(lab) as c:
+        assert (await c.reply())[0].startswith("220")
+        assert (await c.cmd(helo + b" app.example.test\r\n"))[:3] == "250"
+        for sender in ("app@src.test", "u@relay.test", ""):
+            assert (await c.cmd(f"MAIL FROM:<{sender}>\r\n".encode()))[:3] == "250"
+            for rcpt in RELAY_TRICKS:
+                for line in (f"RCPT TO:<{rcpt}>\r\n", f"RCPT TO:{rcpt}\r\n"):
+                    reply = await c.cmd(line.encode())
+                    assert reply[:1] == "5", (rcpt, reply)
+            assert (await c.cmd(b"DATA\r\n"))[:3] == "503"
+            assert (await c.cmd(b"RSET\r\n"))[:3] == "250"
+    assert lab.store.puts == []
+    assert lab.woken == []
+    # Every well-formed one got the relay refusal; malformed ones a syntax error.
+    codes = {e["code"] for e in lab.events("rejected") if e["stage"] == "rcpt"}
+    assert codes <= {"554 5.7.1", "501 5.1.3", "501 5.5.2"}
+    assert "554 5.7.1" in codes
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -313,8 +380,16 @@ async def test_bare_lf_command_is_not_executed() -> None:
         (b"RCPT TO:<a@d.test.>\r\n", "501 5.1.3"),
         (b"RCPT TO:<a@[300.1.1.1]>\r\n", "501 5.1.3"),
         (b"RCPT TO:<a@>\r\n", "501 5.1.3"),
-        (b"RCPT TO:<u@d.test> NOTIFY=NEVER\r\n", "555 5.5.4"),  # DSN-01: DSN not advertised
-        (b"RCPT TO:<u@d.test> ORCPT=rfc822;u@d.test\r\n", "555 5.5.4"),
+        (b"RCPT TO:<u@d.test> NOTIFY=NEVER\r\n", "250"),  # DSN-01: DSN advertised
+        (b"RCPT TO:<u@d.test> ORCPT=rfc822;u@d.test\r\n", "250"),
+        (b"RCPT TO:<u@d.test> NOTIFY=NEVER,SUCCESS\r\n", "501 5.5.4"),  # DSN-02
+        (b"RCPT TO:<u@d.test> NOTIFY=SOMETIMES\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> NOTIFY=\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> NOTIFY=DELAY NOTIFY=FAILURE\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> ORCPT=u@d.test\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> ORCPT=rfc822;a+0D+0Ab@d.test\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> ORCPT=rfc822;a+zz@d.test\r\n", "501 5.5.4"),
+        (b"RCPT TO:<u@d.test> XFOO=1\r\n", "555 5.5.4"),
         (b"RCPT TO:<u@[IPv6:::1]>\r\n", "250"),
         (b'RCPT TO:<"x y"@d.test>\r\n', "250"),
         (b"RCPT TO:<@relay.test:u@d.test>\r\n", "250"),
@@ -332,8 +407,13 @@ async def test_recipient_syntax(line: bytes, reply: str) -> None:
     ("line", "reply"),
     [
         (b"MAIL FROM:<app@src.test> REQUIRETLS\r\n", "555 5.5.4"),  # RTLS-01
-        (b"MAIL FROM:<app@src.test> RET=HDRS\r\n", "555 5.5.4"),  # DSN-01
-        (b"MAIL FROM:<app@src.test> ENVID=abc\r\n", "555 5.5.4"),
+        (b"MAIL FROM:<app@src.test> RET=HDRS\r\n", "250"),  # DSN-01
+        (b"MAIL FROM:<app@src.test> ENVID=abc\r\n", "250"),
+        (b"MAIL FROM:<app@src.test> RET=ALL\r\n", "501 5.5.4"),
+        (b"MAIL FROM:<app@src.test> RET=FULL RET=HDRS\r\n", "501 5.5.4"),
+        (b"MAIL FROM:<app@src.test> ENVID=a+0D+0Ab\r\n", "501 5.5.4"),
+        (b"MAIL FROM:<app@src.test> ENVID=" + b"x" * 101 + b"\r\n", "501 5.5.4"),
+        (b"MAIL FROM:<app@src.test> XFOO\r\n", "555 5.5.4"),
         (b"MAIL FROM:<app@src.test> SIZE=52428801\r\n", "552 5.3.4"),
         (b"MAIL FROM:<a\rb@src.test>\r\n", "501 5.1.3"),
         (b"MAIL FROM:<app@src test>\r\n", "501 5.1.3"),
@@ -456,7 +536,10 @@ async def test_session_slot_is_freed_when_a_client_leaves() -> None:
 async def test_idle_client_is_disconnected_after_command_timeout() -> None:
     async with running(command_timeout="0.2") as lab, Client.connect(lab) as c:
         await c.hello()
+        assert (await c.reply()) == ["421 4.4.2 Timeout, closing connection"]
         assert await c.closed()
+    [event] = lab.events("rejected")
+    assert (event["stage"], event["code"]) == ("command", "421 4.4.2")
 
 
 async def test_stalled_data_is_disconnected_after_data_timeout() -> None:
@@ -469,8 +552,10 @@ async def test_stalled_data_is_disconnected_after_data_timeout() -> None:
         assert (await c.cmd(b"RCPT TO:<u@d.test>\r\n")).startswith("250")
         assert (await c.cmd(b"DATA\r\n")).startswith("354")
         c.writer.write(b"Subject: slow\r\n")
+        assert (await c.reply()) == ["421 4.4.2 Timeout, closing connection"]
         assert await c.closed()
     assert lab.store.puts == []
+    assert lab.events("rejected")[0]["stage"] == "data"
 
 
 async def test_stop_closes_sessions_and_the_port() -> None:
@@ -482,6 +567,109 @@ async def test_stop_closes_sessions_and_the_port() -> None:
         assert await c.closed()
         with pytest.raises(OSError, match=r"."):
             await asyncio.open_connection(*address)
+
+
+async def test_dsn_parameters_are_kept_with_the_message() -> None:
+    # DSN-01, DSN-07, DSN-08: RET/ENVID on MAIL, NOTIFY/ORCPT per recipient, xtext decoded.
+    async with running() as lab, Client.connect(lab) as c:
+        await c.hello()
+        assert (await c.cmd(b"MAIL FROM:<app@src.test> RET=hdrs ENVID=AbC+2Bdef\r\n"))[:3] == "250"
+        rcpts = [
+            b"RCPT TO:<u@d.test> NOTIFY=success,FAILURE ORCPT=rfc822;Orig+2Bx@d.test\r\n",
+            b"RCPT TO:<v@d.test> NOTIFY=NEVER\r\n",
+            b"RCPT TO:<w@d.test>\r\n",
+        ]
+        for line in rcpts:
+            assert (await c.cmd(line))[:3] == "250"
+        assert (await c.cmd(b"DATA\r\n"))[:3] == "354"
+        assert (await c.cmd(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+        # The next transaction starts without them.
+        assert (await c.send("app@src.test", ["x@d.test"], MESSAGE)).startswith("250 2.0.0")
+    first, second = lab.store.puts
+    assert first.recipients == ("u@d.test", "v@d.test", "w@d.test")
+    assert first.dsn == DsnRequest(
+        ret="HDRS",
+        envid="AbC+def",
+        notify={"u@d.test": ("SUCCESS", "FAILURE"), "v@d.test": ("NEVER",)},
+        orcpt={"u@d.test": "rfc822;Orig+x@d.test"},
+    )
+    assert second.dsn == DsnRequest()
+
+
+async def test_dsn_of_a_refused_recipient_is_not_kept() -> None:
+    async with running(max_recipients="1") as lab, Client.connect(lab) as c:
+        await c.hello()
+        assert (await c.cmd(b"MAIL FROM:<app@src.test>\r\n"))[:3] == "250"
+        assert (await c.cmd(b"RCPT TO:<a@d.test> NOTIFY=DELAY\r\n"))[:3] == "250"
+        assert (await c.cmd(b"RCPT TO:<b@d.test> NOTIFY=NEVER\r\n"))[:3] == "452"
+        assert (await c.cmd(b"DATA\r\n"))[:3] == "354"
+        assert (await c.cmd(MESSAGE + b".\r\n")).startswith("250 2.0.0")
+    assert lab.store.puts[0].dsn.notify == {"a@d.test": ("DELAY",)}
+
+
+async def test_dsn_parameters_need_ehlo() -> None:
+    async with running() as lab, Client.connect(lab) as c:
+        assert (await c.reply())[0].startswith("220")
+        assert (await c.cmd(b"HELO app.test\r\n"))[:3] == "250"
+        assert (await c.cmd(b"MAIL FROM:<app@src.test> RET=FULL\r\n"))[:3] == "501"
+        assert (await c.cmd(b"MAIL FROM:<app@src.test>\r\n"))[:3] == "250"
+        assert (await c.cmd(b"RCPT TO:<u@d.test> NOTIFY=NEVER\r\n"))[:3] == "501"
+    assert lab.store.puts == []
+
+
+async def test_sessions_per_client_address() -> None:
+    async with (
+        running(max_sessions_per_client="2") as lab,
+        Client.connect(lab) as first,
+        Client.connect(lab) as second,
+        Client.connect(lab) as third,
+    ):
+        assert (await third.reply()) == [
+            "421 4.7.0 Too many connections from your address, try again later"
+        ]
+        assert await third.closed()
+        await first.hello()
+        await second.hello()
+        # Another client address is not affected by this one's sessions.
+        async with Client.connect(lab, source="127.0.0.2") as other:
+            await other.hello()
+    event = lab.events("rejected")[0]
+    assert (event["stage"], event["code"], event["client"]) == ("connect", "421 4.7.0", "127.0.0.1")
+
+
+async def test_too_many_errors_drop_the_session() -> None:
+    async with running(max_errors="3", max_recipients="1") as lab, Client.connect(lab) as c:
+        await c.hello()
+        assert (await c.cmd(b"MAIL FROM:<app@src.test>\r\n"))[:3] == "250"
+        assert (await c.cmd(b"RCPT TO:<a@d.test>\r\n"))[:3] == "250"
+        for _ in range(3):  # 452 for the recipient limit is flow control, not an error
+            assert (await c.cmd(b"RCPT TO:<b@d.test>\r\n"))[:3] == "452"
+        assert (await c.cmd(b"BOGUS\r\n"))[:3] == "500"
+        assert (await c.cmd(b"RCPT TO:<bad address>\r\n"))[:3] == "501"
+        c.writer.write(b"VRFY\r\n")
+        assert (await c.reply())[0][:3] == "501"
+        assert (await c.reply()) == ["421 4.7.0 Too many errors, closing connection"]
+        assert await c.closed()
+    assert lab.store.puts == []
+    assert lab.events("rejected")[-1]["stage"] == "session"
+
+
+async def test_error_count_starts_again_after_an_accepted_message() -> None:
+    async with running(max_errors="2") as lab, Client.connect(lab) as c:
+        await c.hello()
+        for _ in range(3):
+            assert (await c.cmd(b"BOGUS\r\n"))[:3] == "500"
+            assert (await c.send("app@src.test", ["u@d.test"], MESSAGE)).startswith("250 2.0.0")
+    assert len(lab.store.puts) == 3
+
+
+async def test_received_names_esmtp_without_tls() -> None:
+    async with running() as lab, Client.connect(lab) as c:
+        await c.hello()
+        assert (await c.send("app@src.test", ["u@d.test"], MESSAGE)).startswith("250 2.0.0")
+    head = lab.store.puts[0].data.split(b"\r\n\r\n")[0]
+    assert b" with ESMTP id " in head
+    assert b"(using " not in head
 
 
 def test_every_event_has_a_method_with_exactly_its_fields() -> None:

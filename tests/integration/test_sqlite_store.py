@@ -11,7 +11,9 @@ from typing import Any
 
 import pytest
 
-from mailqueue.model import Lease, NewMessage, RcptState, RecipientResult
+from mailqueue import new_queue_id
+from mailqueue.ids import is_queue_id
+from mailqueue.model import DsnRequest, Lease, NewMessage, RcptState, RecipientResult
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
@@ -338,6 +340,121 @@ async def test_newer_schema_is_refused(open_store: Opener, db: Path) -> None:
     conn.close()
     with pytest.raises(StoreUnavailable, match="schema version 99"):
         await open_store()
+
+
+async def test_dsn_parameters_and_delay_flag_survive_until_delivery(
+    open_store: Opener, clock: Clock
+) -> None:
+    dsn = DsnRequest(
+        ret="HDRS",
+        envid="env-1 ü",
+        notify={"a@one.test": ("SUCCESS", "DELAY"), "b@one.test": ("NEVER",)},
+        orcpt={"a@one.test": "rfc822;A@one.test"},
+    )
+    store = await open_store()
+    qid = await store.put(
+        NewMessage("app@src.test", ("a@one.test", "b@one.test"), b"x\r\n", dsn=dsn)
+    )
+    plain = await store.put(message("c@two.test"))
+    await store.close()
+    store = await open_store()  # from disk, not from memory
+    leases = {ls.queue_id: ls for ls in await store.lease_due("w", 10, 60)}
+    assert leases[qid].dsn == dsn
+    assert leases[plain].dsn == DsnRequest()
+    assert [r.delay_notified for r in leases[qid].recipients] == [False, False]
+    await store.record(
+        qid,
+        [
+            RecipientResult("a@one.test", RcptState.DEFERRED, "451 later", delay_notified=True),
+            RecipientResult("b@one.test", RcptState.DEFERRED, "451 later"),
+        ],
+    )
+    clock.now += 10_000
+    (again,) = [ls for ls in await store.lease_due("w", 10, 60) if ls.queue_id == qid]
+    flags = {r.address: (r.attempts, r.delay_notified) for r in again.recipients}
+    assert flags == {"a@one.test": (1, True), "b@one.test": (1, False)}
+    # The flag stays set: a later result without it does not clear it.
+    await store.record(qid, [RecipientResult("a@one.test", RcptState.DEFERRED, "451 again")])
+    clock.now += 10_000
+    (third,) = [ls for ls in await store.lease_due("w", 10, 60) if ls.queue_id == qid]
+    assert {r.address: r.delay_notified for r in third.recipients}["a@one.test"] is True
+
+
+async def test_submitter_chosen_queue_id_is_used_and_never_reused(store: SqliteStore) -> None:
+    chosen = new_queue_id()
+    assert is_queue_id(chosen)
+    msg = NewMessage("s@src.test", ("a@one.test",), b"hi\r\n", queue_id=chosen)
+    assert await store.put(msg) == chosen
+    assert (await store.get_message(chosen)) is not None
+    with pytest.raises(StoreUnavailable):
+        await store.put(msg)  # a clash stores nothing
+    assert [m.queue_id for m in await store.list_messages()] == [chosen]
+    ids = {new_queue_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    assert all(is_queue_id(i) for i in ids)
+
+
+_V1_SCHEMA = (
+    "CREATE TABLE queue_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "INSERT INTO queue_meta VALUES ('schema_version', '1')",
+    "CREATE TABLE queue_messages (id INTEGER PRIMARY KEY, queue_id TEXT NOT NULL UNIQUE,"
+    " sender TEXT NOT NULL, received_at REAL NOT NULL, size INTEGER NOT NULL,"
+    " held INTEGER NOT NULL DEFAULT 0, client TEXT NOT NULL DEFAULT '', data BLOB NOT NULL)",
+    "CREATE TABLE queue_recipients (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL"
+    " REFERENCES queue_messages(id) ON DELETE CASCADE, address TEXT NOT NULL,"
+    " domain TEXT NOT NULL, state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,"
+    " next_attempt_at REAL, last_error TEXT, lease_owner TEXT, lease_until REAL,"
+    " held INTEGER NOT NULL DEFAULT 0, UNIQUE (message_id, address))",
+    "CREATE INDEX queue_recipients_due ON queue_recipients(next_attempt_at)"
+    " WHERE state IN ('queued', 'deferred') AND held = 0",
+    "CREATE INDEX queue_recipients_leased ON queue_recipients(lease_owner)"
+    " WHERE lease_owner IS NOT NULL",
+    "INSERT INTO queue_messages VALUES (1, 'OLDMESSAGE01', 'old@src.test', 1700000000.0, 5, 0,"
+    " '127.0.0.1', x'6f6c640d0a')",
+    "INSERT INTO queue_recipients (message_id, address, domain, state, attempts,"
+    " next_attempt_at, last_error) VALUES (1, 'a@one.test', 'one.test', 'deferred', 2,"
+    " 1700000000.0,"
+    " '451 busy')",
+)
+
+
+async def test_version_1_store_is_migrated_and_keeps_its_mail(open_store: Opener, db: Path) -> None:
+    db.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db)
+    for statement in _V1_SCHEMA:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    store = await open_store()
+    assert store.migrated_from == 1
+    (lease,) = await store.lease_due("w", 10, 60)
+    assert (lease.queue_id, lease.sender, lease.dsn) == (
+        "OLDMESSAGE01",
+        "old@src.test",
+        DsnRequest(),
+    )
+    assert lease.recipients[0].attempts == 2
+    assert lease.recipients[0].delay_notified is False
+    assert await store.read_data("OLDMESSAGE01") == b"old\r\n"
+    await store.record(
+        "OLDMESSAGE01",
+        [RecipientResult("a@one.test", RcptState.DEFERRED, "451", delay_notified=True)],
+    )
+    await store.close()
+    reopened = await open_store()
+    assert reopened.migrated_from == 2
+    with sqlite3.connect(db) as check:
+        version = check.execute("SELECT value FROM queue_meta WHERE key = 'schema_version'")
+        assert version.fetchone() == ("2",)
+    check.close()
+
+
+async def test_large_message_is_stored_in_pieces_and_read_back_whole(store: SqliteStore) -> None:
+    data = bytes(range(256)) * (5 * 4096 + 7)  # ~5 MiB, not a multiple of the chunk size
+    qid = await store.put(message("a@one.test", data=data))
+    assert await store.read_data(qid) == data
+    assert (await store.get_message(qid)) is not None
+    assert (await store.get_message(qid)).size == len(data)  # type: ignore[union-attr]
 
 
 async def test_corrupt_rows_are_set_aside(store: SqliteStore, db: Path) -> None:

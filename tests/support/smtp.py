@@ -74,7 +74,27 @@ class _Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """The EHLO keywords, as the sink's options ask (DSN on, 8BITMIME off)."""
+        session.host_name = hostname
+        keep = [r for r in responses if self._sink.eightbitmime or r[4:] != "8BITMIME"]
+        if self._sink.dsn:
+            keep.insert(len(keep) - 1, "250-DSN")
+        return keep
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self._sink.drop_after_data:
+            # The whole message arrived; the connection dies before any reply.
+            assert isinstance(server.transport, asyncio.Transport)
+            server.transport.abort()
+            return "250 2.0.0 never sent"
         if self._sink.data_reply is not None:
             return self._sink.data_reply
         ssl_obj = session.ssl.get("ssl_object") if session.ssl else None
@@ -118,6 +138,9 @@ class _SinkSMTP(SMTP):
                 self._log.commands.append(f"{verb} {arg}".rstrip() if arg else verb)
             if verb == "MAIL":
                 self._sink.mail_commands += 1
+            if verb in self._sink.drop_on and isinstance(self.transport, asyncio.Transport):
+                self.transport.abort()  # no reply: the connection just dies
+                return
             await method(arg)
 
         return run
@@ -135,6 +158,27 @@ class _SinkSMTP(SMTP):
             if ssl_obj is not None:
                 self._log.tls_version = ssl_obj.version()
                 self._log.sni = sni_of(ssl_obj)
+
+    def _split_dsn(self, arg: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
+        """Take RFC 3461 parameters out of a MAIL/RCPT argument (aiosmtpd refuses them)."""
+        if not self._sink.dsn or not arg:
+            return arg, []
+        words = arg.split(" ")
+        dsn = [w for w in words if w.upper().startswith(names)]
+        return " ".join(w for w in words if w not in dsn), dsn
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        arg, dsn = self._split_dsn(arg, ("RET=", "ENVID="))
+        await super().smtp_MAIL(arg)
+        if self.envelope is not None and self.envelope.mail_from is not None:
+            self.envelope.mail_options.extend(dsn)
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        arg, dsn = self._split_dsn(arg, ("NOTIFY=", "ORCPT="))
+        before = len(self.envelope.rcpt_tos) if self.envelope is not None else 0
+        await super().smtp_RCPT(arg)
+        if self.envelope is not None and len(self.envelope.rcpt_tos) > before:
+            self.envelope.rcpt_options.extend(dsn)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         if self._sink.starttls_reply is not None:
@@ -157,7 +201,16 @@ class MxSink:
         rcpt_replies: dict[str, str] | None = None,
         data_reply: str | None = None,
         starttls_reply: str | None = None,
+        dsn: bool = False,
+        eightbitmime: bool = True,
+        smtputf8: bool = False,
+        drop_on: frozenset[str] = frozenset(),
+        drop_after_data: bool = False,
     ) -> None:
+        """`dsn` advertises DSN (RFC 3461 parameters land in the options of the message),
+        `eightbitmime`/`smtputf8` the EHLO keywords; `drop_on` verbs ("RSET", "MAIL")
+        abort the connection without a reply; `drop_after_data` aborts after the whole
+        message arrived, before the reply to the final dot."""
         if starttls and cert is None:
             raise ValueError("starttls=True needs cert=TestPKI.server_context(...)")
         self.ip = ip
@@ -170,6 +223,11 @@ class MxSink:
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.data_reply = data_reply
         self.starttls_reply = starttls_reply
+        self.dsn = dsn
+        self.eightbitmime = eightbitmime
+        self.smtputf8 = smtputf8
+        self.drop_on = drop_on
+        self.drop_after_data = drop_after_data
         self.messages: list[ReceivedMessage] = []
         self.sessions: list[SessionLog] = []
         self.mail_commands = 0
@@ -203,6 +261,7 @@ class MxSink:
             tls_context=self.cert,
             require_starttls=False,
             decode_data=False,
+            enable_SMTPUTF8=self.smtputf8,
             loop=asyncio.get_running_loop(),
         )
         self._protocols.append(proto)

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-FORBIDDEN = {"policy": {"relay", "mailqueue"}, "mailqueue": {"relay", "policy"}}
+FORBIDDEN = {
+    "policy": {"relay", "mailqueue", "tlsrpt"},
+    "mailqueue": {"relay", "policy", "tlsrpt"},
+    "tlsrpt": {"relay", "mailqueue"},
+}
 
 
 def _imported_packages(path: Path) -> set[str]:
@@ -30,6 +34,18 @@ def test_package_does_not_import_forbidden_layers(package: str) -> None:
         str(f.relative_to(ROOT)): sorted(_imported_packages(f) & FORBIDDEN[package]) for f in files
     }
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_tlsrpt_uses_only_the_policy_model() -> None:
+    """`tlsrpt` may speak MTA-STS values (policy.model), never policy's machinery."""
+    used: set[str] = set()
+    for path in sorted((ROOT / "tlsrpt").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                used.add(node.module)
+            elif isinstance(node, ast.Import):
+                used.update(alias.name for alias in node.names)
+    assert {m for m in used if m.split(".")[0] == "policy"} <= {"policy.model"}
 
 
 def test_no_top_level_module_shadows_the_standard_library() -> None:

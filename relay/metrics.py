@@ -1,0 +1,225 @@
+"""Prometheus metrics and the small HTTP server for `/metrics`, `/healthz` and `/readyz`.
+
+Owns the metric names, their help text and labels (listed in the README), one
+CollectorRegistry per relay (never the process-global one, so several relays in one test
+process do not collide), and the HTTP endpoint. Counts come from the event catalogue
+(`EventLog.subscribe`) and from policy lookups; the queue gauges are read from the store at
+scrape time. Knows nothing of SMTP, MTA-STS rules or SQLite: readiness and queue counts
+come in as callables from `relay/app.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+
+from policy.model import PolicyLookup
+from relay.config import format_hostport, parse_hostport
+
+# Seconds from receipt to delivery: from a fast LAN hop to the 4-hour retry steps.
+_DELAY_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, float("inf"))
+# The HTTP side: one short request per connection, bounded in time and size.
+_REQUEST_TIMEOUT_S = 5.0
+_MAX_HEADER_BYTES = 8192
+_TEXT = "text/plain; charset=utf-8"
+
+QueueCounts = Callable[[], Awaitable[Mapping[str, int]]]
+Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else why not
+
+
+class Metrics:
+    """Every metric of the relay, in its own registry."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory...
+        self.received = Counter(
+            "sts_relay_messages_received", "Messages accepted (250 after DATA).", registry=r
+        )
+        self.rejected = Counter(
+            "sts_relay_smtp_rejected", "SMTP commands refused, by stage.", ["stage"], registry=r
+        )
+        self.deliveries = Counter(
+            "sts_relay_deliveries",
+            "Recipient delivery attempts by outcome: sent, deferred or bounced.",
+            ["status"],
+            registry=r,
+        )
+        self.delay = Histogram(
+            "sts_relay_delivery_delay_seconds",
+            "Seconds from receipt to successful delivery, per recipient.",
+            buckets=_DELAY_BUCKETS,
+            registry=r,
+        )
+        self.tls = Counter(
+            "sts_relay_tls_sessions",
+            "Delivery attempts that reached an MX, by RFC 8460 result type ('success' when "
+            "TLS was up and nothing failed, 'no-tls' for plaintext) and MTA-STS mode "
+            "('no-policy' when none applied).",
+            ["result", "mode"],
+            registry=r,
+        )
+        self.bounces = Counter(
+            "sts_relay_bounces_queued", "Delivery status notifications queued.", registry=r
+        )
+        self.policy_lookups = Counter(
+            "sts_relay_policy_lookups",
+            "Policy lookups for deliveries, by source: cached (a cache hit), fetched, none.",
+            ["source"],
+            registry=r,
+        )
+        self.policy_fetches = Counter(
+            "sts_relay_policy_fetches",
+            "HTTPS policy fetches by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
+        self.policy_fetch_errors = Counter(
+            "sts_relay_policy_fetch_errors",
+            "Failed policy fetches by RFC 8460 result type.",
+            ["result"],
+            registry=r,
+        )
+        self.tls_overrides = Counter(
+            "sts_relay_tls_overrides",
+            "Attempts whose TLS decision an operator override changed, by override.",
+            ["override"],
+            registry=r,
+        )
+        self.queue = Gauge(
+            "sts_relay_queue_recipients",
+            "Recipients in the queue by state (queued, deferred, sent, bounced, held, set_aside);"
+            " read from the store at scrape time.",
+            ["state"],
+            registry=r,
+        )
+        self.queue_messages = Gauge(
+            "sts_relay_queue_messages", "Messages in the queue (read at scrape time).", registry=r
+        )
+
+    # -- feeding -----------------------------------------------------------------------
+
+    def observe_event(self, event: str, fields: dict[str, Any]) -> None:
+        """An EventLog observer: counts what the event catalogue reports."""
+        if event == "received":
+            self.received.inc()
+        elif event == "rejected":
+            self.rejected.labels(stage=str(fields.get("stage"))).inc()
+        elif event == "delivery":
+            self._delivery(fields)
+        elif event == "bounce_queued":
+            self.bounces.inc()
+        elif event == "policy_fetched":
+            self.policy_fetches.labels(outcome="ok").inc()
+        elif event == "policy_fetch_failed":
+            self.policy_fetches.labels(outcome="error").inc()
+            self.policy_fetch_errors.labels(result=str(fields.get("result"))).inc()
+        elif event == "tls_override":
+            self.tls_overrides.labels(override=str(fields.get("override"))).inc()
+
+    def _delivery(self, fields: dict[str, Any]) -> None:
+        status = str(fields.get("status"))
+        self.deliveries.labels(status=status).inc()
+        if status == "sent" and isinstance(fields.get("delay_s"), int | float):
+            self.delay.observe(float(fields["delay_s"]))
+        if fields.get("ip") is None and fields.get("tlsrpt_result") is None:
+            return  # no MX was reached and no TLS or policy failure: nothing to say of TLS
+        result = fields.get("tlsrpt_result") or ("success" if fields.get("tls") else "no-tls")
+        mode = fields.get("sts_mode") or "no-policy"
+        self.tls.labels(result=str(result), mode=str(mode)).inc()
+
+    def observe_lookup(self, lookup: PolicyLookup) -> None:
+        self.policy_lookups.labels(source=lookup.source).inc()
+
+    async def render(self, queue_counts: QueueCounts) -> bytes:
+        """The Prometheus text exposition, with queue gauges read now."""
+        counts = await queue_counts()
+        for state, value in counts.items():
+            if state == "messages":
+                self.queue_messages.set(value)
+            else:
+                self.queue.labels(state=state).set(value)
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """HTTP/1.1 on one address: GET /metrics, /healthz (alive), /readyz (ready to work)."""
+
+    def __init__(self, metrics: Metrics, queue_counts: QueueCounts, ready: Readiness) -> None:
+        self._metrics = metrics
+        self._queue_counts = queue_counts
+        self._ready = ready
+        self._server: asyncio.Server | None = None
+        self.address = ""
+
+    async def start(self, address: str) -> str:
+        """Bind `address` ("127.0.0.1:0" picks a port); return the bound "host:port"."""
+        host, port = parse_hostport(address)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=_MAX_HEADER_BYTES)
+        name = self._server.sockets[0].getsockname()
+        self.address = format_hostport(str(name[0]), int(name[1]))
+        return self.address
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(_REQUEST_TIMEOUT_S):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, ctype, body = await self._respond(head)
+                await _write(writer, status, ctype, body, head.startswith(b"HEAD "))
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError):
+            pass  # a broken or slow client: just close
+        except asyncio.LimitOverrunError:
+            with contextlib.suppress(OSError, TimeoutError):
+                await _write(writer, "431 Request Header Fields Too Large", _TEXT, b"", False)
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is gone: say so, keep serving
+            with contextlib.suppress(OSError, TimeoutError):
+                await _write(writer, "503 Service Unavailable", _TEXT, repr(exc).encode(), False)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
+        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        path = rest.split(" ", 1)[0].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", _TEXT, b"GET or HEAD\n"
+        if path == "/metrics":
+            return "200 OK", CONTENT_TYPE_LATEST, await self._metrics.render(self._queue_counts)
+        if path == "/healthz":
+            return "200 OK", _TEXT, b"ok\n"
+        if path == "/readyz":
+            problem = await self._ready()
+            if problem is None:
+                return "200 OK", _TEXT, b"ready\n"
+            return "503 Service Unavailable", _TEXT, problem.encode() + b"\n"
+        return "404 Not Found", _TEXT, b"not found\n"
+
+
+async def _write(
+    writer: asyncio.StreamWriter, status: str, ctype: str, body: bytes, head_only: bool
+) -> None:
+    header = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    writer.write(header.encode("latin-1") + (b"" if head_only else body))
+    await writer.drain()

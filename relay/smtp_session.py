@@ -1,0 +1,441 @@
+"""The SMTP server protocol of the listener: aiosmtpd's SMTP with our rules for one session.
+
+Owns what happens inside one client connection before the handler sees a command: session
+limits (in total, per client address), errors per session, command and data timeouts (each
+answered with 421), command lines that must end in CRLF (RFC 5321 §2.3.8), envelope path
+syntax, the RFC 3461 DSN parameters (taken out before aiosmtpd parses the rest), SMTP AUTH
+PLAIN and LOGIN (RFC 4954, RFC 4616) only under TLS, with failed logins rate-limited per
+address, and replies that carry RFC 3463 codes and never internal details. Knows nothing of
+relay permission, headers or the store: those are the handler's (relay/listener.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, AnyStr, Protocol, cast
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
+
+from mailqueue.model import DsnRequest
+from relay.auth import FailureLimiter, UsersFile, valid_user_name
+from relay.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, take_rcpt_dsn
+from relay.events import EventLog
+
+REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
+REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
+REPLY_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
+REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
+REPLY_TIMEOUT = "421 4.4.2 Timeout, closing connection"
+REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_BAD_ADDRESS = "501 5.1.3 Bad address syntax"
+REPLY_BARE_LF_COMMAND = "500 5.5.2 Syntax error: command lines must end with CRLF"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REPLY_AUTH_LOCKED = "454 4.7.0 Too many failed authentication attempts, try again later"
+REPLY_AUTH_SYNTAX = "501 5.5.2 Cannot decode the authentication data"
+
+# aiosmtpd's stock replies that lack an RFC 3463 status, and ours in their place.
+# (REQUIRETLS is not advertised, so it lands in "parameters not recognized": RFC 8689 §2.)
+_STOCK_REPLIES: dict[str, tuple[str, str | None]] = {
+    "555 MAIL FROM parameters not recognized or not implemented": (
+        "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
+        "mail",
+    ),
+    "555 RCPT TO parameters not recognized or not implemented": (
+        "555 5.5.4 RCPT TO parameters not recognized or not implemented",
+        "rcpt",
+    ),
+    "552 Error: message size exceeds fixed maximum message size": (REPLY_TOO_BIG, "mail"),
+    "552 Error: Too much mail data": (REPLY_TOO_BIG, "data"),
+    "553 5.1.3 Error: malformed address": (REPLY_BAD_ADDRESS, None),
+}
+REPLY_UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+
+# Not counted as client errors: our own farewells, and RFC 5321 §4.5.3.1.10's recipient
+# limit (a normal way to split a long recipient list).
+_NOT_ERRORS = ("421", "452")
+
+
+def _clean_reply(status: str) -> str:
+    """aiosmtpd echoes client text in some replies: never reflect it, never send controls."""
+    if status.startswith('500 Error: command "'):
+        return REPLY_UNKNOWN_COMMAND
+    return _CONTROLS.sub("?", status)
+
+
+def peer_ip(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def report_error(events: EventLog, client: str, error: str) -> None:
+    # Must not raise: aiosmtpd would answer an exception raised here with its text.
+    with contextlib.suppress(Exception):
+        events.session_error(client=client, error=error)
+
+
+class HasEvents(Protocol):
+    events: EventLog
+
+
+@dataclass
+class SessionTable:
+    """The live sessions, for the concurrency limits and for shutdown."""
+
+    limit: int
+    per_client_limit: int
+    live: set[RelaySMTP] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)
+    storing: int = 0
+    quiet: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.quiet.set()
+
+    def admit(self, session: RelaySMTP, client: str) -> str | None:
+        """Count the session in, or the 421 reply that refuses it."""
+        if len(self.live) >= self.limit:
+            return REPLY_TOO_MANY_SESSIONS
+        if self.per_client.get(client, 0) >= self.per_client_limit:
+            return REPLY_TOO_MANY_FROM_CLIENT
+        self.live.add(session)
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        return None
+
+    def leave(self, session: RelaySMTP, client: str) -> None:
+        if session not in self.live:
+            return
+        self.live.discard(session)
+        left = self.per_client.get(client, 1) - 1
+        if left > 0:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    data_timeout: float
+    max_errors: int
+    auth_required: bool  # every client must AUTH before MAIL, trusted networks included
+    users: UsersFile
+    limiter: FailureLimiter
+    implicit_tls: bool = False  # the whole connection is TLS (port 465)
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus the RFC 3461 parameters of this transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mail_dsn = MailDsn()
+        self.rcpt_dsn: dict[str, RcptDsn] = {}
+
+    def dsn_request(self) -> DsnRequest:
+        notify = {r: d.notify for r, d in self.rcpt_dsn.items() if d.notify is not None}
+        orcpt = {r: d.orcpt for r, d in self.rcpt_dsn.items() if d.orcpt is not None}
+        return DsnRequest(
+            ret=self.mail_dsn.ret, envid=self.mail_dsn.envid, notify=notify, orcpt=orcpt
+        )
+
+
+class _BareLfCommand(Exception):
+    """A command line ended with LF alone (RFC 5321 §2.3.8: only CRLF ends a line)."""
+
+
+class _CrlfReader:
+    """Wraps the session's StreamReader: refuses bare-LF command lines, and restarts the
+    data timeout on every DATA line (aiosmtpd reads commands up to LF, DATA up to CRLF)."""
+
+    def __init__(self, reader: Any, on_data_line: Callable[[], None]) -> None:
+        object.__setattr__(self, "_reader", reader)
+        object.__setattr__(self, "_on_data_line", on_data_line)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        line: bytes = await self._reader.readuntil(separator)
+        if separator == b"\n":
+            if not line.endswith(b"\r\n"):
+                raise _BareLfCommand
+        else:
+            self._on_data_line()
+        return line
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._reader, name, value)
+
+
+def _b64(text: str) -> bytes | None:
+    if text == "=":  # RFC 4954 §4: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(text.encode("ascii", "replace"), validate=True)
+    except binascii.Error:
+        return None
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with our limits, syntax checks, AUTH, replies and error handling."""
+
+    def __init__(
+        self,
+        handler: HasEvents,
+        *,
+        sessions: SessionTable,
+        settings: SessionSettings,
+        **kwargs: Any,
+    ) -> None:
+        # AUTH needs TLS: after STARTTLS (aiosmtpd checks), or from the first byte on an
+        # implicit-TLS port, where aiosmtpd cannot see the TLS and is told not to check.
+        super().__init__(handler, auth_require_tls=not settings.implicit_tls, **kwargs)
+        self._sessions = sessions
+        self._settings = settings
+        self._events = handler.events
+        self._client = ""
+        self._admitted = False
+        self._errors = 0
+        self._in_data = False
+
+    # --- connection life ---
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is None:  # the TCP connection, not the TLS layer after STARTTLS
+            peer = transport.get_extra_info("peername")
+            self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            refusal = self._sessions.admit(self, self._client)
+            if refusal is not None:
+                self._events.rejected(
+                    client=self._client, stage="connect", code=refusal[:9], reason=refusal[10:]
+                )
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.write(refusal.encode() + b"\r\n")
+                transport.close()
+                return
+            self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._sessions.leave(self, self._client)
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if not self._admitted:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    def _cb_client_connected(self, reader: Any, writer: Any) -> None:
+        wrapped = _CrlfReader(reader, self._restart_data_timer)
+        super()._cb_client_connected(cast(asyncio.StreamReader, wrapped), writer)
+
+    def _restart_data_timer(self) -> None:
+        self._reset_timeout(self._settings.data_timeout)
+
+    def _timeout_cb(self) -> None:
+        # RFC 5321 §4.5.3.2: the server may close after a timeout; tell the client why.
+        stage = "data" if self._in_data else "command"
+        with contextlib.suppress(Exception):
+            self._events.rejected(
+                client=self._client, stage=stage, code="421 4.4.2", reason=f"{stage} timeout"
+            )
+        if isinstance(self.transport, asyncio.WriteTransport):
+            with contextlib.suppress(Exception):
+                self.transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    @property
+    def relay_envelope(self) -> RelayEnvelope:
+        return cast(RelayEnvelope, self.envelope)
+
+    def tls_version(self) -> str | None:
+        """The negotiated TLS version ("TLSv1.3") of this session, or None in cleartext."""
+        transport = self.transport
+        ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+        version = ssl_obj.version() if ssl_obj is not None else None
+        return str(version) if version else None
+
+    # --- replies ---
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and status in _STOCK_REPLIES:
+            status, stage = _STOCK_REPLIES[status]
+            if stage is not None:
+                self.reject(stage, status, "message too big" if "5.3.4" in status else status)
+        elif isinstance(status, str):
+            status = _clean_reply(status)
+        await super().push(status)
+        if isinstance(status, str) and status[:1] in ("4", "5") and status[:3] not in _NOT_ERRORS:
+            self._errors += 1
+            if self._errors >= self._settings.max_errors and self.transport is not None:
+                self.reject("session", REPLY_TOO_MANY_ERRORS, "too many errors")
+                await super().push(REPLY_TOO_MANY_ERRORS)
+                self.transport.close()
+
+    def transaction_done(self) -> None:
+        """A message was accepted: the client is working, its error count starts again."""
+        self._errors = 0
+
+    def reject(self, stage: str, reply: str, reason: str, rcpt: str | None = None) -> None:
+        """Log a refusal as a `rejected` event (`reply` starts "554 5.7.1 ...")."""
+        sender = self.envelope.mail_from if self.envelope is not None else None
+        self._events.rejected(
+            client=self._client or peer_ip(self.session),
+            stage=stage,
+            code=reply[:9],
+            reason=reason,
+            sender=None if sender is None else ("" if sender == "<>" else sender),
+            rcpt=rcpt,
+        )
+
+    async def _refuse(self, stage: str, reply: str, reason: str) -> None:
+        self.reject(stage, reply, reason)
+        await self.push(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # aiosmtpd's default answers 500 with the exception's text: never show internals.
+        if isinstance(error, _BareLfCommand):
+            return REPLY_BARE_LF_COMMAND
+        report_error(self._events, self._client, repr(error))
+        self.envelope = self._create_envelope()  # a half-done transaction is void
+        return REPLY_INTERNAL
+
+    # --- commands ---
+
+    def _extended(self) -> bool:
+        return (
+            self.session is not None
+            and bool(self.session.host_name)
+            and bool(self.session.extended_smtp)
+        )
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        rest = arg[5:] if arg is not None and arg[:5].upper() == "FROM:" else None
+        session = self.session
+        required = self._settings.auth_required
+        if required and session is not None and session.host_name and not session.authenticated:
+            await self._refuse("mail", REPLY_AUTH_REQUIRED, "authentication required")
+            return
+        if rest is not None and not path_ok(rest, null_ok=True):
+            await self._refuse("mail", REPLY_BAD_ADDRESS, "bad sender address syntax")
+            return
+        envelope = self.relay_envelope
+        dsn = MailDsn()
+        if rest is not None and self._extended() and envelope.mail_from is None:
+            try:
+                rest, dsn = take_mail_dsn(rest)
+            except ParamError as exc:
+                await self._refuse("mail", exc.reply, exc.reply[10:])
+                return
+            arg = "FROM:" + rest
+        had_sender = envelope.mail_from is not None
+        await super().smtp_MAIL(arg)
+        if not had_sender and envelope.mail_from is not None:
+            envelope.mail_dsn = dsn
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        rest = arg[3:] if arg is not None and arg[:3].upper() == "TO:" else None
+        if rest is not None and not path_ok(rest, null_ok=False):
+            await self._refuse("rcpt", REPLY_BAD_ADDRESS, "bad recipient address syntax")
+            return
+        dsn = RcptDsn()
+        if rest is not None and self._extended() and self.relay_envelope.mail_from is not None:
+            try:
+                rest, dsn = take_rcpt_dsn(rest)
+            except ParamError as exc:
+                await self._refuse("rcpt", exc.reply, exc.reply[10:])
+                return
+            arg = "TO:" + rest
+        envelope = self.relay_envelope
+        before = len(envelope.rcpt_tos)
+        await super().smtp_RCPT(arg)
+        if self.envelope is envelope and len(envelope.rcpt_tos) > before:
+            envelope.rcpt_dsn[envelope.rcpt_tos[-1]] = dsn
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        self._in_data = True
+        try:
+            await super().smtp_DATA(cast(str, arg))
+        finally:
+            self._in_data = False
+        if self.transport is not None:
+            self._reset_timeout()  # back to the command timeout
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        # RFC 4954 §4: a server may limit failed attempts; 454 4.7.0 is temporary.
+        if self._settings.limiter.blocked(self._client):
+            self._events.auth_failed(
+                client=self._client, user=None, mechanism=None, reason="rate limited"
+            )
+            await self.push(REPLY_AUTH_LOCKED)
+            return
+        await super().smtp_AUTH(arg)
+
+    # aiosmtpd finds mechanisms by the `auth_` prefix; these replace its built-in ones so
+    # the slow hash runs off the event loop.
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        blob = await self._initial_or_challenge(args, "")
+        if blob is None:
+            return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\x00")
+        if len(parts) != 3:
+            await self.push(REPLY_AUTH_SYNTAX)
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid not in (b"", login):  # RFC 4616 §2: no acting as another user
+            return await self._failed("PLAIN", login, "authorization identity not allowed")
+        return await self._check("PLAIN", login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        login = await self._initial_or_challenge(args, "Username:")
+        if login is None:
+            return AuthResult(success=False, handled=True)
+        password = await self._challenge("Password:")
+        if password is None:
+            return AuthResult(success=False, handled=True)
+        return await self._check("LOGIN", login, password)
+
+    async def _initial_or_challenge(self, args: list[str], prompt: str) -> bytes | None:
+        if len(args) == 1:
+            return await self._challenge(prompt)
+        blob = _b64(args[1])
+        if blob is None:
+            await self.push(REPLY_AUTH_SYNTAX)
+        return blob
+
+    async def _challenge(self, prompt: str) -> bytes | None:
+        answer = await self.challenge_auth(prompt)  # pushes 501 itself on "*" or bad base64
+        return None if answer is MISSING else answer
+
+    async def _check(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        user = login.decode("utf-8", "replace")
+        if valid_user_name(user) and await asyncio.to_thread(
+            self._settings.users.verify, user, password
+        ):
+            self._events.authenticated(client=self._client, user=user, mechanism=mechanism)
+            return AuthResult(success=True, auth_data=user)
+        return await self._failed(mechanism, login, "bad credentials")
+
+    async def _failed(self, mechanism: str, login: bytes, reason: str) -> AuthResult:
+        failures = self._settings.limiter.failed(self._client)
+        user = login.decode("utf-8", "replace")[:64]
+        self._events.auth_failed(client=self._client, user=user, mechanism=mechanism, reason=reason)
+        if failures >= self._settings.limiter.limit:
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_LOCKED)
+        return AuthResult(success=False, handled=False)  # 535 5.7.8

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 _NOTHING_SERVER = """
@@ -88,7 +89,7 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
             return line
 
 
-async def _session(port: int, data: bytes, start: float, stop: float, counts: list[int]) -> None:
+async def _session(port: int, data: bytes, stop: float, counts: list[int]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         await _reply(reader)
@@ -109,8 +110,7 @@ async def _session(port: int, data: bytes, start: float, stop: float, counts: li
             reply = await _reply(reader)
             if not reply.startswith(b"250"):
                 raise RuntimeError(f"DATA refused: {reply!r}")
-            if start <= loop.time() < stop:
-                counts[0] += 1
+            counts[0] += 1
         writer.write(b"QUIT\r\n")
         await _reply(reader)
     finally:
@@ -119,20 +119,46 @@ async def _session(port: int, data: bytes, start: float, stop: float, counts: li
             await writer.wait_closed()
 
 
-async def _load(port: int, clients: int, size: int, seconds: float) -> float:
+@dataclass(frozen=True)
+class Figure:
+    rate: float  # accepted messages per second
+    cpu_ms: float  # server CPU (ms) per accepted message
+
+
+@dataclass(frozen=True)
+class Server:
+    port: int
+    pid: int
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _load(server: Server, clients: int, size: int, seconds: float) -> Figure:
     data = message(size)
     loop = asyncio.get_running_loop()
-    warmup = 0.3
-    start = loop.time() + warmup
+    start = loop.time() + 0.3  # warm-up, not counted
     stop = start + seconds
     counts = [0]
-    await asyncio.gather(*(_session(port, data, start, stop, counts) for _ in range(clients)))
-    return counts[0] / seconds
+    sessions = [
+        asyncio.create_task(_session(server.port, data, stop, counts)) for _ in range(clients)
+    ]
+    await asyncio.sleep(max(0.0, start - loop.time()))
+    cpu_start, accepted_start = cpu_seconds(server.pid), counts[0]
+    await asyncio.sleep(max(0.0, stop - loop.time()))
+    cpu = cpu_seconds(server.pid) - cpu_start
+    accepted = counts[0] - accepted_start
+    await asyncio.gather(*sessions)
+    return Figure(accepted / seconds, 1000 * cpu / accepted if accepted else float("nan"))
 
 
-def load(port: int, clients: int, size: int, seconds: float) -> float:
-    """Accepted messages per second with `clients` concurrent sessions."""
-    return asyncio.run(_load(port, clients, size, seconds))
+def load(server: Server, clients: int, size: int, seconds: float, rounds: int) -> Figure:
+    """Best of `rounds` runs: other work on a shared machine only ever makes us slower."""
+    runs = [asyncio.run(_load(server, clients, size, seconds)) for _ in range(rounds)]
+    return max(runs, key=lambda f: f.rate)
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], within: float = 30) -> None:
@@ -147,16 +173,16 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], within: floa
 
 
 @contextlib.contextmanager
-def nothing_server(work: Path) -> Iterator[int]:
+def nothing_server(work: Path) -> Iterator[Server]:
     port = free_port()
     out = work / "nothing.out"
     with out.open("wb") as sink:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
             [sys.executable, "-c", _NOTHING_SERVER, str(port)], stdout=sink, stderr=sink
         )
     try:
         _wait_for(out, "listening", proc)
-        yield port
+        yield Server(port, proc.pid)
     finally:
         proc.terminate()
         proc.wait()
@@ -196,7 +222,7 @@ enabled = false
 
 
 @contextlib.contextmanager
-def relay_server(work: Path, profile: Path | None = None) -> Iterator[int]:
+def relay_server(work: Path, profile: Path | None = None) -> Iterator[Server]:
     """`sts-relay serve` on a fresh state directory; yields its port."""
     port = free_port()
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # DNS that never answers
@@ -208,7 +234,7 @@ def relay_server(work: Path, profile: Path | None = None) -> Iterator[int]:
         prefix += ["-m", "cProfile", "-o", str(profile)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")}
     with log.open("wb") as sink:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
             [*prefix, "-m", "relay", "--config", str(config), "serve"],
             stdout=sink,
             stderr=sink,
@@ -216,7 +242,7 @@ def relay_server(work: Path, profile: Path | None = None) -> Iterator[int]:
         )
     try:
         _wait_for(log, '"listening"', proc)
-        yield port
+        yield Server(port, proc.pid)
     finally:
         # SIGTERM would wait delivery.shutdown_grace for the stuck delivery; the state
         # directory is thrown away anyway.
@@ -227,29 +253,34 @@ def relay_server(work: Path, profile: Path | None = None) -> Iterator[int]:
 
 def run(args: argparse.Namespace) -> None:
     seconds = 1.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
     clients_list = [int(c) for c in args.clients.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"ingest bench: {seconds:.1f} s per figure, cpus={os.cpu_count()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
         print(f"raw fsync (2 KiB write + fsync) in {work}: {fsync_rate(work, seconds):,.0f}/s")
-        print(f"{'clients':>7} {'size':>7} {'nothing/s':>10} {'relay/s':>9} {'ratio':>6}")
+        print(
+            f"{'clients':>7} {'size':>7} {'nothing/s':>10} {'relay/s':>9} {'ratio':>6}"
+            f"   cpu ms/msg: {'nothing':>7} {'relay':>6}"
+        )
         for size in sizes:
             for clients in clients_list:
-                with nothing_server(work) as port:
-                    nothing = load(port, clients, size, seconds)
+                with nothing_server(work) as server:
+                    nothing = load(server, clients, size, seconds, rounds)
                 case = work / f"relay-{clients}-{size}"
                 case.mkdir()
                 profile = None
                 if args.profile and clients == max(clients_list) and size == min(sizes):
                     profile = work.parent / "ingest-relay.prof"
-                with relay_server(case, profile) as port:
-                    relay = load(port, clients, size, seconds)
-                ratio = relay / nothing if nothing else 0.0
+                with relay_server(case, profile) as server:
+                    relay = load(server, clients, size, seconds, rounds)
+                ratio = relay.rate / nothing.rate if nothing.rate else 0.0
                 mark = "  <- target >= 0.60" if (clients, size) == (50, 2048) else ""
                 print(
-                    f"{clients:>7} {size // 1024:>5}Ki {nothing:>10,.0f} {relay:>9,.0f}"
-                    f" {ratio:>6.2f}{mark}",
+                    f"{clients:>7} {size // 1024:>5}Ki {nothing.rate:>10,.0f}"
+                    f" {relay.rate:>9,.0f} {ratio:>6.2f}"
+                    f"               {nothing.cpu_ms:>7.2f} {relay.cpu_ms:>6.2f}{mark}",
                     flush=True,
                 )
                 if profile is not None:
@@ -259,7 +290,8 @@ def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s per figure")
-    parser.add_argument("--seconds", type=float, default=4.0, help="measuring time per figure")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
+    parser.add_argument("--rounds", type=int, default=2, help="best of this many runs")
     parser.add_argument("--clients", default="1,10,50")
     parser.add_argument("--sizes", default="2048,102400")
     parser.add_argument("--dir", default=None, help="where the state goes (default: $TMPDIR)")

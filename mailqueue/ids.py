@@ -6,6 +6,7 @@ Received header, so the trace header, a generated Message-ID and the queue agree
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -40,7 +41,9 @@ class QueueIds:
         return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(55, -1, -5))
 
 
-_PROCESS_IDS = QueueIds(random.SystemRandom())
+# Seeded from the OS once: SystemRandom would cost a getrandom() call per id, and ids need
+# to be distinct, not secret.
+_PROCESS_IDS = QueueIds(random.Random(int.from_bytes(os.urandom(16), "big")))  # noqa: S311
 
 
 def new_queue_id() -> str:

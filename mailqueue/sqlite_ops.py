@@ -316,8 +316,15 @@ def flush(conn: sqlite3.Connection, queue_id: str | None, now: float) -> int:
 
 
 def read_data(conn: sqlite3.Connection, queue_id: str) -> bytes | None:
-    row = conn.execute("SELECT data FROM queue_messages WHERE queue_id = ?", (queue_id,)).fetchone()
-    return row[0] if row is not None and isinstance(row[0], bytes) else None
+    """The content, read through the incremental blob API: SQLite copies the pages straight
+    into the one bytes object returned (a SELECT would materialise it twice)."""
+    row = conn.execute(
+        "SELECT id, typeof(data) FROM queue_messages WHERE queue_id = ?", (queue_id,)
+    ).fetchone()
+    if row is None or row[1] != "blob":
+        return None
+    with conn.blobopen("queue_messages", "data", row[0], readonly=True) as blob:
+        return blob.read()
 
 
 def next_due_at(conn: sqlite3.Connection) -> float | None:

@@ -130,4 +130,6 @@ def add_missing_headers(
         added += b"\r\n"
     elif added and end == len(data) and end == 0:
         added += b"\r\n"  # empty message: headers, then an empty body
-    return received + data[:end] + added + data[end:], message_id
+    # One join of views: `a + data[end:]` would copy a large body twice more.
+    view = memoryview(data)
+    return b"".join((received, view[:end], added, view[end:])), message_id

@@ -248,7 +248,7 @@ class Listener:
 
     def reload_tls(self) -> None:
         """Load the certificate and key files again (SIGHUP). New connections use them;
-        on error (relay.server_tls.ServerTlsError, a ValueError) the old ones stay."""
+        on error (relay.server_tls.ServerTlsError, an OSError) the old ones stay."""
         if self._tls is not None:
             self._tls.reload()
 

@@ -14,7 +14,7 @@ import ssl
 from typing import Any
 
 
-class ServerTlsError(ValueError):
+class ServerTlsError(OSError):
     """The certificate or key could not be loaded; the message says which file and why."""
 
 

@@ -366,3 +366,27 @@ async def test_resolver_no_policy_host_address(world: World, tmp_path: Path) -> 
     lookup = await policy_resolver(world, tmp_path).resolve("d.test")
     assert (lookup.policy, lookup.source) == (None, "none")
     assert lookup.failure is TlsRptResult.STS_POLICY_FETCH_ERROR
+
+
+def _body_of_size(domain: str, size: int) -> str:
+    """A valid policy padded with extension fields (RFC 8461 §3.2) to exactly `size` bytes."""
+    body = policy_body("enforce", [f"mx1.{domain}"], 86400)
+    line = "ext: " + "x" * 1000 + "\r\n"
+    while len(body) + len(line) <= size - 12:
+        body += line
+    filler = size - len(body) - len("ext: \r\n")
+    body += "ext: " + "y" * filler + "\r\n"
+    assert len(body.encode()) == size
+    return body
+
+
+@pytest.mark.parametrize(("size", "accepted"), [(65536, True), (65537, False)])
+async def test_size_limit_is_64_kib_exactly(world: World, size: int, accepted: bool) -> None:
+    # STS-28 at the boundary: 64 KiB is allowed, one byte more is not.
+    domain = f"size{size}.test"
+    world.policy_server.serve(domain, _body_of_size(domain, size))
+    outcome = await fetch(world, domain)
+    if accepted:
+        assert isinstance(outcome, Fetched), outcome
+    else:
+        assert "65536" in failed(outcome, TlsRptResult.STS_POLICY_FETCH_ERROR).detail

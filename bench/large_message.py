@@ -6,7 +6,8 @@
 The relay runs as a subprocess; this process plays the client, a DNS server (the lab's,
 tests/support/dns.py) and the receiving MX (aiosmtpd, plain SMTP, recording only the size
 and a SHA-256 of what it got). Printed: VmRSS at idle, VmHWM (peak resident) after the
-250 and after the delivery, and the peak above idle as a multiple of the message size.
+250 and during the delivery (the peak is reset after the 250), and the peak above idle as
+a multiple of the message size.
 Target (issue 3): peak above idle < 3x the message size.
 """
 
@@ -35,6 +36,11 @@ def _status_kib(pid: int, key: str) -> int:
         if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def _reset_peak(pid: int) -> None:
+    """Reset VmHWM (proc(5) clear_refs "5") so that the delivery's own peak shows apart."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def free_port() -> int:
@@ -138,6 +144,7 @@ async def run(mib: int, work: Path) -> None:
         reply = await submit(port, data)
         accepted = time.perf_counter() - started
         hwm_accept = _status_kib(proc.pid, "VmHWM")
+        _reset_peak(proc.pid)
         async with asyncio.timeout(120):
             await sink.arrived.wait()
         delivered = time.perf_counter() - started
@@ -161,8 +168,12 @@ async def run(mib: int, work: Path) -> None:
         f"  = idle + {(hwm_accept - idle) / size_kib:.2f}x message"
     )
     print(
-        f"  peak after delivery {hwm / 1024:7.1f} MiB"
-        f"  = idle + {(hwm - idle) / size_kib:.2f}x message   (target < 3x)"
+        f"  peak overall        {max(hwm, hwm_accept) / 1024:7.1f} MiB"
+        f"  = idle + {(max(hwm, hwm_accept) - idle) / size_kib:.2f}x message   (target < 3x)"
+    )
+    print(
+        f"  peak in delivery    {hwm / 1024:7.1f} MiB"
+        f"  = idle + {(hwm - idle) / size_kib:.2f}x message   (after the 250, peak reset)"
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import dns.asyncresolver
 import dns.exception
 import dns.name
+import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
@@ -85,6 +86,21 @@ async def discover(
     if record is None:
         return NotFound(f"{len(records)} TXT record(s) but not exactly one valid v=STSv1 record")
     return Found(record)
+
+
+def forget_record(domain: str, resolver: dns.asyncresolver.Resolver) -> None:
+    """Drop the resolver's cached answer for TXT `_mta-sts.<domain>` (and a cached
+    NXDOMAIN), so that the next `discover` asks DNS: the check for a new policy before a
+    bounce (§5.1 step 3) must not be answered from a cache. No-op without a cache."""
+    cache = resolver.cache
+    if cache is None:
+        return
+    try:
+        qname = _absolute(f"_mta-sts.{domain}")
+    except (dns.exception.DNSException, ValueError):
+        return
+    cache.flush((qname, dns.rdatatype.TXT, dns.rdataclass.IN))
+    cache.flush((qname, dns.rdatatype.ANY, dns.rdataclass.IN))
 
 
 async def lookup_addresses(

@@ -23,7 +23,7 @@ import dns.exception
 import dns.name
 
 from policy.cache import CachedPolicy, PolicyCache
-from policy.discover import Found, discover, lookup_addresses
+from policy.discover import Found, discover, forget_record, lookup_addresses
 from policy.fetch import Fetched, fetch_policy
 from policy.match import is_valid_hostname
 from policy.model import Policy, PolicyLookup, TlsRptResult
@@ -169,6 +169,8 @@ class PolicyResolver:
         now = self._clock()
         cached = await self._cache_get(name)
         live = cached if cached is not None and cached.expires_at > now else None
+        if kind is _Kind.RECHECK:  # §5.1 step 3: the record as published now, not cached
+            forget_record(name, self._dns)
         found = await discover(name, self._dns, self._dns_timeout)
         if not isinstance(found, Found):
             # §3.3: "absence of a usable TXT record is not by itself sufficient to remove

@@ -37,6 +37,7 @@ from policy.webpki import client_context, unverified_context
 from relay import __version__
 from relay.config import Config, ConfigError, parse_hostport
 from relay.delivery.attempt import AttemptSettings
+from relay.delivery.dns_cache import TtlCache
 from relay.delivery.worker import Worker, WorkerSettings
 from relay.events import EventLog
 from relay.listener import Listener
@@ -57,7 +58,8 @@ def database_path(cfg: Config) -> Path:
 
 
 def make_resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncresolver.Resolver:
-    """A dnspython resolver for the configured servers, or the system's when none are set."""
+    """A dnspython resolver for the configured servers, or the system's when none are set,
+    with a TTL-honouring answer cache."""
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         servers: list[str | dns.nameserver.Nameserver] = []
@@ -69,6 +71,9 @@ def make_resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncreso
         resolver = dns.asyncresolver.Resolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout
+    # Answers reused for their TTL (relay/delivery/dns_cache.py); the check for a newer
+    # policy before a bounce bypasses it (policy/discover.py, RFC 8461 §5.1).
+    resolver.cache = TtlCache()
     return resolver
 
 

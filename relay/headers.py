@@ -32,6 +32,13 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
+def is_header_line(line: bytes, *, first: bool) -> bool:
+    """True if `line` (one CRLF-ended line) belongs to the header section: a field, or a
+    continuation of the one before (never the first line)."""
+    is_continuation = not first and line[:1] in (b" ", b"\t")
+    return is_continuation or _FIELD.match(line) is not None
+
+
 def header_end(data: bytes) -> int:
     """Offset where the header section ends (just after its last CRLF), i.e. where the
     blank line or the first non-header line starts; len(data) if the message is all header."""
@@ -39,9 +46,7 @@ def header_end(data: bytes) -> int:
     while pos < len(data):
         eol = data.find(b"\r\n", pos)
         line_end = len(data) if eol < 0 else eol + 2
-        line = data[pos:line_end]
-        is_continuation = pos > 0 and line[:1] in (b" ", b"\t")
-        if not (is_continuation or _FIELD.match(line)):
+        if not is_header_line(data[pos:line_end], first=pos == 0):
             return pos
         pos = line_end
     return pos
@@ -103,18 +108,16 @@ def message_id_of(headers: bytes) -> str | None:
     return value.decode("utf-8", errors="replace")
 
 
-def add_missing_headers(
-    data: bytes, *, hostname: str, now: datetime, queue_id: str, received: bytes = b""
+def missing_headers(
+    headers: bytes, following: bytes, *, hostname: str, now: datetime, queue_id: str
 ) -> tuple[bytes, str | None]:
-    """Prepend `received` (a field from received_header), and add Date and Message-ID at
-    the end of the header section when the message has none (RFC 5322 §3.6: both are
-    required; RFC 5321 §6.4 lets the submission server add them).
+    """What to insert at the end of the header section `headers` (Date and Message-ID when
+    the message has none: RFC 5322 §3.6 requires both; RFC 5321 §6.4 lets the submission
+    server add them), and the message's Message-ID value (the existing one or the new one).
 
-    Returns the new message and its Message-ID value (the existing one or the new one).
-    Every byte of `data` is kept, in order.
+    `following` is the start (at least 2 bytes, if there are that many) of what comes after
+    the header section. The result may start or end with a CRLF the message needs.
     """
-    end = header_end(data)
-    headers = data[:end]
     added = b""
     if not _DATE.search(headers):
         added += b"Date: " + format_datetime(now).encode("ascii") + b"\r\n"
@@ -122,14 +125,30 @@ def add_missing_headers(
     if message_id is None:
         message_id = new_message_id(hostname, queue_id)
         added += b"Message-ID: " + message_id.encode("utf-8", errors="replace") + b"\r\n"
-    if added and end > 0 and not headers.endswith(b"\r\n"):
+    if added and headers and not headers.endswith(b"\r\n"):
         # All header and no final CRLF: end the last field before adding ours.
         added = b"\r\n" + added
-    if added and end < len(data) and not data.startswith(b"\r\n", end):
+    if added and following and not following.startswith(b"\r\n"):
         # No blank line before the body: supply the separator so the body stays a body.
         added += b"\r\n"
-    elif added and end == len(data) and end == 0:
+    elif added and not following and not headers:
         added += b"\r\n"  # empty message: headers, then an empty body
+    return added, message_id
+
+
+def add_missing_headers(
+    data: bytes, *, hostname: str, now: datetime, queue_id: str, received: bytes = b""
+) -> tuple[bytes, str | None]:
+    """Prepend `received` (a field from received_header) and insert missing_headers() at
+    the end of the header section.
+
+    Returns the new message and its Message-ID value (the existing one or the new one).
+    Every byte of `data` is kept, in order.
+    """
+    end = header_end(data)
+    added, message_id = missing_headers(
+        data[:end], data[end : end + 2], hostname=hostname, now=now, queue_id=queue_id
+    )
     # One join of views: `a + data[end:]` would copy a large body twice more.
     view = memoryview(data)
     return b"".join((received, view[:end], added, view[end:])), message_id

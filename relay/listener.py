@@ -1,8 +1,9 @@
 """The SMTP listener: accepts mail from applications and hands it to the queue.
 
-Owns the handler side of receiving SMTP on top of aiosmtpd (relay/smtpd.py has the
-protocol): who may relay (trusted networks or SMTP AUTH), SMTP smuggling defences in DATA
-(RFC 5321 §2.3.8), loop detection (§6.3), trace and missing headers, the RFC 3461
+Owns the handler side of receiving SMTP on top of aiosmtpd (relay/smtp_session.py has the
+protocol, and relay/smtp_data.py reads DATA, bare CR/LF refusal included): who may relay
+(trusted networks or SMTP AUTH), loop detection (RFC 5321 §6.3), trace and missing headers
+(spliced into the one buffer DATA was read into), the RFC 3461
 parameters kept with the message, the rule that 250 is sent only once the store has the
 message, and the listening sockets (plain with STARTTLS, and implicit TLS). Knows nothing
 of delivery, MTA-STS or how the store keeps messages: it calls `put()` and nothing else.
@@ -27,9 +28,11 @@ from relay.auth import FailureLimiter, UsersFile
 from relay.config import Config, format_hostport, parse_hostport, users_file_path
 from relay.esmtp import path_ok
 from relay.events import EventLog
-from relay.headers import add_missing_headers, count_received, has_bare_cr_or_lf, received_header
+from relay.headers import count_received, missing_headers, received_header
 from relay.server_tls import ServerTls
+from relay.smtp_data import MessageBuffer
 from relay.smtp_session import (
+    REPLY_BARE_CRLF,
     REPLY_RELAY_DENIED,
     RelayEnvelope,
     RelaySMTP,
@@ -39,13 +42,12 @@ from relay.smtp_session import (
     report_error,
 )
 
-__all__ = ["Listener", "MessageStore", "path_ok"]
+__all__ = ["REPLY_BARE_CRLF", "Listener", "MessageStore", "path_ok"]
 
 # RFC 5321 §6.3: a loop is assumed past this many Received fields (the RFC's floor is 100).
 MAX_RECEIVED = 100
 _STOP_GRACE_S = 10.0
 
-REPLY_BARE_CRLF = "550 5.5.2 Message contains bare CR or LF"
 REPLY_LOOP = "554 5.4.6 Too many Received headers (mail loop?)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
@@ -121,12 +123,11 @@ class _Handler:
     async def handle_DATA(
         self, server: RelaySMTP, session: Session, envelope: RelayEnvelope
     ) -> str:
-        data: bytes = envelope.original_content or b""
-        # RFC 5321 §2.3.8 and the 2023 smuggling attacks: refuse, never forward.
-        if has_bare_cr_or_lf(data):
-            server.reject("data", REPLY_BARE_CRLF, "bare CR or LF in message")
-            return REPLY_BARE_CRLF
-        if count_received(data) > MAX_RECEIVED:
+        data = envelope.message
+        if data is None:  # RelaySMTP always sets it once DATA ended well
+            raise RuntimeError("DATA ended without content")
+        headers = data.peek(0, data.header_end)
+        if count_received(headers) > MAX_RECEIVED:
             server.reject("data", REPLY_LOOP, "too many Received headers")
             return REPLY_LOOP
         client = peer_ip(session)
@@ -134,7 +135,7 @@ class _Handler:
         rcpts = tuple(str(r) for r in envelope.rcpt_tos)
         queue_id = new_queue_id()  # chosen now: the Received id and the queue id agree
         message, message_id = self._stamp(
-            data, session, client, rcpts, queue_id, server.tls_version()
+            data, headers, session, client, rcpts, queue_id, server.tls_version()
         )
         try:
             queue_id = await self._put(
@@ -172,14 +173,16 @@ class _Handler:
 
     def _stamp(
         self,
-        data: bytes,
+        data: MessageBuffer,
+        headers: bytes,
         session: Session,
         client: str,
         rcpts: Sequence[str],
         queue_id: str,
         tls: str | None,
     ) -> tuple[bytes, str | None]:
-        """Prepend Received (RFC 5321 §4.4); add Date and Message-ID if missing."""
+        """Prepend Received (RFC 5321 §4.4); add Date and Message-ID if missing. Spliced
+        into the DATA buffer: the result shares it, no copy of the content is made."""
         now = datetime.now(UTC)
         received = received_header(
             client_ip=client,
@@ -191,9 +194,15 @@ class _Handler:
             # Only a single recipient is named: listing several would disclose them all.
             for_rcpt=rcpts[0] if len(rcpts) == 1 else None,
         )
-        return add_missing_headers(
-            data, hostname=self._listen.hostname, now=now, queue_id=queue_id, received=received
+        end = data.header_end
+        added, message_id = missing_headers(
+            headers,
+            data.peek(end, end + 2),
+            hostname=self._listen.hostname,
+            now=now,
+            queue_id=queue_id,
         )
+        return data.finish([(0, received), (end, added)]), message_id
 
     async def _put(self, msg: NewMessage) -> str:
         # Counted so that stop() lets a store in progress finish and answer its client.

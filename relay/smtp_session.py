@@ -5,9 +5,12 @@ limits (in total, per client address), errors per session, command and data time
 answered with 421), command lines that must end in CRLF (RFC 5321 §2.3.8), envelope path
 syntax, the RFC 3461 DSN parameters (taken out before aiosmtpd parses the rest), the rule
 that MAIL needs AUTH when `auth.required`, and replies that carry RFC 3463 codes and never
-internal details or echoed client text. SMTP AUTH itself is relay/smtp_auth.py's. Knows
-nothing of relay permission, headers or the store: those are the handler's
-(relay/listener.py).
+internal details or echoed client text, and the DATA phase: it reads DATA into one
+relay/smtp_data.MessageBuffer (no list of lines, no joined copy) and answers 552, 500 and
+550 5.5.2 (bare CR or LF, SMUG-01/02) itself once the client has sent the end of data.
+SMTP AUTH itself is relay/smtp_auth.py's. Knows nothing of relay permission, headers or
+the store: those are the handler's (relay/listener.py), which gets the buffer as
+`envelope.message`.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, Protocol, cast
 
-from aiosmtpd.smtp import Envelope
+from aiosmtpd.smtp import MISSING, Envelope
 
 from mailqueue.model import DsnRequest
 from relay.auth import FailureLimiter, UsersFile
 from relay.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, take_rcpt_dsn
 from relay.events import EventLog
 from relay.smtp_auth import AuthenticatingSMTP
+from relay.smtp_data import DataOutcome, MessageBuffer
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
 REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
@@ -38,6 +42,8 @@ REPLY_BAD_ADDRESS = "501 5.1.3 Bad address syntax"
 REPLY_BARE_LF_COMMAND = "500 5.5.2 Syntax error: command lines must end with CRLF"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REPLY_BARE_CRLF = "550 5.5.2 Message contains bare CR or LF"
+REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
 
 # aiosmtpd's stock replies that lack an RFC 3463 status, and ours in their place.
 # (REQUIRETLS is not advertised, so it lands in "parameters not recognized": RFC 8689 §2.)
@@ -138,6 +144,8 @@ class RelayEnvelope(Envelope):
         super().__init__()
         self.mail_dsn = MailDsn()
         self.rcpt_dsn: dict[str, RcptDsn] = {}
+        # The content once DATA ended well (original_content stays None: no bytes copy).
+        self.message: MessageBuffer | None = None
 
     def dsn_request(self) -> DsnRequest:
         notify = {r: d.notify for r, d in self.rcpt_dsn.items() if d.notify is not None}
@@ -369,8 +377,58 @@ class RelaySMTP(AuthenticatingSMTP):
         self._in_data = True
         self._data_timer_at = float("-inf")  # the first DATA line starts the data timeout
         try:
-            await super().smtp_DATA(cast(str, arg))
+            await self._data(arg)
         finally:
             self._in_data = False
         if self.transport is not None:
             self._reset_timeout()  # back to the command timeout
+
+    async def _data(self, arg: str | None) -> None:
+        """aiosmtpd 1.4.6's smtp_DATA (decode_data=False), reading into one buffer."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.relay_envelope
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        message = await self._read_data()
+        if message is None:
+            return  # the connection went away: nothing is handed over
+        outcome = message.outcome
+        # RFC 5321 §4.2.5: the reply waits for the end of data, as in aiosmtpd.
+        if outcome is DataOutcome.TOO_MUCH:
+            await self._refuse("data", REPLY_TOO_BIG, "message too big")
+        elif outcome is DataOutcome.TOO_LONG:
+            await self._refuse("data", REPLY_LINE_TOO_LONG, "line too long")
+        elif outcome is DataOutcome.BARE_NEWLINE:
+            # RFC 5321 §2.3.8 and the 2023 smuggling attacks: refuse, never forward.
+            await self._refuse("data", REPLY_BARE_CRLF, "bare CR or LF in message")
+        if outcome is not DataOutcome.OK:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        envelope.message = message
+        status = MISSING
+        if "DATA" in self._handle_hooks:
+            status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_data(self) -> MessageBuffer | None:
+        message = MessageBuffer(self.data_size_limit, self.line_length_limit)
+        while self.transport is not None:
+            try:
+                # Only CRLF ends a line (RFC 5321 §2.3.8); the wrapper restarts the timer.
+                line: bytes = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                self._writer.close()  # connection lost or timed out during DATA
+                raise
+            except asyncio.LimitOverrunError as exc:
+                message.overrun()
+                line = await self._reader.read(exc.consumed)  # drain the long line
+            if message.feed(line):
+                return message
+        return None

@@ -15,6 +15,7 @@ Choices:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import socket
@@ -94,7 +95,9 @@ def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> MxList |
     return MxList(hosts=tuple(ordered))
 
 
+@functools.lru_cache(maxsize=4096)
 def _absolute(name: str) -> dns.name.Name:
+    # Memoised: the same few domains and MX hosts are parsed for every message.
     return dns.name.from_text(normalize_host(name) + ".")
 
 

@@ -10,8 +10,8 @@ and we send STARTTLS ourselves with SNI = the MX name without its trailing dot
 (RFC 8461 §7.1, STS-97). Under VERIFIED nothing is ever sent in the clear after a missing
 or failed STARTTLS (RFC 8461 §5, STS-90/91). aiosmtplib discards bytes buffered before
 the TLS handshake and its ESMTP state after it (RFC 3207 §4.2, STS-100); we send EHLO
-again ourselves. aiosmtplib's `data()` turns bare CR/LF into CRLF and dot-stuffs
-(RFC 5321 §2.3.8, §4.5.2; SMTP-14/15).
+again ourselves. The message goes out through `transfer.send_data` (chunked, CRLF
+normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2; SMTP-14/15, SMUG-06).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from policy.webpki import classify_certificate_error
 from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
 from relay.delivery.tls import TlsRequirement
+from relay.delivery.transfer import send_data
 
 Reply = tuple[int, str]
 """An SMTP reply: code and text (multi-line replies joined with newlines)."""
@@ -70,10 +71,12 @@ class _TlsFail:
     usable: bool  # the plaintext session may go on (STARTTLS not offered, or refused)
 
 
+_CONTROLS_TO_SPACE = {c: " " for c in (*range(0x20), 0x7F)}
+
+
 def safe_line(text: str, limit: int = 300) -> str:
     """One line of printable text: control characters (CR, LF, ...) become spaces."""
-    cleaned = "".join(" " if ord(c) < 0x20 or ord(c) == 0x7F else c for c in text)
-    line = " ".join(cleaned.split())
+    line = " ".join(text.translate(_CONTROLS_TO_SPACE).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -234,7 +237,7 @@ class _Conversation:
 
     async def data(self, smtp: aiosmtplib.SMTP, message: bytes) -> None:
         try:
-            response = await smtp.data(message)
+            response = await send_data(smtp, message, timeout=self.command_timeout)
         except SMTPResponseException as exc:
             self.data_reply = (exc.code, exc.message)
         except _ERRORS as exc:

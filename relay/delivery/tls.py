@@ -1,7 +1,8 @@
 """What a policy lookup asks of the TLS of each MX (RFC 8461 §4, §5). Pure, no I/O.
 
-Owns the mapping from `PolicyLookup` to a TLS requirement and the per-MX policy check.
-It knows nothing of sockets or SMTP; `session` applies the requirement, `attempt` walks MXs.
+Owns the mapping from `PolicyLookup` to a TLS requirement, the per-MX policy check, and
+reading a message's own wish about TLS (RFC 8689 §5 `TLS-Required: No`). It knows nothing
+of sockets or SMTP; `session` applies the requirement, `attempt` walks MXs.
 """
 
 from __future__ import annotations
@@ -48,3 +49,33 @@ def mx_check(lookup: PolicyLookup, mx_host: str) -> TlsRptResult | None:
     if not is_valid_hostname(host) or not mx_matches(host, policy.mx):
         return TlsRptResult.VALIDATION_FAILURE
     return None
+
+
+# Headers bigger than this are not searched for TLS-Required (bounds the work per attempt
+# on a huge message without a header/body separator).
+_HEADER_SCAN_LIMIT = 256 * 1024
+
+
+def tls_required_no(message: bytes) -> bool:
+    """Whether the message's header carries `TLS-Required: No` (RFC 8689 §5).
+
+    The field name and the value are case-insensitive; folded lines are unfolded. Any
+    other value means the field is not honoured (RTLS-06), and so do conflicting fields.
+    A `TLS-Required` line in the body does not count.
+    """
+    end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN_LIMIT)
+    if message.startswith(b"\r\n"):
+        return False  # no header at all
+    head = message[: end if end >= 0 else _HEADER_SCAN_LIMIT]
+    fields: list[bytes] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line  # RFC 5322 §2.2.3: unfold
+        else:
+            fields.append(line)
+    values = [
+        value.strip().lower()
+        for name, colon, value in (field.partition(b":") for field in fields)
+        if colon and name.rstrip(b" \t").lower() == b"tls-required"
+    ]
+    return bool(values) and all(value == b"no" for value in values)

@@ -21,13 +21,14 @@ import dns.asyncresolver
 
 from mailqueue.model import Lease, NewMessage, RcptState, RecipientResult
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
-from policy.model import PolicyLookup
+from policy.model import Mode, PolicyLookup
 from policy.resolver import PolicyResolver
 from relay.delivery.attempt import AttemptSettings, attempt_domain
 from relay.delivery.envelope import Envelope
 from relay.delivery.notify import notices
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
 from relay.delivery.pool import ConnectionPool
+from relay.delivery.tls import tls_required_no
 from relay.dsn import DsnEntry, build_dsn
 from relay.events import EventLog
 
@@ -39,10 +40,13 @@ _IDLE_POLL_S = 0.5
 _LEASE_S = 3600.0
 
 
+# The `override` of the tls_override event (and the lookup's source) for RFC 8689 §5.
+TLS_REQUIRED_NO = "tls-required-no"
+
+# (queue_id, domain, lookup) -> the lookup an attempt should use (operator overrides).
 LookupAdjuster = Callable[[str, str, PolicyLookup], Awaitable[PolicyLookup]]
+# (domain, lookup, outcomes, message) after each attempt: TLSRPT counting (relay/reporting.py).
 SessionHook = Callable[[str, PolicyLookup, dict[str, Outcome], bytes], None]
-"""(domain, lookup, outcomes, message) after each attempt: TLSRPT counting (relay/reporting.py)."""
-"""(queue_id, domain, lookup) -> the lookup an attempt should use (operator overrides)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,7 @@ class Worker:
     async def _attempt_once(
         self, lease: Lease, data: bytes, addresses: list[str], lookup: PolicyLookup
     ) -> dict[str, Outcome]:
+        lookup = self._honour_tls_required(lease, data, lookup)
         if self._adjust_lookup is not None:  # operator TLS overrides (relay/overrides.py)
             lookup = await self._adjust_lookup(lease.queue_id, lease.domain, lookup)
         return await attempt_domain(
@@ -176,6 +181,24 @@ class Worker:
             rng=self._rng,
             pool=self.pool,
         )
+
+    def _honour_tls_required(self, lease: Lease, data: bytes, lookup: PolicyLookup) -> PolicyLookup:
+        """RFC 8689 §5: a message with `TLS-Required: No` asks us to ignore the recipient
+        domain's policy: STARTTLS is still tried, but validation failures and plaintext
+        no longer stop it (RTLS-05). Only an enforce policy changes a decision; operator
+        overrides (`tls.overrides`) apply after this and still bind."""
+        policy = lookup.policy
+        if policy is None or policy.mode is not Mode.ENFORCE or not tls_required_no(data):
+            return lookup
+        self._events.tls_override(
+            queue_id=lease.queue_id,
+            domain=lease.domain,
+            mx=None,
+            override=TLS_REQUIRED_NO,
+            decision="opportunistic",
+            reason="policy mode enforce ignored: the message carries TLS-Required: No",
+        )
+        return replace(lookup, policy=None, policy_id=None, source=TLS_REQUIRED_NO)
 
     async def _last_chance(
         self,

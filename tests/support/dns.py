@@ -40,8 +40,11 @@ def _norm(name: str) -> str:
 class DnsServer:
     """DNS on 127.0.0.1 (UDP + TCP, one ephemeral port) serving an editable zone."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, host: str = "127.0.0.1", *, default_ttl: int = 0) -> None:
         self.host = host
+        # TTL 0 by default: tests change records mid-run and expect the relay's DNS cache
+        # to see the change at once; benchmarks publish realistic TTLs (300).
+        self.default_ttl = default_ttl
         self.port = 0
         # name -> rtype -> (ttl, rdatas)
         self._zone: dict[str, dict[str, tuple[int, list[dns.rdata.Rdata]]]] = {}
@@ -92,7 +95,7 @@ class DnsServer:
 
     # -- zone editing --------------------------------------------------------------------
 
-    def add(self, name: str, rtype: str, value: str, ttl: int = 300) -> None:
+    def add(self, name: str, rtype: str, value: str, ttl: int | None = None) -> None:
         """Add one record; value in zone-file form ("10 mx1.d.test." for MX).
 
         Relative names in values are taken as absolute. A TXT value is one string
@@ -109,9 +112,9 @@ class DnsServer:
             origin=dns.name.root,
             relativize=False,
         )
-        self._put(name, rtype, rdata, ttl)
+        self._put(name, rtype, rdata, self.default_ttl if ttl is None else ttl)
 
-    def txt(self, name: str, *records: str | tuple[str, ...], ttl: int = 300) -> None:
+    def txt(self, name: str, *records: str | tuple[str, ...], ttl: int | None = None) -> None:
         """Add TXT records; each is a str or a tuple of strings (one multi-string record)."""
         for record in records:
             parts = (record,) if isinstance(record, str) else record
@@ -121,7 +124,7 @@ class DnsServer:
                 chunks = [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
                 strings.extend(chunks)
             rdata = TXT(dns.rdataclass.IN, dns.rdatatype.TXT, strings)
-            self._put(name, "TXT", rdata, ttl)
+            self._put(name, "TXT", rdata, self.default_ttl if ttl is None else ttl)
 
     def remove(self, name: str, rtype: str | None = None) -> None:
         """Remove all records of `rtype` at `name`, or the whole name when rtype is None."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from mailqueue.store import QueueStore, StoreUnavailable
 from policy.model import PolicyLookup, TlsRptResult
 from relay.config import Config, ConfigError
 from relay.delivery.outcome import Delivered, Hop, Outcome
+from relay.delivery.tls import tls_required_no
 from relay.events import EventLog
 from tlsrpt import plan
 from tlsrpt.counter import SessionCounter, applied_policy, utc_day
@@ -40,8 +40,6 @@ from tlsrpt.store import ReportStore
 
 _RETENTION_DAYS = 35
 _MAX_SLEEP_S = 600.0
-# RFC 8689 §5 / RFC 8460 §3: report mail carries this; its sessions are never counted.
-_TLS_REQUIRED_NO = re.compile(rb"(?:^|\r?\n)tls-required:[ \t]*no[ \t]*(?:\r?\n|$)", re.I)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +88,9 @@ def report_settings(cfg: Config) -> ReportSettings:
 
 
 def is_report_mail(data: bytes) -> bool:
-    """True for a message whose header carries `TLS-Required: No` (report mail)."""
-    head = data.split(b"\r\n\r\n", 1)[0]
-    return _TLS_REQUIRED_NO.search(head) is not None
+    """True for a message whose header carries `TLS-Required: No`: report mail carries it
+    (RFC 8460 §3, RFC 8689 §5), and its sessions are never counted."""
+    return tls_required_no(data)
 
 
 def session_of(

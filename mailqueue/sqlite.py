@@ -15,6 +15,12 @@ One relay process per file: `open()` returns to the queue the leases a dead prev
 process left, but only when no other SqliteStore has the file open (an flock on
 `<path>.queue-lock`), so an admin command run beside a live relay never steals its leases.
 
+Leasing reads the content of small messages in the same transaction and keeps it until
+`read_data` asks for it: a delivery costs one trip to the database threads instead of two.
+(A message another process deletes after it was leased may still be attempted once, as
+when the delete comes just after `read_data`; `record` then ignores it. `record` and
+`delete` drop what was read ahead for their message.)
+
 Rows that cannot be decoded are set aside (`held = 2`, reason in `last_error`): never
 leased again, counted as "set_aside", never fatal.
 """
@@ -29,6 +35,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -48,6 +55,15 @@ from mailqueue.store import MessageNotFound, StoreUnavailable
 from mailqueue.writer import GroupCommitWriter, as_unavailable
 
 T = TypeVar("T")
+PREFETCH_MAX_SIZE = 64 * 1024  # contents up to this size are read while leasing
+PREFETCH_MAX_BYTES = 16 * 1024 * 1024  # at most this much read ahead at any time
+
+
+@dataclass(slots=True)
+class _Prefetched:
+    data: bytes
+    reads: int  # leases of this message not yet read
+    until: float  # the end of the lease: kept no longer
 
 
 class SqliteStore:
@@ -77,6 +93,7 @@ class SqliteStore:
         self._readers_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._open = False
+        self._prefetched: dict[str, _Prefetched] = {}  # event-loop side only
         self.recovered_leases = 0  # leases of a dead previous process returned by open()
         self.migrated_from: int | None = None  # schema version open() found (None: new store)
 
@@ -232,15 +249,49 @@ class SqliteStore:
         if limit <= 0:
             return []
 
-        def op(conn: sqlite3.Connection) -> list[Lease]:
+        room = PREFETCH_MAX_BYTES - sum(len(p.data) for p in self._prefetched.values())
+        max_size = min(PREFETCH_MAX_SIZE, room // limit)
+
+        def op(conn: sqlite3.Connection) -> tuple[list[Lease], dict[str, bytes]]:
             now = self._clock()
             until = now + lease_seconds
-            return ops.lease_due(conn, owner, limit, until, now, self.lifetime)
+            leases = ops.lease_due(conn, owner, limit, until, now, self.lifetime)
+            contents = ops.small_contents(conn, {lease.queue_id for lease in leases}, max_size)
+            return leases, contents
 
-        return await self._write(op)
+        leases, contents = await self._write(op)
+        self._keep_prefetched(leases, contents)
+        return leases
+
+    def _keep_prefetched(self, leases: list[Lease], contents: dict[str, bytes]) -> None:
+        now = self._clock()
+        for queue_id in [q for q, p in self._prefetched.items() if p.until <= now]:
+            del self._prefetched[queue_id]  # its lease ran out unread (a worker gave up)
+        for lease in leases:
+            data = contents.get(lease.queue_id)
+            if data is None:
+                continue
+            held = self._prefetched.get(lease.queue_id)
+            if held is None:
+                self._prefetched[lease.queue_id] = _Prefetched(data, 1, lease.until)
+            else:
+                held.reads += 1
+                held.until = max(held.until, lease.until)
+
+    def _take_prefetched(self, queue_id: str) -> bytes | None:
+        held = self._prefetched.get(queue_id)
+        if held is None:
+            return None
+        held.reads -= 1
+        if held.reads <= 0:
+            del self._prefetched[queue_id]
+        return held.data
 
     async def read_data(self, queue_id: str) -> bytes:
         """The stored message; raises MessageNotFound (gone, or set aside as unreadable)."""
+        prefetched = self._take_prefetched(queue_id)
+        if prefetched is not None:
+            return prefetched
         data = await self._read(lambda conn: ops.read_data(conn, queue_id))
         if data is None:
             raise MessageNotFound(queue_id)
@@ -254,6 +305,7 @@ class SqliteStore:
         """
         if any(r.state not in (*FINAL_STATES, RcptState.DEFERRED) for r in results):
             raise ValueError("a result is SENT, BOUNCED or DEFERRED")
+        self._prefetched.pop(queue_id, None)  # the message may be gone after this
         await self._write(
             lambda conn: ops.record_results(
                 conn, queue_id, results, self._clock(), self.schedule, self._rng, self.lifetime
@@ -262,6 +314,7 @@ class SqliteStore:
 
     async def release(self, lease: Lease) -> None:
         """Give a lease back without an attempt: due again now, attempts unchanged."""
+        self._take_prefetched(lease.queue_id)
         await self._write(lambda conn: ops.release_lease(conn, lease, self._clock()))
 
     async def next_due_at(self) -> float | None:
@@ -277,6 +330,7 @@ class SqliteStore:
         return await self._read(lambda conn: ops.get_message(conn, queue_id))
 
     async def delete(self, queue_id: str) -> bool:
+        self._prefetched.pop(queue_id, None)
         return await self._write(lambda conn: ops.delete_message(conn, queue_id))
 
     async def hold(self, queue_id: str) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from mailqueue.ids import QueueIds
@@ -325,6 +325,21 @@ def read_data(conn: sqlite3.Connection, queue_id: str) -> bytes | None:
         return None
     with conn.blobopen("queue_messages", "data", row[0], readonly=True) as blob:
         return blob.read()
+
+
+def small_contents(
+    conn: sqlite3.Connection, queue_ids: Collection[str], max_size: int
+) -> dict[str, bytes]:
+    """The content of each of these messages that is at most `max_size` bytes long."""
+    if not queue_ids:
+        return {}
+    marks = ",".join("?" * len(queue_ids))
+    rows = conn.execute(
+        f"SELECT queue_id, data FROM queue_messages WHERE queue_id IN ({marks})"  # noqa: S608 (placeholders only)
+        " AND size <= ? AND typeof(data) = 'blob'",
+        (*queue_ids, max_size),
+    )
+    return {qid: bytes(data) for qid, data in rows if isinstance(qid, str)}
 
 
 def next_due_at(conn: sqlite3.Connection) -> float | None:

@@ -48,6 +48,11 @@ def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | No
         future.set_result(result)
 
 
+def _resolve_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in settled:
+        _resolve(future, result, error)
+
+
 def as_unavailable(exc: BaseException) -> BaseException:
     """Driver errors become the store's one documented failure; bugs stay what they are."""
     if isinstance(exc, sqlite3.Error):
@@ -128,13 +133,12 @@ class GroupCommitWriter:
             results = self._transaction([job.op for job in batch])
         except Exception as exc:  # noqa: BLE001 (retried alone, then handed to the caller)
             if len(batch) == 1:
-                self._settle(batch[0], None, as_unavailable(exc))
+                self._settle(batch, [(None, as_unavailable(exc))])
                 return
             for job in batch:
                 self._run_batch([job])
             return
-        for job, result in zip(batch, results, strict=True):
-            self._settle(job, result, None)
+        self._settle(batch, [(result, None) for result in results])
 
     def _transaction(self, ops: list[Op]) -> list[Any]:
         conn = self._connection()
@@ -164,6 +168,12 @@ class GroupCommitWriter:
             self._conn = None
 
     @staticmethod
-    def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
-            job.loop.call_soon_threadsafe(_resolve, job.future, result, error)
+    def _settle(jobs: list[_Job], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        # One wake-up per event loop for the whole batch, not one per caller: each
+        # call_soon_threadsafe costs the loop a self-pipe write and read.
+        per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
+        for job, (result, error) in zip(jobs, outcomes, strict=True):
+            per_loop.setdefault(job.loop, []).append((job.future, result, error))
+        for loop, settled in per_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is already closed
+                loop.call_soon_threadsafe(_resolve_all, settled)

@@ -236,6 +236,10 @@ class PolicyResolver:
             del self._backoff[key]
 
     async def _cache_get(self, name: str) -> CachedPolicy | None:
+        # Most lookups are answered from the cache's memory: no thread hop per delivery.
+        remembered = self._cache.remembered(name)
+        if remembered is not None:
+            return remembered.entry
         try:
             return await asyncio.to_thread(self._cache.get, name)
         except sqlite3.Error:

@@ -45,9 +45,8 @@ from relay.metrics import Metrics, MetricsServer
 from relay.overrides import TlsOverrides
 from relay.reporting import Reporting, build_reporting
 
-# Proactive policy refresh (RFC 8461 §3.3, §10.2): how often to look, and which domains
-# count as "still being mailed".
-_REFRESH_EVERY_S = 60.0
+# Proactive policy refresh (RFC 8461 §3.3, §10.2): which domains count as "still being
+# mailed" (how often to look is `policy.refresh_interval`).
 _RECENTLY_USED_S = 7 * 86400.0
 
 DB_NAME = "relay.sqlite3"
@@ -235,9 +234,9 @@ def build(cfg: Config, events: EventLog) -> Relay:
     )
 
 
-async def _refresh_policies(policies: PolicyResolver) -> None:
+async def _refresh_policies(policies: PolicyResolver, every: float) -> None:
     while True:
-        await asyncio.sleep(_REFRESH_EVERY_S)
+        await asyncio.sleep(every)
         await policies.refresh_due(time.time(), _RECENTLY_USED_S)
 
 
@@ -327,7 +326,8 @@ async def serve(
         events.listening(addresses=relay.listener.bound_addresses)
         async with asyncio.TaskGroup() as tasks:
             worker = tasks.create_task(relay.worker.run())
-            background = [tasks.create_task(_refresh_policies(relay.policies))]
+            refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval)
+            background = [tasks.create_task(refresh)]
             if relay.reporting is not None:  # RFC 8460 counters and the daily report job
                 background.append(tasks.create_task(relay.reporting.run()))
             if hangup is not None and load is not None:

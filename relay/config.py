@@ -340,6 +340,9 @@ class PolicyConfig:
     https_port: int = _key(443, _int(1, 65535))
     fetch_deadline: float = _key(20.0, _seconds)
     failure_backoff: float = _key(300.0, _seconds)
+    # How often cached policies are looked at for a proactive refresh (RFC 8461 §3.3);
+    # each is refetched once, at a random point between 50% and 75% of its max_age.
+    refresh_interval: float = _key(60.0, _seconds)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ smuggling, RFC 5321 §2.3.8). Pure functions; never re-serialises a message thro
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -23,6 +24,18 @@ _DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.IGNORECASE)
 _MESSAGE_ID_VALUE = re.compile(rb"(?:^|\r\n)message-id[ \t]*:((?:[^\r]|\r\n[ \t])*)", re.IGNORECASE)
 # What may appear of a client's HELO argument inside a Received field.
 _UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+
+def rfc5322_date(when: datetime) -> str:
+    """`when` as an RFC 5322 date-time (whole seconds, its own UTC offset)."""
+    return _format_second(when.replace(microsecond=0))
+
+
+@functools.lru_cache(maxsize=8)
+def _format_second(when: datetime) -> str:
+    # format_datetime costs as much as the rest of the header work; every message
+    # received within one second shares the same text.
+    return format_datetime(when)
 
 
 def has_bare_cr_or_lf(data: bytes) -> bool:
@@ -91,7 +104,7 @@ def received_header(
         lines.append(f"\t(using {_UNSAFE_HELO.sub('?', tls)})")
     if for_rcpt is not None and "\r" not in for_rcpt and "\n" not in for_rcpt:
         lines.append(f"\tfor <{for_rcpt}>")
-    lines[-1] += f"; {format_datetime(when)}"
+    lines[-1] += f"; {rfc5322_date(when)}"
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", errors="surrogateescape")
 
 
@@ -120,7 +133,7 @@ def missing_headers(
     """
     added = b""
     if not _DATE.search(headers):
-        added += b"Date: " + format_datetime(now).encode("ascii") + b"\r\n"
+        added += b"Date: " + rfc5322_date(now).encode("ascii") + b"\r\n"
     message_id = message_id_of(headers)
     if message_id is None:
         message_id = new_message_id(hostname, queue_id)

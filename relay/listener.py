@@ -50,6 +50,7 @@ _STOP_GRACE_S = 10.0
 
 REPLY_LOOP = "554 5.4.6 Too many Received headers (mail loop?)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+REPLY_ADDRESS_LITERAL = "550 5.1.2 Address literals are not accepted as recipients"
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
@@ -113,6 +114,11 @@ class _Handler:
         if not (session.authenticated or self.is_trusted(peer_ip(session))):
             server.reject("rcpt", REPLY_RELAY_DENIED, "relay access denied", rcpt=address)
             return REPLY_RELAY_DENIED
+        if address.rpartition("@")[2].startswith("["):
+            # A literal destination has no MX and no MTA-STS policy (RFC 8461 §3.4): it
+            # could only go out unprotected, to any address a client names. Refused.
+            server.reject("rcpt", REPLY_ADDRESS_LITERAL, "address literal", rcpt=address)
+            return REPLY_ADDRESS_LITERAL
         if len(envelope.rcpt_tos) >= self._listen.max_recipients:
             server.reject("rcpt", REPLY_TOO_MANY_RCPTS, "too many recipients", rcpt=address)
             return REPLY_TOO_MANY_RCPTS

@@ -62,6 +62,14 @@ _STOCK_REPLIES: dict[str, tuple[str, str | None]] = {
 }
 REPLY_UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
+# The common envelope path: <dot-atom@ASCII-domain>, then the end or one space and a
+# parameter. For it aiosmtpd's parser (email's header parser, plus a class it builds on
+# every call: ~15% of ingest CPU) returns exactly (the address, the text after the space);
+# everything else still goes through aiosmtpd.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| (?=[^ \t\r\n(]))"
+)
 
 # Not counted as client errors: our own farewells, and RFC 5321 §4.5.3.1.10's recipient
 # limit (a normal way to split a long recipient list).
@@ -329,6 +337,16 @@ class RelaySMTP(AuthenticatingSMTP):
             and bool(self.session.host_name)
             and bool(self.session.extended_smtp)
         )
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        simple = _SIMPLE_PATH.match(arg)
+        if simple is not None:
+            address = simple.group(1)
+            limit = self.local_part_limit
+            if not limit or len(address.rpartition("@")[0]) <= limit:
+                return address, arg[simple.end() :]
+        result: tuple[str | None, str | None] = super()._getaddr(arg)
+        return result
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         rest = arg[5:] if arg is not None and arg[:5].upper() == "FROM:" else None

@@ -206,13 +206,16 @@ async def attempt_domain(
     resolver: dns.asyncresolver.Resolver,
     rng: random.Random,
     pool: ConnectionPool | None = None,
+    mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
 ) -> dict[str, Outcome]:
     """Try to deliver `envelope` (all recipients at `domain`); one outcome per recipient.
 
-    Without a `pool`, every session uses a new connection closed after it.
+    Without a `pool`, every session uses a new connection closed after it. `mx` is the
+    domain's MX lookup when the caller already made it (to know whether a policy matters).
     """
     recipients = envelope.recipients
-    mx = await resolve_mx(domain, resolver, timeout=settings.dns_timeout, rng=rng)
+    if mx is None:
+        mx = await resolve_mx(domain, resolver, timeout=settings.dns_timeout, rng=rng)
     match mx:
         case NullMx():
             # RFC 7505 §3: no connection, no retry (NMX-01).

@@ -25,6 +25,7 @@ from policy.model import Mode, PolicyLookup
 from policy.resolver import PolicyResolver
 from relay.delivery.attempt import AttemptSettings, attempt_domain
 from relay.delivery.envelope import Envelope
+from relay.delivery.mx import DnsTempFail, MxList, NoSuchDomain, NullMx, resolve_mx
 from relay.delivery.notify import notices
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
 from relay.delivery.pool import ConnectionPool
@@ -160,14 +161,32 @@ class Worker:
         except MessageNotFound:
             return  # deleted by an operator while leased: nothing left to deliver
         addresses = [r.address for r in lease.recipients]
-        lookup = await self._policies.resolve(lease.domain)
-        outcomes = await self._attempt_once(lease, data, addresses, lookup)
+        mx = await resolve_mx(
+            lease.domain, self._resolver, timeout=self._attempt.dns_timeout, rng=self._rng
+        )
+        lookup = await self._policy_for(lease.domain, mx)
+        outcomes = await self._attempt_once(lease, data, addresses, lookup, mx)
         if self._clock() >= lease.expires_at and _any_deferred(outcomes):
             lookup, outcomes = await self._last_chance(lease, data, lookup, outcomes)
         await self._finish(lease, data, lookup, outcomes)
 
+    async def _policy_for(
+        self, domain: str, mx: MxList | NullMx | NoSuchDomain | DnsTempFail
+    ) -> PolicyLookup:
+        """The MTA-STS policy, looked up only when DNS has not already settled the fate of
+        the domain: a null MX (RFC 7505 §3, NMX-01) or a domain that does not exist bounces
+        without any policy work (no TXT query, no fetch, no TLS)."""
+        if isinstance(mx, NullMx | NoSuchDomain):
+            return PolicyLookup(domain=domain, policy=None, policy_id=None, source="none")
+        return await self._policies.resolve(domain)
+
     async def _attempt_once(
-        self, lease: Lease, data: bytes, addresses: list[str], lookup: PolicyLookup
+        self,
+        lease: Lease,
+        data: bytes,
+        addresses: list[str],
+        lookup: PolicyLookup,
+        mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
     ) -> dict[str, Outcome]:
         lookup = self._honour_tls_required(lease, data, lookup)
         if self._adjust_lookup is not None:  # operator TLS overrides (relay/overrides.py)
@@ -180,6 +199,7 @@ class Worker:
             resolver=self._resolver,
             rng=self._rng,
             pool=self.pool,
+            mx=mx,
         )
 
     def _honour_tls_required(self, lease: Lease, data: bytes, lookup: PolicyLookup) -> PolicyLookup:

@@ -276,6 +276,20 @@ async def test_untrusted_client_is_refused_and_nothing_stored() -> None:
     assert event["rcpt"] == "u@d.test"
 
 
+@pytest.mark.parametrize("rcpt", ["u@[127.0.0.11]", "u@[IPv6:::1]"])
+async def test_trusted_client_cannot_address_a_literal(rcpt: str) -> None:
+    # A literal has no MX and no MTA-STS policy (RFC 8461 §3.4): refused, never queued.
+    async with running() as lab, Client.connect(lab) as c:
+        await c.hello()
+        assert (await c.cmd(b"MAIL FROM:<app@src.test>\r\n"))[:3] == "250"
+        reply = await c.cmd(f"RCPT TO:<{rcpt}>\r\n".encode())
+        assert reply.startswith("550 5.1.2"), reply
+        assert (await c.cmd(b"RCPT TO:<u@d.test>\r\n"))[:3] == "250"
+    assert lab.store.puts == []
+    [event] = lab.events("rejected")
+    assert event["rcpt"] == rcpt
+
+
 RELAY_TRICKS = [
     "u@d.test",
     "U@D.TEST",
@@ -390,7 +404,7 @@ async def test_bare_lf_command_is_not_executed() -> None:
         (b"RCPT TO:<u@d.test> ORCPT=rfc822;a+0D+0Ab@d.test\r\n", "501 5.5.4"),
         (b"RCPT TO:<u@d.test> ORCPT=rfc822;a+zz@d.test\r\n", "501 5.5.4"),
         (b"RCPT TO:<u@d.test> XFOO=1\r\n", "555 5.5.4"),
-        (b"RCPT TO:<u@[IPv6:::1]>\r\n", "250"),
+        (b"RCPT TO:<u@[IPv6:::1]>\r\n", "550 5.1.2"),  # well-formed, but a literal
         (b'RCPT TO:<"x y"@d.test>\r\n', "250"),
         (b"RCPT TO:<@relay.test:u@d.test>\r\n", "250"),
     ],

@@ -175,6 +175,12 @@ class PolicyResolver:
         if not isinstance(found, Found):
             # §3.3: "absence of a usable TXT record is not by itself sufficient to remove
             # a sender's previously cached policy" (STS-64 to STS-66).
+            if kind is _Kind.REFRESH and live is not None:
+                # §3.3, §10.2: a refresh that cannot even find the record must still alert
+                # the operator before the cached policy quietly expires (STS-71).
+                detail = f"refresh: no usable _mta-sts TXT record ({found.detail})"
+                result = TlsRptResult.STS_POLICY_FETCH_ERROR
+                self._observer.policy_fetch_failed(name, live.policy_id, result, detail, live)
             return await self._use_cached(name, live, now, kind, found.detail)
         record_id = found.record.id
         if live is not None and live.policy_id == record_id and kind is not _Kind.REFRESH:

@@ -416,6 +416,27 @@ async def test_refresh_failure_keeps_policy_and_reports(env: Env) -> None:
     assert (lookup.source, lookup.policy) == ("cached", P1)
 
 
+@pytest.mark.parametrize("txt", [NotFound(), TempFail("SERVFAIL")])
+async def test_refresh_without_a_usable_txt_record_alerts_and_keeps_policy(
+    env: Env, txt: NotFound | TempFail
+) -> None:
+    # STS-71 when DNS, not HTTPS, is what fails: the operator hears of it before expiry.
+    env.world.publish("d.test", "1", P1)
+    await env.resolver.resolve("d.test")
+    entry = env.cache.get("d.test")
+    assert entry is not None
+    env.world.txt["d.test"] = txt
+    assert await env.resolver.resolve("d.test") is not None
+    assert env.observer.failed == []  # a delivery-time TXT failure is not an alert
+    env.clock.now = refresh_at(entry) + 1
+    assert await env.resolver.refresh_due(env.clock.now, recently_used=86_400) == 0
+    ((domain, policy_id, result, cached),) = env.observer.failed
+    assert (domain, policy_id, result) == ("d.test", "1", TlsRptResult.STS_POLICY_FETCH_ERROR)
+    assert cached is not None
+    lookup = await env.resolver.resolve("d.test")
+    assert (lookup.source, lookup.policy) == ("cached", P1)
+
+
 def test_refresh_at_is_late_in_life_and_capped() -> None:
     short = CachedPolicy("a.test", "1", P1, 0.0, 1000.0, 0.0)
     assert 500.0 <= refresh_at(short) <= 750.0

@@ -129,14 +129,7 @@ class PolicyCache:
             self._db.execute(
                 "INSERT OR REPLACE INTO sts_policies (domain, policy_id, policy_text, fetched_at,"
                 " expires_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    entry.policy_id,
-                    entry.policy.text,
-                    entry.fetched_at,
-                    entry.expires_at,
-                    entry.last_used_at,
-                ),
+                _row_of(key, entry),
             )
             self._remember(key, _from_row(_row_of(key, entry)))
 

@@ -36,9 +36,10 @@ from relay.delivery.mx import (
     resolve_addresses,
     resolve_mx,
 )
+from relay.delivery.session import Dialer
 from relay.events import EventLog
 from relay.overrides import TlsOverride, parse_overrides
-from relay.probe import Probe, ProbeSettings, probe_mx
+from relay.probe import Probe, probe_mx
 
 _MAX_ADDRESSES_PER_MX = 4  # a diagnosis, not a scan
 
@@ -185,8 +186,8 @@ async def _probe_host(
     host["usable"], host["verdict"] = _host_verdict(rule, host["allowed"], probes)
 
 
-def _probe_settings(cfg: Config) -> ProbeSettings:
-    return ProbeSettings(
+def _probe_settings(cfg: Config) -> Dialer:
+    return Dialer(
         port=cfg.delivery.port,
         helo=cfg.delivery.hostname,
         verified_ctx=client_context(cfg.tls.ca_file),

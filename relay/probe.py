@@ -18,7 +18,7 @@ from aiosmtplib import SMTPException
 
 from policy.model import TlsRptResult
 from policy.webpki import classify_certificate_error
-from relay.delivery.session import describe
+from relay.delivery.session import Dialer, describe
 
 _ERRORS = (SMTPException, OSError, ValueError)
 
@@ -71,9 +71,7 @@ def _name(probe: Probe) -> str:
     return "unknown"
 
 
-async def _starttls(
-    ip: str, mx: str, ctx: ssl.SSLContext, settings: ProbeSettings
-) -> tuple[Probe, bool]:
+async def _starttls(ip: str, mx: str, ctx: ssl.SSLContext, settings: Dialer) -> tuple[Probe, bool]:
     """One connection: EHLO, STARTTLS with `ctx`, QUIT. Returns the probe and whether the
     TLS handshake itself succeeded."""
     smtp = aiosmtplib.SMTP(
@@ -111,17 +109,7 @@ async def _starttls(
         smtp.close()
 
 
-@dataclass(frozen=True, slots=True)
-class ProbeSettings:
-    port: int
-    helo: str
-    verified_ctx: ssl.SSLContext
-    unverified_ctx: ssl.SSLContext
-    connect_timeout: float
-    command_timeout: float
-
-
-async def probe_mx(ip: str, mx: str, settings: ProbeSettings) -> Probe:
+async def probe_mx(ip: str, mx: str, settings: Dialer) -> Probe:
     """Probe `ip` of MX `mx`: a verified STARTTLS first; when the certificate fails, an
     unverified handshake to learn whether TLS works at all and which version."""
     sni = mx.rstrip(".").lower()

@@ -2,7 +2,7 @@
 builds each domain's report and sends it (mailto: through the relay's own queue, https:
 POSTed), retrying failed sends without ever holding up mail.
 
-Owns the translation of delivery outcomes into TLSRPT sessions, the daily job and the
+Owns the translation of an attempt's MX sessions into TLSRPT sessions, the daily job and the
 report senders' I/O. The counters, the report format and the send decisions live in
 `tlsrpt`; the queue is used only through its store interface.
 """
@@ -13,7 +13,7 @@ import asyncio
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from mailqueue.model import NewMessage
 from mailqueue.store import QueueStore, StoreUnavailable
 from policy.model import PolicyLookup, TlsRptResult
 from relay.config import Config, ConfigError
-from relay.delivery.outcome import Delivered, Hop, Outcome
+from relay.delivery.attempt import MxSession
 from relay.delivery.tls import tls_required_no
 from relay.events import EventLog
 from tlsrpt import plan
@@ -93,38 +93,25 @@ def is_report_mail(data: bytes) -> bool:
     return tls_required_no(data)
 
 
-def session_of(
-    domain: str, day: str, lookup: PolicyLookup, outcomes: Mapping[str, Outcome]
-) -> Session | None:
-    """The one session an attempt made, as TLSRPT counts it; None when nothing TLS-related
-    happened (no MX reached: RFC 8460 §4.3.4, transient failures need not be reported).
-
-    Outcomes carry the deciding host only: an attempt that failed on one MX and went on to
-    another is counted by its last session.
-    """
+def sessions_of(
+    domain: str, day: str, lookup: PolicyLookup, tried: Sequence[MxSession]
+) -> list[Session]:
+    """The TLSRPT sessions of one attempt: one per MX session in `tried` (those that reached
+    TLS or MTA-STS evaluation; RFC 8460 §4.3.4: transient failures need not be reported),
+    so a failure on one MX before a success on the next is counted as well."""
     policy = applied_policy(lookup.policy)
-    reasons = [o.reason for o in outcomes.values()]
-    for reason in reasons:
-        if reason.tlsrpt is not None:
-            return Session(domain, day, policy, _failure(reason.tlsrpt, reason.hop))
-    reached = next((r.hop for r in reasons if r.hop is not None and r.hop.ip), None)
-    if lookup.policy is None and lookup.failure is not None:
-        # RFC 8460 §4.3.2.3: the policy could not be had; the mail went out without it.
-        return Session(domain, day, policy, _failure(lookup.failure, reached))
-    if reached is None:
-        return None
-    if reached.tls is not None:
-        return Session(domain, day, policy)
-    if any(isinstance(o, Delivered) for o in outcomes.values()):
-        failure = _failure(TlsRptResult.STARTTLS_NOT_SUPPORTED, reached)
-        return Session(domain, day, policy, failure)
-    return None  # the session ended before TLS was tried (greeting refused, dropped)
+    # RFC 8460 §4.3.2.3: the policy could not be had; the mail went out without it.
+    fetch_failed = lookup.failure if lookup.policy is None else None
+    sessions = []
+    for tried_mx in tried:
+        result = fetch_failed or tried_mx.result
+        failure = None if result is None else _failure(result, tried_mx)
+        sessions.append(Session(domain, day, policy, failure))
+    return sessions
 
 
-def _failure(result: TlsRptResult, hop: Hop | None) -> Failure:
-    if hop is None:
-        return Failure(result)
-    return Failure(result, receiving_mx=hop.mx.lower().removesuffix("."), receiving_ip=hop.ip or "")
+def _failure(result: TlsRptResult, tried: MxSession) -> Failure:
+    return Failure(result, receiving_mx=tried.mx.lower().removesuffix("."), receiving_ip=tried.ip)
 
 
 class SessionRecorder:
@@ -135,13 +122,12 @@ class SessionRecorder:
         self._clock = clock
 
     def record(
-        self, domain: str, lookup: PolicyLookup, outcomes: Mapping[str, Outcome], data: bytes
+        self, domain: str, lookup: PolicyLookup, tried: Sequence[MxSession], data: bytes
     ) -> None:
         # RFC 8460 §3, §5.3: never report on the delivery of reports (RPT-11, RPT-14).
         if is_report_mail(data):
             return
-        session = session_of(a_label(domain), utc_day(self._clock()), lookup, outcomes)
-        if session is not None:
+        for session in sessions_of(a_label(domain), utc_day(self._clock()), lookup, tried):
             self._counter.add(session)
 
 
@@ -366,7 +352,7 @@ class Reporting:
     @property
     def session_hook(
         self,
-    ) -> Callable[[str, PolicyLookup, Mapping[str, Outcome], bytes], None] | None:
+    ) -> Callable[[str, PolicyLookup, Sequence[MxSession], bytes], None] | None:
         return self.recorder.record if self.settings.enabled else None
 
     async def run(self) -> None:

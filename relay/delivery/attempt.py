@@ -188,6 +188,32 @@ def session_failure(session: SessionResult, *, enforced: bool) -> Reason:
     return Reason(safe_line(f"{_where(hop)}: {session.error or 'no answer'}"), status, hop=hop)
 
 
+@dataclass(frozen=True, slots=True)
+class MxSession:
+    """One session with one MX host as RFC 8460 counts it: it reached TLS or MTA-STS
+    evaluation. `result` is None for policy-compliant TLS, else the failure's result type;
+    `ip` is empty when the MX was refused by the policy before any connection."""
+
+    mx: str
+    ip: str
+    result: TlsRptResult | None
+
+
+def mx_session(session: SessionResult, policy_fail: TlsRptResult | None) -> MxSession | None:
+    """`session` as a TLSRPT session, or None when it does not count: it never reached
+    TLS (RFC 8460 §4.3.4: transient network failures need not be reported), or it ran
+    over a pooled connection whose TLS session was already counted for this domain."""
+    hop = session.hop
+    if not session.connected or session.repeat:
+        return None
+    result = policy_fail or session.tls_failure
+    if result is None and hop.tls is None:
+        if session.mail_reply is None:
+            return None  # ended before the TLS decision (greeting refused, dropped)
+        result = TlsRptResult.STARTTLS_NOT_SUPPORTED  # went on in the clear
+    return MxSession(hop.mx, hop.ip or "", result)
+
+
 def _policy_reason(domain: str, host: str, result: TlsRptResult) -> Reason:
     text = safe_line(f"MX {host} is not permitted by the MTA-STS policy of {domain}")
     return Reason(text, "4.7.5", hop=Hop(mx=host), tlsrpt=result)
@@ -207,11 +233,14 @@ async def attempt_domain(
     rng: random.Random,
     pool: ConnectionPool | None = None,
     mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
+    sessions: list[MxSession] | None = None,
 ) -> dict[str, Outcome]:
     """Try to deliver `envelope` (all recipients at `domain`); one outcome per recipient.
 
     Without a `pool`, every session uses a new connection closed after it. `mx` is the
     domain's MX lookup when the caller already made it (to know whether a policy matters).
+    `sessions`, when given, receives every MX session of the attempt that counts for TLS
+    reporting (`mx_session`), in the order tried: outcomes name only the deciding host.
     """
     recipients = envelope.recipients
     if mx is None:
@@ -229,7 +258,8 @@ async def attempt_domain(
             own_pool = pool is None
             active = pool or ConnectionPool(replace(settings.pool_limits(), max_messages=1))
             try:
-                return await _walk(domain, mx, envelope, lookup, settings, resolver, active)
+                tried = sessions if sessions is not None else []
+                return await _walk(domain, mx, envelope, lookup, settings, resolver, active, tried)
             finally:
                 if own_pool:
                     active.close_all()
@@ -245,9 +275,11 @@ async def _walk(
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     pool: ConnectionPool,
+    tried: list[MxSession],
 ) -> dict[str, Outcome]:
     """RFC 8461 §8.4: walk the MX list in order; a host failing the policy counts as a
-    transient failure (enforce: never contacted; testing: used, failure recorded)."""
+    transient failure (enforce: never contacted; testing: used, failure recorded). Every
+    session that counts for TLS reporting goes to `tried`."""
     recipients = envelope.recipients
     requirement = requirement_for(lookup)
     enforced = requirement is TlsRequirement.VERIFIED
@@ -257,10 +289,15 @@ async def _walk(
         policy_fail = mx_check(lookup, host)
         if policy_fail is not None and enforced:
             failures.append(_policy_reason(domain, host, policy_fail))
+            tried.append(MxSession(host, "", policy_fail))
             continue
-        sessions = _sessions(pool, host, requirement, envelope, settings, resolver, failures)
+        sessions = _sessions(
+            pool, domain, host, requirement, envelope, settings, resolver, failures
+        )
         async for session in sessions:
             left -= 1
+            if (counted := mx_session(session, policy_fail)) is not None:
+                tried.append(counted)
             if session.completed:
                 await sessions.aclose()
                 would_refuse = None
@@ -276,6 +313,7 @@ async def _walk(
 
 async def _sessions(
     pool: ConnectionPool,
+    domain: str,
     host: str,
     requirement: TlsRequirement,
     envelope: Envelope,
@@ -285,7 +323,7 @@ async def _sessions(
 ) -> AsyncGenerator[SessionResult, None]:
     """The sessions tried at `host`: over an idle pooled connection first (no address
     lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
-    session = await _over_idle(pool, host, requirement, envelope, settings)
+    session = await _over_idle(pool, host, requirement, envelope, settings, domain)
     if session is not None:
         yield session
     addresses = await resolve_addresses(
@@ -300,7 +338,8 @@ async def _sessions(
         failures.append(Reason(safe_line(addresses.detail), status, hop=Hop(mx=host)))
         return
     for ip in addresses:
-        yield await pooled_session(pool, (host, ip, requirement), envelope, settings)
+        key = (host, ip, requirement)
+        yield await pooled_session(pool, key, envelope, settings, domain=domain)
 
 
 async def _over_idle(
@@ -309,6 +348,7 @@ async def _over_idle(
     requirement: TlsRequirement,
     envelope: Envelope,
     settings: AttemptSettings,
+    domain: str,
 ) -> SessionResult | None:
     """A transaction over an idle pooled connection to `host`, if there is a live one."""
     while (conn := pool.take_idle_for_host(host, requirement)) is not None:
@@ -317,17 +357,31 @@ async def _over_idle(
         if result.stale:
             await pool.discard(conn)
             continue
+        result = _for_domain(conn, domain, result)
         await _give_back(pool, (host, conn.ip, requirement), conn, result)
         return result
     return None
 
 
+def _for_domain(conn: Connection, domain: str, result: SessionResult) -> SessionResult:
+    """`result`, marked a repeat when `conn` carried `domain`'s mail before."""
+    repeat = domain in conn.domains
+    conn.domains.add(domain)
+    return replace(result, repeat=True) if repeat else result
+
+
 async def pooled_session(
-    pool: ConnectionPool, key: PoolKey, envelope: Envelope, settings: AttemptSettings
+    pool: ConnectionPool,
+    key: PoolKey,
+    envelope: Envelope,
+    settings: AttemptSettings,
+    *,
+    domain: str = "",
 ) -> SessionResult:
     """One transaction to key's (MX, IP) under key's requirement, over an idle pooled
     connection when there is one. A pooled connection found dead is discarded and the
-    message sent over a fresh one; that is not a failed attempt (nothing was sent)."""
+    message sent over a fresh one; that is not a failed attempt (nothing was sent).
+    `domain` is the recipients' policy domain (marks repeats, see `MxSession`)."""
     host, ip, requirement = key
     timeout = settings.command_timeout
     while True:
@@ -342,6 +396,7 @@ async def pooled_session(
             if result.stale:
                 await pool.discard(got)
                 continue
+            result = _for_domain(got, domain, result)
             await _give_back(pool, key, got, result)
             return result
         break
@@ -352,6 +407,7 @@ async def pooled_session(
         await pool.unreserve(ip)
         return conn
     result = await transact(conn, envelope, command_timeout=timeout, reused=False)
+    result = _for_domain(conn, domain, result)
     await _give_back(pool, key, conn, result)
     return result
 

@@ -62,6 +62,7 @@ class SessionResult:
     completed: bool = False
     stale: bool = False  # a pooled connection was found dead before MAIL was answered
     timed_out: bool = False  # the host did not answer in time (connect, greeting, command)
+    repeat: bool = False  # over a connection that already carried this policy domain's mail
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +378,9 @@ class Connection:
     tls_failure: _TlsFail | None
     transactions: int = 0
     idle_since: float = 0.0
+    # Policy domains whose mail this connection carried: RFC 8460 counts its TLS session
+    # once for each, not once per message (relay/delivery/attempt.py `mx_session`).
+    domains: set[str] = field(default_factory=set)
 
     @property
     def alive(self) -> bool:

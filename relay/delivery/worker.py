@@ -23,7 +23,7 @@ from mailqueue.model import Lease, NewMessage, RcptState, RecipientResult
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from policy.model import Mode, PolicyLookup
 from policy.resolver import PolicyResolver
-from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.attempt import AttemptSettings, MxSession, attempt_domain
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import DnsTempFail, MxList, NoSuchDomain, NullMx, resolve_mx
 from relay.delivery.notify import notices
@@ -46,8 +46,9 @@ TLS_REQUIRED_NO = "tls-required-no"
 
 # (queue_id, domain, lookup) -> the lookup an attempt should use (operator overrides).
 LookupAdjuster = Callable[[str, str, PolicyLookup], Awaitable[PolicyLookup]]
-# (domain, lookup, outcomes, message) after each attempt: TLSRPT counting (relay/reporting.py).
-SessionHook = Callable[[str, PolicyLookup, dict[str, Outcome], bytes], None]
+# (domain, lookup, MX sessions, message) after each attempt: TLSRPT counting
+# (relay/reporting.py). `lookup` is the domain's own, before overrides.
+SessionHook = Callable[[str, PolicyLookup, Sequence[MxSession], bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,19 +189,24 @@ class Worker:
         lookup: PolicyLookup,
         mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
     ) -> dict[str, Outcome]:
-        lookup = self._honour_tls_required(lease, data, lookup)
+        applied = self._honour_tls_required(lease, data, lookup)
         if self._adjust_lookup is not None:  # operator TLS overrides (relay/overrides.py)
-            lookup = await self._adjust_lookup(lease.queue_id, lease.domain, lookup)
-        return await attempt_domain(
+            applied = await self._adjust_lookup(lease.queue_id, lease.domain, applied)
+        tried: list[MxSession] = []
+        outcomes = await attempt_domain(
             lease.domain,
             Envelope(lease.sender, addresses, data, lease.dsn),
-            lookup=lookup,
+            lookup=applied,
             settings=self._attempt,
             resolver=self._resolver,
             rng=self._rng,
             pool=self.pool,
             mx=mx,
+            sessions=tried,
         )
+        if self._session_hook is not None:  # RFC 8460: every MX session; in memory, no I/O
+            self._session_hook(lease.domain, lookup, tried, data)
+        return outcomes
 
     def _honour_tls_required(self, lease: Lease, data: bytes, lookup: PolicyLookup) -> PolicyLookup:
         """RFC 8689 §5: a message with `TLS-Required: No` asks us to ignore the recipient
@@ -252,8 +258,6 @@ class Worker:
         notified = owed.delay_notified | {r.address for r in lease.recipients if r.delay_notified}
         results = [_result(a, o, a in notified) for a, o in outcomes.items()]
         await self._store.record(lease.queue_id, results)
-        if self._session_hook is not None:  # RFC 8460 session counts; in memory, no I/O
-            self._session_hook(lease.domain, lookup, outcomes, data)
         delay = self._clock() - lease.received_at
         for address, outcome in outcomes.items():
             self._log(lease, address, outcome, lookup, attempts.get(address, 1), delay)

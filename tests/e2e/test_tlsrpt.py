@@ -85,7 +85,7 @@ async def test_reporting_mailbox_receives_reports_whose_counts_equal_the_session
     world: World, start_relay: StartRelay, tmp_path: Path
 ) -> None:
     # Two reporting domains: one whose MX is fine, one whose MX has a self-signed cert.
-    await world.sts_domain("rpt-ok.test")
+    ok_sink = await world.sts_domain("rpt-ok.test")
     await world.sts_domain("rpt-bad.test", cert_kind="self")
     for domain in ("rpt-ok.test", "rpt-bad.test"):
         world.dns.txt(f"_smtp._tls.{domain}", f"v=TLSRPTv1; rua={RUA}")
@@ -150,7 +150,8 @@ async def test_reporting_mailbox_receives_reports_whose_counts_equal_the_session
         "max_age: 86400",
     ]
     assert ok_policy["summary"] == {
-        "total-successful-session-count": sent,
+        # One session per TLS connection, however many messages a pooled one carried.
+        "total-successful-session-count": ok_sink.connections,
         "total-failure-session-count": 0,
     }
 
@@ -180,3 +181,40 @@ async def test_reporting_mailbox_receives_reports_whose_counts_equal_the_session
     assert code == 0, err
     assert "rua.test" not in {entry["domain"] for entry in json.loads(out)}
     assert {e["domain"]: e["already_sent"] for e in json.loads(out)}["rpt-ok.test"] is True
+
+
+async def test_a_failed_mx_before_a_delivering_one_is_reported_as_well(
+    world: World, start_relay: StartRelay, tmp_path: Path
+) -> None:
+    # enforce; MX 10 has a self-signed certificate, MX 20 a good one: the message goes
+    # out through MX 20, and the day's report counts both sessions (RFC 8460 §4.4).
+    bad = await world.add_mx("mx1.two-mx.test", world.allocate_ip(), cert_kind="self")
+    good = await world.add_mx("mx2.two-mx.test", world.allocate_ip())
+    world.mx_record("two-mx.test", (10, "mx1.two-mx.test"), (20, "mx2.two-mx.test"))
+    world.publish_policy("two-mx.test", mx=["mx1.two-mx.test", "mx2.two-mx.test"])
+    world.dns.txt("_smtp._tls.two-mx.test", f"v=TLSRPTv1; rua={RUA}")
+    relay = await start_relay()
+
+    await relay.send(["u@two-mx.test"])
+    sent = await relay.delivery("u@two-mx.test", "sent")
+    assert sent["mx"] == "mx2.two-mx.test"
+    assert len(good.messages) == 1
+    assert not bad.messages
+    assert len(relay.find(event="delivery", domain="two-mx.test")) == 1  # one line per rcpt
+    assert await relay.stop() == 0
+
+    config = tmp_path / "relay.toml"
+    code, out, err = await _cli(config, "tlsrpt", "show", "--day", "today", "--json")
+    assert code == 0, err
+    (entry,) = [e for e in json.loads(out) if e["domain"] == "two-mx.test"]
+    jsonschema.validate(entry["report"], SCHEMA)
+    (policy,) = entry["report"]["policies"]
+    assert policy["summary"] == {
+        "total-successful-session-count": 1,
+        "total-failure-session-count": 1,
+    }
+    (detail,) = policy["failure-details"]
+    assert detail["result-type"] == "certificate-not-trusted"
+    assert detail["receiving-mx-hostname"] == "mx1.two-mx.test"
+    assert detail["receiving-ip"] == bad.ip
+    assert detail["failed-session-count"] == 1

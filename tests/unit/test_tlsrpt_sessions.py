@@ -1,12 +1,14 @@
-"""Delivery outcomes become TLSRPT sessions (RFC 8460 §4.2, §4.3); report mail is never counted."""
+"""MX sessions become TLSRPT sessions (RFC 8460 §4.2, §4.3); report mail is never counted."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
-from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
-from relay.reporting import SessionRecorder, is_report_mail, session_of
+from relay.delivery.attempt import MxSession, mx_session
+from relay.delivery.outcome import Hop
+from relay.delivery.session import SessionResult
+from relay.reporting import SessionRecorder, is_report_mail, sessions_of
 from tlsrpt.counter import SessionCounter
 from tlsrpt.model import Failure, PolicyType
 from tlsrpt.store import ReportStore
@@ -15,87 +17,95 @@ BODY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.d.test\r\nmax_age: 86400\r\n"
 ENFORCE = PolicyLookup("d.test", Policy(Mode.ENFORCE, ("mx1.d.test",), 86400, BODY), "1", "cached")
 NONE = PolicyLookup("d.test", None, None, "none")
 VERIFIED = Hop("mx1.d.test", "127.0.0.5", "TLSv1.3", verified=True)
+OK = MxSession("mx1.d.test", "127.0.0.5", None)
 DAY = "2026-03-04"
+MAIL_OK = (250, "2.1.0 ok")
 
 
-def _one(outcome: Outcome) -> dict[str, Outcome]:
-    return {"u@d.test": outcome}
-
-
-def test_verified_delivery_is_a_successful_sts_session() -> None:
-    session = session_of(
-        "d.test", DAY, ENFORCE, _one(Delivered(Reason("ok", "2.0.0", hop=VERIFIED)))
-    )
-    assert session is not None
+def test_verified_session_is_a_successful_sts_session() -> None:
+    assert mx_session(SessionResult(VERIFIED, connected=True), None) == OK
+    (session,) = sessions_of("d.test", DAY, ENFORCE, [OK])
     assert session.failure is None
     assert session.policy.type is PolicyType.STS
     assert session.policy.mx == ("mx1.d.test",)
 
 
 def test_tls_failure_is_a_failed_session_with_its_details() -> None:
-    hop = Hop("MX1.d.test.", "127.0.0.5")
-    reason = Reason("bad cert", "4.7.5", hop=hop, tlsrpt=TlsRptResult.CERTIFICATE_NOT_TRUSTED)
-    session = session_of("d.test", DAY, ENFORCE, _one(Deferred(reason)))
-    assert session is not None
+    result = SessionResult(
+        Hop("MX1.d.test.", "127.0.0.5"),
+        connected=True,
+        tls_failure=TlsRptResult.CERTIFICATE_NOT_TRUSTED,
+    )
+    tried = mx_session(result, None)
+    assert tried is not None
+    (session,) = sessions_of("d.test", DAY, ENFORCE, [tried])
     assert session.failure == Failure(
         TlsRptResult.CERTIFICATE_NOT_TRUSTED, receiving_mx="mx1.d.test", receiving_ip="127.0.0.5"
     )
 
 
-def test_mx_not_in_policy_is_a_validation_failure_without_ip() -> None:
-    reason = Reason(
-        "not permitted", "4.7.5", hop=Hop("mx9.d.test"), tlsrpt=TlsRptResult.VALIDATION_FAILURE
-    )
-    session = session_of("d.test", DAY, ENFORCE, _one(Deferred(reason)))
-    assert session is not None
-    assert session.failure == Failure(TlsRptResult.VALIDATION_FAILURE, "mx9.d.test", "")
+def test_every_mx_session_of_an_attempt_counts() -> None:
+    tried = [
+        MxSession("mx9.d.test", "", TlsRptResult.VALIDATION_FAILURE),  # refused by the policy
+        MxSession("mx1.d.test", "127.0.0.4", TlsRptResult.CERTIFICATE_EXPIRED),
+        OK,
+    ]
+    sessions = sessions_of("d.test", DAY, ENFORCE, tried)
+    assert [s.failure for s in sessions] == [
+        Failure(TlsRptResult.VALIDATION_FAILURE, "mx9.d.test", ""),
+        Failure(TlsRptResult.CERTIFICATE_EXPIRED, "mx1.d.test", "127.0.0.4"),
+        None,
+    ]
 
 
-def test_testing_mode_delivery_that_enforce_would_refuse_is_a_failure() -> None:
+def test_testing_mode_session_that_enforce_would_refuse_is_a_failure() -> None:
     hop = Hop("mx1.d.test", "127.0.0.5", "TLSv1.3", verified=False)
-    reason = Reason("ok", "2.0.0", hop=hop, tlsrpt=TlsRptResult.CERTIFICATE_EXPIRED)
-    session = session_of("d.test", DAY, ENFORCE, _one(Delivered(reason)))
-    assert session is not None
-    assert session.failure is not None
-    assert session.failure.result is TlsRptResult.CERTIFICATE_EXPIRED
+    result = SessionResult(hop, connected=True, tls_failure=TlsRptResult.CERTIFICATE_EXPIRED)
+    assert mx_session(result, None) == MxSession(
+        "mx1.d.test", "127.0.0.5", TlsRptResult.CERTIFICATE_EXPIRED
+    )
+    # An MX outside a testing policy, used anyway over good TLS.
+    verified = SessionResult(VERIFIED, connected=True, mail_reply=MAIL_OK)
+    tried = mx_session(verified, TlsRptResult.VALIDATION_FAILURE)
+    assert tried == MxSession("mx1.d.test", "127.0.0.5", TlsRptResult.VALIDATION_FAILURE)
 
 
 def test_no_policy_over_tls_is_a_success_and_plaintext_is_starttls_not_supported() -> None:
-    tls = Delivered(Reason("ok", "2.0.0", hop=Hop("mx1.d.test", "127.0.0.5", "TLSv1.2")))
-    plain = Delivered(Reason("ok", "2.0.0", hop=Hop("mx1.d.test", "127.0.0.5", None)))
-    ok = session_of("d.test", DAY, NONE, _one(tls))
+    tls = SessionResult(Hop("mx1.d.test", "127.0.0.5", "TLSv1.2"), connected=True)
+    plain = SessionResult(Hop("mx1.d.test", "127.0.0.5"), connected=True, mail_reply=MAIL_OK)
+    ok = mx_session(tls, None)
+    clear = mx_session(plain, None)
     assert ok is not None
-    assert ok.failure is None
-    assert ok.policy.type is PolicyType.NO_POLICY_FOUND
-    clear = session_of("d.test", DAY, NONE, _one(plain))
     assert clear is not None
-    assert clear.failure is not None
-    assert clear.failure.result is TlsRptResult.STARTTLS_NOT_SUPPORTED
-
-
-def test_recipient_refused_over_verified_tls_is_still_a_successful_tls_session() -> None:
-    outcome = Bounced(Reason("550 no such user", "5.1.1", hop=VERIFIED))
-    session = session_of("d.test", DAY, ENFORCE, _one(outcome))
-    assert session is not None
-    assert session.failure is None
+    ok_session, clear_session = sessions_of("d.test", DAY, NONE, [ok, clear])
+    assert ok_session.failure is None
+    assert ok_session.policy.type is PolicyType.NO_POLICY_FOUND
+    assert clear_session.failure is not None
+    assert clear_session.failure.result is TlsRptResult.STARTTLS_NOT_SUPPORTED
 
 
 def test_policy_fetch_failure_without_cache_is_reported_under_no_policy_found() -> None:
     lookup = PolicyLookup("d.test", None, "2", "none", TlsRptResult.STS_POLICY_FETCH_ERROR, "x")
-    tls = Delivered(Reason("ok", "2.0.0", hop=Hop("mx1.d.test", "127.0.0.5", "TLSv1.3")))
-    session = session_of("d.test", DAY, lookup, _one(tls))
-    assert session is not None
+    (session,) = sessions_of("d.test", DAY, lookup, [OK])
     assert session.policy.type is PolicyType.NO_POLICY_FOUND
     assert session.failure is not None
     assert session.failure.result is TlsRptResult.STS_POLICY_FETCH_ERROR
 
 
-def test_nothing_reached_is_not_a_session() -> None:
+def test_sessions_that_never_reached_tls_are_not_counted() -> None:
     # RFC 8460 §4.3.4: transient network failures need not be reported.
-    refused = Deferred(Reason("connection refused", "4.4.1", hop=Hop("mx1.d.test", "127.0.0.5")))
-    no_dns = Deferred(Reason("SERVFAIL", "4.4.3"))
-    assert session_of("d.test", DAY, NONE, _one(refused)) is None
-    assert session_of("d.test", DAY, ENFORCE, _one(no_dns)) is None
+    hop = Hop("mx1.d.test", "127.0.0.5")
+    refused = SessionResult(hop, error="connection refused")
+    greeting = SessionResult(hop, connected=True, error_reply=(554, "go away"))
+    assert mx_session(refused, None) is None
+    assert mx_session(greeting, None) is None
+    assert mx_session(refused, TlsRptResult.VALIDATION_FAILURE) is None  # testing, unreached
+    assert sessions_of("d.test", DAY, ENFORCE, []) == []
+
+
+def test_a_pooled_connection_already_counted_for_the_domain_is_not_counted_again() -> None:
+    again = SessionResult(VERIFIED, connected=True, mail_reply=MAIL_OK, repeat=True)
+    assert mx_session(again, None) is None
 
 
 def test_report_mail_is_recognised_by_tls_required_no() -> None:
@@ -110,10 +120,9 @@ async def test_recorder_counts_sessions_but_never_report_mail(tmp_path: Path) ->
     try:
         counter = SessionCounter(store)
         recorder = SessionRecorder(counter, clock=lambda: 1772625600.0)  # 2026-03-04 12:00Z
-        outcome = _one(Delivered(Reason("ok", "2.0.0", hop=VERIFIED)))
-        recorder.record("D.test", ENFORCE, outcome, b"Subject: hi\r\n\r\nx\r\n")
-        recorder.record("d.test", ENFORCE, outcome, b"Subject: hi\r\n\r\nx\r\n")
-        recorder.record("d.test", ENFORCE, outcome, b"TLS-Required: No\r\n\r\nreport\r\n")
+        recorder.record("D.test", ENFORCE, [OK], b"Subject: hi\r\n\r\nx\r\n")
+        recorder.record("d.test", ENFORCE, [OK], b"Subject: hi\r\n\r\nx\r\n")
+        recorder.record("d.test", ENFORCE, [OK], b"TLS-Required: No\r\n\r\nreport\r\n")
         assert counter.pending == 2
         await counter.close()
         (count,) = store.counts(DAY)

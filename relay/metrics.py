@@ -98,6 +98,12 @@ class Metrics:
             ["override"],
             registry=r,
         )
+        self.auth_failures = Counter(
+            "sts_relay_auth_failures",
+            "Failed SMTP AUTH attempts, by mechanism (rate-limited ones included).",
+            ["mechanism"],
+            registry=r,
+        )
         self.queue = Gauge(
             "sts_relay_queue_recipients",
             "Recipients in the queue by state (queued, deferred, sent, bounced, held, set_aside);"
@@ -128,6 +134,8 @@ class Metrics:
             self.policy_fetch_errors.labels(result=str(fields.get("result"))).inc()
         elif event == "tls_override":
             self.tls_overrides.labels(override=str(fields.get("override"))).inc()
+        elif event == "auth_failed":
+            self.auth_failures.labels(mechanism=str(fields.get("mechanism"))).inc()
 
     def _delivery(self, fields: dict[str, Any]) -> None:
         status = str(fields.get("status"))

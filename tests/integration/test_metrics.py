@@ -161,3 +161,15 @@ def test_two_relays_in_one_process_have_separate_registries() -> None:
     first.received.inc()
     assert first.registry.get_sample_value("sts_relay_messages_received_total") == 1
     assert second.registry.get_sample_value("sts_relay_messages_received_total") == 0
+
+
+def test_failed_logins_are_counted_from_the_event_catalogue() -> None:
+    metrics = Metrics()
+    events = EventLog(io.StringIO())
+    events.subscribe(metrics.observe_event)
+    events.auth_failed(client="192.0.2.7", user="app", mechanism="PLAIN", reason="bad password")
+    events.auth_failed(client="192.0.2.7", user="app", mechanism="PLAIN", reason="rate limited")
+    events.authenticated(client="192.0.2.7", user="app", mechanism="LOGIN")
+    sample = metrics.registry.get_sample_value
+    assert sample("sts_relay_auth_failures_total", {"mechanism": "PLAIN"}) == 2
+    assert sample("sts_relay_auth_failures_total", {"mechanism": "LOGIN"}) is None

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, AnyStr, Protocol, cast
 
+from aiosmtpd import smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import MISSING, Envelope
 
 from mailqueue.model import DsnRequest
@@ -31,6 +32,7 @@ from relay.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, ta
 from relay.events import EventLog
 from relay.smtp_auth import AuthenticatingSMTP
 from relay.smtp_data import DataOutcome, MessageBuffer
+from relay.smtp_setup import FAST_INIT, init_smtp
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
 REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
@@ -70,6 +72,18 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| (?=[^ \t\r\n(]))"
 )
+
+# The aiosmtpd arguments relay/smtp_setup.init_smtp handles; any other takes aiosmtpd's path.
+_FAST_INIT_ARGS = {
+    "loop",
+    "hostname",
+    "ident",
+    "data_size_limit",
+    "enable_SMTPUTF8",
+    "decode_data",
+    "tls_context",
+    "timeout",
+}
 
 # Not counted as client errors: our own farewells, and RFC 5321 §4.5.3.1.10's recipient
 # limit (a normal way to split a long recipient list).
@@ -204,7 +218,22 @@ class RelaySMTP(AuthenticatingSMTP):
     ) -> None:
         # AUTH needs TLS: after STARTTLS (aiosmtpd checks), or from the first byte on an
         # implicit-TLS port, where aiosmtpd cannot see the TLS and is told not to check.
-        super().__init__(handler, auth_require_tls=not settings.implicit_tls, **kwargs)
+        if FAST_INIT and kwargs.keys() <= _FAST_INIT_ARGS:
+            init_smtp(
+                self,
+                handler,
+                loop=kwargs.get("loop") or asyncio.get_running_loop(),
+                hostname=kwargs.get("hostname"),
+                ident=kwargs.get("ident") or aiosmtpd_smtp.__ident__,
+                data_size_limit=kwargs.get("data_size_limit", aiosmtpd_smtp.DATA_SIZE_DEFAULT),
+                enable_smtputf8=kwargs.get("enable_SMTPUTF8", False),
+                decode_data=kwargs.get("decode_data", False),
+                tls_context=kwargs.get("tls_context"),
+                timeout=kwargs.get("timeout", 300),
+                auth_require_tls=not settings.implicit_tls,
+            )
+        else:
+            super().__init__(handler, auth_require_tls=not settings.implicit_tls, **kwargs)
         self._sessions = sessions
         self._settings = settings
         self._events = handler.events
@@ -215,6 +244,7 @@ class RelaySMTP(AuthenticatingSMTP):
         self._errors = 0
         self._in_data = False
         self._data_timer_at = float("-inf")
+        self._deadline = 0.0  # loop time at which the current timeout ends
 
     # --- connection life ---
 
@@ -257,6 +287,24 @@ class RelaySMTP(AuthenticatingSMTP):
         if now - self._data_timer_at >= 1.0:
             self._data_timer_at = now
             self._reset_timeout(self._settings.data_timeout)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # aiosmtpd cancels and schedules a timer on every command. Instead one armed timer
+        # is kept while it is due no later than the new deadline: when it fires early it
+        # arms itself again for what is left (_timer_due), so the timeout is exact.
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is not None:
+            if not handle.cancelled() and self.loop.time() < handle.when() <= self._deadline:
+                return
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(self._deadline, self._timer_due)
+
+    def _timer_due(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timer_due)
+        else:
+            self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: the server may close after a timeout; tell the client why.

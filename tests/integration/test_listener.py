@@ -556,6 +556,20 @@ async def test_idle_client_is_disconnected_after_command_timeout() -> None:
     assert (event["stage"], event["code"]) == ("command", "421 4.4.2")
 
 
+async def test_each_command_restarts_the_command_timeout() -> None:
+    # The session keeps one timer armed and moves its deadline (RelaySMTP._reset_timeout):
+    # a client that keeps talking is never cut off, one that stops is, after the timeout.
+    async with running(command_timeout="1.0") as lab, Client.connect(lab) as c:
+        await c.hello()
+        for _ in range(5):  # 1.5 s in all: past the first deadline, never idle for 1 s
+            await asyncio.sleep(0.3)
+            assert (await c.cmd(b"NOOP\r\n")).startswith("250")
+        assert (await c.reply()) == ["421 4.4.2 Timeout, closing connection"]
+        assert await c.closed()
+    [event] = lab.events("rejected")
+    assert (event["stage"], event["code"]) == ("command", "421 4.4.2")
+
+
 async def test_stalled_data_is_disconnected_after_data_timeout() -> None:
     async with (
         running(command_timeout="30", data_timeout="0.2") as lab,

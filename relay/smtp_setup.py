@@ -1,0 +1,139 @@
+"""Per-connection set-up of aiosmtpd's SMTP protocol object, without its introspection.
+
+aiosmtpd 1.4.6's `SMTP.__init__` runs `inspect.getmembers()` and `dir()` over the protocol
+and the handler, and `inspect.signature()` on the EHLO hook, for every connection: about a
+fifth of the listener's CPU when each message comes on a new connection. What it finds
+depends only on the two classes, so it is found once per (protocol class, handler class)
+here and only bound per connection. Owns nothing else: every attribute is set exactly as
+aiosmtpd's constructor sets it (tests/unit/test_smtp_setup.py compares the two), and any
+other aiosmtpd version gets aiosmtpd's own constructor (`FAST_INIT` is False).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import socket
+import ssl
+from typing import Any, NamedTuple
+
+import aiosmtpd
+from aiosmtpd import smtp as aiosmtp
+
+# The constructor below mirrors this version's; others use aiosmtpd's own.
+FAST_INIT = aiosmtpd.__version__ == "1.4.6"
+
+_log = logging.getLogger("mail.log")  # aiosmtpd's logger
+
+
+class _Shape(NamedTuple):
+    """What aiosmtpd's constructor finds by introspection, as names."""
+
+    own_auth: tuple[tuple[str, str], ...]  # (mechanism, method name) on the protocol
+    handler_auth: tuple[tuple[str, str], ...]  # (mechanism, method name) on the handler
+    hooks: tuple[str, ...]  # the handler's "handle_*" method names
+    ehlo_hook_ver: str | None
+    commands: tuple[str, ...]  # the protocol's "smtp_*" method names
+
+
+def _auth_names(obj: Any) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (
+            getattr(func, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")),
+            name,
+        )
+        for name, func in inspect.getmembers(obj)
+        if name.startswith("auth_")
+    )
+
+
+def _ehlo_hook_ver(handler: Any) -> str | None:
+    hook = getattr(handler, "handle_EHLO", None)
+    if hook is None:
+        return None
+    if len(inspect.signature(hook).parameters) == 5:
+        return "new"
+    # Only aiosmtpd's new-style hook is supported here (the 4-argument one is deprecated).
+    raise RuntimeError("Unsupported EHLO Hook")
+
+
+_SHAPES: dict[tuple[type, type], _Shape] = {}
+
+
+def _shape(protocol: Any, handler: Any) -> _Shape:
+    """Found on the first connection of a (protocol class, handler class) pair: hooks and
+    mechanisms are methods of those classes (the listener sets none per instance)."""
+    key = (type(protocol), type(handler))
+    shape = _SHAPES.get(key)
+    if shape is None:
+        shape = _Shape(
+            own_auth=_auth_names(protocol),
+            handler_auth=_auth_names(handler),
+            hooks=tuple(m for m in dir(handler) if m.startswith("handle_")),
+            ehlo_hook_ver=_ehlo_hook_ver(handler),
+            commands=tuple(m for m in dir(protocol) if m.startswith("smtp_")),
+        )
+        _SHAPES[key] = shape
+        mechanisms = sorted({m for m, _ in shape.own_auth + shape.handler_auth})
+        _log.info("Available AUTH mechanisms: %s", " ".join(mechanisms))
+    return shape
+
+
+def init_smtp(
+    protocol: Any,
+    handler: Any,
+    *,
+    loop: asyncio.AbstractEventLoop,
+    hostname: str | None,
+    ident: str,
+    data_size_limit: int | None,
+    enable_smtputf8: bool,
+    decode_data: bool,
+    tls_context: ssl.SSLContext | None,
+    timeout: float,
+    auth_require_tls: bool,
+) -> None:
+    """What `aiosmtpd.smtp.SMTP.__init__` (1.4.6) does with these arguments, with the
+    defaults for the rest (no AUTH requirement, no call limits, no PROXY protocol, no
+    authenticator), but the introspection results come from `_shape`."""
+    shape = _shape(protocol, handler)
+    protocol.__ident__ = ident
+    protocol.loop = loop
+    asyncio.StreamReaderProtocol.__init__(
+        protocol,
+        asyncio.StreamReader(loop=loop, limit=protocol.line_length_limit),
+        client_connected_cb=protocol._cb_client_connected,
+        loop=loop,
+    )
+    protocol.event_handler = handler
+    protocol.data_size_limit = data_size_limit
+    protocol.enable_SMTPUTF8 = enable_smtputf8
+    protocol._decode_data = decode_data
+    protocol.command_size_limits.clear()
+    protocol.hostname = hostname or socket.getfqdn()
+    protocol.tls_context = tls_context
+    protocol.require_starttls = tls_context and False
+    protocol._timeout_duration = timeout
+    protocol._timeout_handle = None
+    protocol._tls_handshake_okay = True
+    protocol._tls_protocol = None
+    protocol._original_transport = None
+    protocol.session = None
+    protocol.envelope = None
+    protocol.transport = None
+    protocol._handler_coroutine = None
+    protocol._auth_require_tls = auth_require_tls
+    protocol._proxy_timeout = None
+    protocol._auth_callback = aiosmtp.login_always_fail
+    protocol._authenticator = None
+    protocol._auth_required = False
+    auth_methods: dict[str, aiosmtp._AuthMechAttr] = {}
+    for obj, names in ((protocol, shape.own_auth), (handler, shape.handler_auth)):
+        for mechanism, name in names:
+            auth_methods[mechanism] = aiosmtp._AuthMechAttr(getattr(obj, name), obj is protocol)
+    protocol._auth_methods = auth_methods
+    protocol._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in shape.hooks}
+    protocol._ehlo_hook_ver = shape.ehlo_hook_ver
+    protocol._smtp_methods = {m.replace("smtp_", ""): getattr(protocol, m) for m in shape.commands}
+    protocol._enforce_call_limit = False

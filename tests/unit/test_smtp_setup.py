@@ -1,0 +1,96 @@
+"""The listener's per-connection protocol set-up is aiosmtpd's constructor, attribute for
+attribute: relay/smtp_setup.init_smtp skips only the introspection, whose results it keeps.
+
+Each case builds the protocol object the listener builds for a connection twice, once with
+the fast set-up and once with aiosmtpd's own constructor (FAST_INIT off), and compares
+every instance attribute: plain values equal, bound methods bound to the same function
+and the same role (the protocol itself or the shared handler), streams and futures of the
+same kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from relay import smtp_session
+from relay.config import load_config
+from relay.events import EventLog
+from relay.listener import Listener
+from relay.smtp_session import RelaySMTP
+from relay.smtp_setup import FAST_INIT
+
+
+class _Store:
+    async def put(self, msg: object) -> str:
+        raise AssertionError("not used")
+
+
+def _listener(tmp: Path, *, tls: bool) -> Listener:
+    environ = {
+        "STS_RELAY_LISTEN_ADDRESSES": "127.0.0.1:0",
+        "STS_RELAY_LISTEN_HOSTNAME": "relay.test",
+        "STS_RELAY_STATE_PATH": str(tmp / "state"),
+    }
+    if tls:
+        leaf = trustme.CA().issue_cert("relay.test")
+        cert, key = tmp / "cert.pem", tmp / "key.pem"
+        cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        key.write_bytes(leaf.private_key_pem.bytes())
+        environ |= {"STS_RELAY_TLS_CERT_FILE": str(cert), "STS_RELAY_TLS_KEY_FILE": str(key)}
+    cfg = load_config(None, environ, fqdn=lambda: "relay.test")
+    return Listener(cfg, store=_Store(), events=EventLog(io.StringIO()), on_queued=lambda: None)
+
+
+def _comparable(value: Any, server: RelaySMTP, handler: object) -> Any:
+    """A value with identities replaced by roles, so two set-ups can be compared."""
+    if value is server:
+        return "<server>"
+    if value is handler:
+        return "<handler>"
+    if hasattr(value, "__func__") and hasattr(value, "__self__"):
+        return ("bound", value.__func__, _comparable(value.__self__, server, handler))
+    if isinstance(value, dict):
+        return {k: _comparable(v, server, handler) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_comparable(v, server, handler) for v in value)
+    if isinstance(value, weakref.ref):
+        return ("weakref", _comparable(value(), server, handler))
+    if isinstance(value, asyncio.StreamReader):
+        return ("reader", value._limit)  # type: ignore[attr-defined]
+    if isinstance(value, asyncio.Future | asyncio.AbstractEventLoop):
+        return type(value)
+    return value
+
+
+def _attributes(server: RelaySMTP) -> dict[str, Any]:
+    handler = server.event_handler
+    return {k: _comparable(v, server, handler) for k, v in vars(server).items()}
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True])
+@pytest.mark.parametrize("tls", [False, True])
+async def test_same_attributes_as_aiosmtpd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tls: bool, implicit_tls: bool
+) -> None:
+    listener = _listener(tmp_path, tls=tls)
+    await listener.start()  # loads the certificate; no connection is made
+    try:
+        assert FAST_INIT, "aiosmtpd changed: review relay/smtp_setup.py"
+        fast = listener._protocol(implicit_tls=implicit_tls)
+        monkeypatch.setattr(smtp_session, "FAST_INIT", False)
+        reference = listener._protocol(implicit_tls=implicit_tls)
+    finally:
+        await listener.stop()
+    expected = _attributes(reference)
+    assert _attributes(fast) == expected
+    assert set(expected["_smtp_methods"]) >= {"EHLO", "MAIL", "RCPT", "DATA", "AUTH", "QUIT"}
+    assert set(expected["_auth_methods"]) == {"PLAIN", "LOGIN"}
+    assert expected["_auth_require_tls"] is not implicit_tls
+    assert (expected["tls_context"] is not None) is (tls and not implicit_tls)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.world import World
+
+# A host that accepts TCP and never greets (SMTP-13): its address, and the connections held.
+SilentHost = tuple[str, list[asyncio.StreamWriter]]
 
 
 @pytest.fixture
@@ -20,3 +24,22 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         yield lab
     finally:
         await lab.stop()
+
+
+@pytest.fixture
+async def silent_ip(world: World) -> AsyncIterator[SilentHost]:
+    """Accepts TCP on the delivery port of a fresh lab IP and never greets."""
+    ip = world.allocate_ip()
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    server = await asyncio.start_server(hold, ip, world.delivery_port)
+    try:
+        yield ip, held
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()

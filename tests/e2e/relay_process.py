@@ -15,6 +15,31 @@ from typing import Any
 import aiosmtplib
 
 Event = dict[str, Any]
+# The console command as installed beside this interpreter: the contract being tested.
+STS_RELAY = Path(sys.executable).parent / "sts-relay"
+
+
+class Done:
+    """What one `sts-relay` command run printed, and its exit status."""
+
+    def __init__(self, code: int, stdout: str, stderr: str) -> None:
+        self.code, self.stdout, self.stderr = code, stdout, stderr
+
+
+async def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> Done:
+    """Run `sts-relay --config CONFIG ARGS...` to completion (STS_RELAY_* not inherited)."""
+    proc = await asyncio.create_subprocess_exec(
+        str(STS_RELAY),
+        "--config",
+        str(config),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env or {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")},
+    )
+    async with asyncio.timeout(60):
+        out, err = await proc.communicate()
+    return Done(proc.returncode or 0, out.decode(), err.decode())
 
 
 class RelayProcess:

@@ -19,8 +19,7 @@ import aiosmtplib
 import pytest
 
 from tests.e2e.conftest import StartRelay
-from tests.e2e.relay_process import Event, RelayProcess
-from tests.e2e.test_service import run_cli
+from tests.e2e.relay_process import Event, RelayProcess, run_cli
 from tests.support.smtp import MxSink
 from tests.support.waiting import eventually
 from tests.support.world import World, policy_body

@@ -8,16 +8,15 @@ IDs refer to /work/shared/RFC-CHECKLIST.md.
 
 from __future__ import annotations
 
-import asyncio
 import email
 import email.message
 import email.policy
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import aiosmtplib
-import pytest
 
+from tests.conftest import SilentHost
 from tests.e2e.conftest import StartRelay
 from tests.e2e.relay_process import RelayProcess
 from tests.support.smtp import ReceivedMessage
@@ -240,30 +239,12 @@ async def test_no_delay_notice_without_delay_in_notify(
 # --- a stalled MX does not hold up other deliveries (issue 4 §5, SMTP-13) ------------
 
 
-@pytest.fixture
-async def silent_ip(world: World) -> AsyncIterator[str]:
-    """Accepts TCP on the delivery port of a fresh IP and never greets."""
-    ip = world.allocate_ip()
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, ip, world.delivery_port)
-    try:
-        yield ip
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
 async def test_stalled_mx_does_not_hold_up_another_domain(
-    world: World, start_relay: StartRelay, silent_ip: str
+    world: World, start_relay: StartRelay, silent_ip: SilentHost
 ) -> None:
+    ip, _ = silent_ip
     world.mx_record("stalled.test", (10, "mx1.stalled.test"))
-    world.dns.add("mx1.stalled.test", "A", silent_ip)
+    world.dns.add("mx1.stalled.test", "A", ip)
     good = await world.sts_domain("flowing.test")
     relay = await start_relay(delivery={"connect_timeout": 3})
     for i in range(5):

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.conftest import StartRelay
-from tests.e2e.test_service import run_cli
+from tests.e2e.relay_process import run_cli
 from tests.support.waiting import read_events
 from tests.support.world import World, to_toml
 

@@ -6,16 +6,14 @@ state directory, as an operator would run them (`docker exec ... sts-relay queue
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from tests.e2e.conftest import StartRelay
-from tests.e2e.relay_process import RelayProcess
+from tests.e2e.relay_process import RelayProcess, run_cli
 from tests.support.smtp import MxSink
 from tests.support.world import World
 
@@ -38,21 +36,8 @@ class Run:
 
 
 async def queue(relay: RelayProcess, *args: str) -> Run:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "--config",
-        str(relay.config_path),
-        "queue",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(30):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    done = await run_cli(relay.config_path, "queue", *args)
+    return Run(done.code, done.stdout, done.stderr)
 
 
 async def deferred_relay(world: World, start_relay: StartRelay) -> tuple[RelayProcess, MxSink]:

@@ -17,7 +17,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from tests.e2e.conftest import StartRelay
-from tests.e2e.relay_process import RelayProcess
+from tests.e2e.relay_process import RelayProcess, run_cli
 from tests.support.waiting import eventually, read_events
 from tests.support.world import World, to_toml
 
@@ -117,26 +117,6 @@ async def test_sigterm_past_the_deadline_exits_0_and_keeps_the_message_queued(
     event = await again.delivery("u@gated.test", "sent", within=30)
     assert event["queue_id"] == queue_id
     assert gated.messages
-
-
-class Done:
-    def __init__(self, code: int, stdout: str, stderr: str) -> None:
-        self.code, self.stdout, self.stderr = code, stdout, stderr
-
-
-async def run_cli(config: Path, *args: str, env: dict[str, str] | None = None) -> Done:
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "sts-relay"),
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env or {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")},
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    return Done(proc.returncode or 0, out.decode(), err.decode())
 
 
 async def test_sighup_reloads_tls_overrides_and_survives_a_broken_config(

@@ -5,12 +5,10 @@ IDs refer to /work/shared/RFC-CHECKLIST.md (RTLS-05, RTLS-06).
 
 from __future__ import annotations
 
-import asyncio
-import os
-import sys
 from pathlib import Path
 
 from tests.e2e.conftest import StartRelay
+from tests.e2e.relay_process import run_cli
 from tests.support.waiting import eventually
 from tests.support.world import World
 
@@ -75,23 +73,6 @@ async def test_tls_required_other_value_is_not_honoured(
     assert relay.find(event="tls_override") == []
 
 
-async def _cli(config: Path, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")},
-    )
-    async with asyncio.timeout(60):
-        out, _ = await proc.communicate()
-    return proc.returncode or 0, out.decode()
-
-
 async def test_tls_report_reaches_a_reporting_domain_whose_tls_is_broken(
     world: World, start_relay: StartRelay, tmp_path: Path
 ) -> None:
@@ -105,8 +86,8 @@ async def test_tls_report_reaches_a_reporting_domain_whose_tls_is_broken(
     await relay.delivery(f"u@{domain}", "deferred")
     assert await relay.stop() == 0
 
-    code, out = await _cli(tmp_path / "relay.toml", "tlsrpt", "send", "--day", "today")
-    assert code == 0, out
+    sent_now = await run_cli(tmp_path / "relay.toml", "tlsrpt", "send", "--day", "today")
+    assert sent_now.code == 0, sent_now.stdout + sent_now.stderr
     relay = await start_relay()
 
     await eventually(lambda: len(mailbox.messages) == 1, timeout=20)

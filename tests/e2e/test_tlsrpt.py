@@ -6,14 +6,11 @@ sessions that happened; the report mail itself is never counted.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email
 import email.policy
 import gzip
 import json
-import os
-import sys
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.e2e.conftest import StartRelay
+from tests.e2e.relay_process import run_cli
 from tests.support.smtp import MxSink
 from tests.support.waiting import eventually
 from tests.support.world import World
@@ -33,20 +31,8 @@ RUA = "mailto:reports@rua.test"
 
 
 async def _cli(config: Path, *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "relay",
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")},
-    )
-    async with asyncio.timeout(60):
-        out, err = await proc.communicate()
-    return proc.returncode or 0, out.decode(), err.decode()
+    done = await run_cli(config, *args)
+    return done.code, done.stdout, done.stderr
 
 
 def _dkim_key(tmp_path: Path) -> tuple[Path, bytes]:

@@ -7,9 +7,8 @@ IDs refer to /work/shared/RFC-CHECKLIST.md.
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 import dns.asyncresolver
 import dns.nameserver
@@ -20,6 +19,7 @@ from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, attempt_domain
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
+from tests.conftest import SilentHost
 from tests.support.dns import FailureMode
 from tests.support.world import World
 
@@ -489,26 +489,8 @@ async def test_body_is_sent_with_crlf_and_dot_stuffing(world: World) -> None:
     assert b"\n" not in received.replace(b"\r\n", b"")
 
 
-@pytest.fixture
-async def silent_server(world: World) -> AsyncIterator[str]:
-    """Accepts TCP on the delivery port of a fresh IP and never greets (SMTP-13)."""
-    ip = world.allocate_ip()
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, ip, world.delivery_port)
-    try:
-        yield ip
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
-async def test_silent_server_times_out_and_defers(world: World, silent_server: str) -> None:
+async def test_silent_server_times_out_and_defers(world: World, silent_ip: SilentHost) -> None:
+    silent_server, _ = silent_ip
     domain = "silent.test"
     world.mx_record(domain, (10, f"mx1.{domain}"))
     world.dns.add(f"mx1.{domain}", "A", silent_server)

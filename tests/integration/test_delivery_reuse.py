@@ -22,6 +22,7 @@ from relay.delivery.envelope import Envelope, xtext
 from relay.delivery.mx import usable_address
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from relay.delivery.pool import ConnectionPool
+from tests.conftest import SilentHost
 from tests.support.smtp import MxSink
 from tests.support.world import World
 
@@ -239,27 +240,8 @@ async def test_connection_dropped_at_mail_defers(lab: Lab) -> None:
     assert sink.messages == []
 
 
-@pytest.fixture
-async def silent_ip(world: World) -> AsyncIterator[tuple[str, list[asyncio.StreamWriter]]]:
-    """Accepts TCP on the delivery port of a fresh IP and never greets (SMTP-13)."""
-    ip = world.allocate_ip()
-    held: list[asyncio.StreamWriter] = []
-
-    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)
-
-    server = await asyncio.start_server(hold, ip, world.delivery_port)
-    try:
-        yield ip, held
-    finally:
-        for writer in held:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
 async def test_a_stalled_mx_is_not_waited_for_again_and_others_go_on(
-    world: World, silent_ip: tuple[str, list[asyncio.StreamWriter]]
+    world: World, silent_ip: SilentHost
 ) -> None:
     # SMTP-13 and issue 4 §5: a dead MX costs one timeout, not one per message.
     ip, held = silent_ip

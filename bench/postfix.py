@@ -41,7 +41,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.ingest import Figure, Server, _session, free_port, message, relay_server
+from bench.ingest import Figure, Server, free_port, measure_sessions, relay_server
 
 POSTFIX = "/usr/sbin/postfix"
 INSTALL_HINT = (
@@ -234,27 +234,8 @@ def smtp_source(server: Server, sessions: int, size: int, count: int) -> Figure:
     return Figure(count / elapsed, 1000 * cpu / count)
 
 
-async def _asyncio_load(server: Server, sessions: int, size: int, seconds: float) -> Figure:
-    """bench/ingest.py's sessions, with CPU taken over the server's whole process tree."""
-    data = message(size)
-    loop = asyncio.get_running_loop()
-    start = loop.time() + 0.3  # warm-up, not counted
-    stop = start + seconds
-    counts = [0]
-    tasks = [
-        asyncio.create_task(_session(server.port, data, stop, counts)) for _ in range(sessions)
-    ]
-    await asyncio.sleep(max(0.0, start - loop.time()))
-    cpu_start, accepted_start = tree_cpu(server.pid), counts[0]
-    await asyncio.sleep(max(0.0, stop - loop.time()))
-    cpu = tree_cpu(server.pid) - cpu_start
-    accepted = counts[0] - accepted_start
-    await asyncio.gather(*tasks)
-    return Figure(accepted / seconds, 1000 * cpu / accepted if accepted else float("nan"))
-
-
 def asyncio_client(server: Server, sessions: int, size: int, seconds: float) -> Figure:
-    return asyncio.run(_asyncio_load(server, sessions, size, seconds))
+    return asyncio.run(measure_sessions(server, sessions, size, seconds, cpu=tree_cpu))
 
 
 def measure(servers: tuple[Server, Server], args: argparse.Namespace, client: str) -> list[Figure]:

@@ -38,11 +38,11 @@ from relay import __version__
 from relay.config import Config, ConfigError, parse_hostport
 from relay.delivery.attempt import AttemptSettings
 from relay.delivery.dns_cache import TtlCache
+from relay.delivery.overrides import TlsOverrides
 from relay.delivery.worker import Worker, WorkerSettings
 from relay.events import EventLog
-from relay.listener import Listener
+from relay.inbound.listener import Listener
 from relay.metrics import Metrics, MetricsServer
-from relay.overrides import TlsOverrides
 from relay.reporting import Reporting, build_reporting
 
 # Proactive policy refresh (RFC 8461 §3.3, §10.2): which domains count as "still being

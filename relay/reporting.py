@@ -25,7 +25,7 @@ from mailqueue.model import NewMessage
 from mailqueue.store import QueueStore, StoreUnavailable
 from policy.model import PolicyLookup, TlsRptResult
 from relay.config import Config, ConfigError
-from relay.delivery.attempt import MxSession
+from relay.delivery.attempt import MxTlsResult
 from relay.delivery.tls import tls_required_no
 from relay.events import EventLog
 from tlsrpt import plan
@@ -94,7 +94,7 @@ def is_report_mail(data: bytes) -> bool:
 
 
 def sessions_of(
-    domain: str, day: str, lookup: PolicyLookup, tried: Sequence[MxSession]
+    domain: str, day: str, lookup: PolicyLookup, tried: Sequence[MxTlsResult]
 ) -> list[Session]:
     """The TLSRPT sessions of one attempt: one per MX session in `tried` (those that reached
     TLS or MTA-STS evaluation; RFC 8460 §4.3.4: transient failures need not be reported),
@@ -110,7 +110,7 @@ def sessions_of(
     return sessions
 
 
-def _failure(result: TlsRptResult, tried: MxSession) -> Failure:
+def _failure(result: TlsRptResult, tried: MxTlsResult) -> Failure:
     return Failure(result, receiving_mx=tried.mx.lower().removesuffix("."), receiving_ip=tried.ip)
 
 
@@ -122,7 +122,7 @@ class SessionRecorder:
         self._clock = clock
 
     def record(
-        self, domain: str, lookup: PolicyLookup, tried: Sequence[MxSession], data: bytes
+        self, domain: str, lookup: PolicyLookup, tried: Sequence[MxTlsResult], data: bytes
     ) -> None:
         # RFC 8460 §3, §5.3: never report on the delivery of reports (RPT-11, RPT-14).
         if is_report_mail(data):
@@ -352,7 +352,7 @@ class Reporting:
     @property
     def session_hook(
         self,
-    ) -> Callable[[str, PolicyLookup, Sequence[MxSession], bytes], None] | None:
+    ) -> Callable[[str, PolicyLookup, Sequence[MxTlsResult], bytes], None] | None:
         return self.recorder.record if self.settings.enabled else None
 
     async def run(self) -> None:

@@ -21,6 +21,15 @@ from typing import assert_never
 import dns.asyncresolver
 
 from policy.model import PolicyLookup, TlsRptResult
+from relay.delivery.client import (
+    Connection,
+    ConversationResult,
+    Dialer,
+    Reply,
+    connect,
+    safe_line,
+    transact,
+)
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import (
     DnsTempFail,
@@ -33,15 +42,6 @@ from relay.delivery.mx import (
 )
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
 from relay.delivery.pool import ConnectionPool, PoolKey, PoolLimits
-from relay.delivery.session import (
-    Connection,
-    Dialer,
-    Reply,
-    SessionResult,
-    connect,
-    safe_line,
-    transact,
-)
 from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
 
 
@@ -124,7 +124,7 @@ def _by_reply(reply: Reply, stage: str, hop: Hop, tlsrpt: TlsRptResult | None = 
 
 
 def _recipient_outcome(
-    rcpt: str, session: SessionResult, would_refuse: TlsRptResult | None
+    rcpt: str, session: ConversationResult, would_refuse: TlsRptResult | None
 ) -> Outcome:
     hop = session.hop
     lost = safe_line(f"{_where(hop)}: {session.error or 'no reply'}")
@@ -155,7 +155,7 @@ def _most_meaningful(failures: Sequence[Reason]) -> Reason:
 
 def decide(
     recipients: Sequence[str],
-    session: SessionResult | None,
+    session: ConversationResult | None,
     failures: Sequence[Reason],
     *,
     would_refuse: TlsRptResult | None = None,
@@ -173,7 +173,7 @@ def decide(
     return {rcpt: _recipient_outcome(rcpt, session, would_refuse) for rcpt in recipients}
 
 
-def session_failure(session: SessionResult, *, enforced: bool) -> Reason:
+def conversation_failure(session: ConversationResult, *, enforced: bool) -> Reason:
     """Why an incomplete session did not decide anything (a transient host failure)."""
     hop = session.hop
     if enforced and session.tls_failure is not None:
@@ -189,7 +189,7 @@ def session_failure(session: SessionResult, *, enforced: bool) -> Reason:
 
 
 @dataclass(frozen=True, slots=True)
-class MxSession:
+class MxTlsResult:
     """One session with one MX host as RFC 8460 counts it: it reached TLS or MTA-STS
     evaluation. `result` is None for policy-compliant TLS, else the failure's result type;
     `ip` is empty when the MX was refused by the policy before any connection."""
@@ -199,7 +199,9 @@ class MxSession:
     result: TlsRptResult | None
 
 
-def mx_session(session: SessionResult, policy_fail: TlsRptResult | None) -> MxSession | None:
+def mx_tls_result(
+    session: ConversationResult, policy_fail: TlsRptResult | None
+) -> MxTlsResult | None:
     """`session` as a TLSRPT session, or None when it does not count: it never reached
     TLS (RFC 8460 §4.3.4: transient network failures need not be reported), or it ran
     over a pooled connection whose TLS session was already counted for this domain."""
@@ -211,7 +213,7 @@ def mx_session(session: SessionResult, policy_fail: TlsRptResult | None) -> MxSe
         if session.mail_reply is None:
             return None  # ended before the TLS decision (greeting refused, dropped)
         result = TlsRptResult.STARTTLS_NOT_SUPPORTED  # went on in the clear
-    return MxSession(hop.mx, hop.ip or "", result)
+    return MxTlsResult(hop.mx, hop.ip or "", result)
 
 
 def _policy_reason(domain: str, host: str, result: TlsRptResult) -> Reason:
@@ -233,14 +235,14 @@ async def attempt_domain(
     rng: random.Random,
     pool: ConnectionPool | None = None,
     mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
-    sessions: list[MxSession] | None = None,
+    sessions: list[MxTlsResult] | None = None,
 ) -> dict[str, Outcome]:
     """Try to deliver `envelope` (all recipients at `domain`); one outcome per recipient.
 
     Without a `pool`, every session uses a new connection closed after it. `mx` is the
     domain's MX lookup when the caller already made it (to know whether a policy matters).
     `sessions`, when given, receives every MX session of the attempt that counts for TLS
-    reporting (`mx_session`), in the order tried: outcomes name only the deciding host.
+    reporting (`mx_tls_result`), in the order tried: outcomes name only the deciding host.
     """
     recipients = envelope.recipients
     if mx is None:
@@ -275,7 +277,7 @@ async def _walk(
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     pool: ConnectionPool,
-    tried: list[MxSession],
+    tried: list[MxTlsResult],
 ) -> dict[str, Outcome]:
     """RFC 8461 §8.4: walk the MX list in order; a host failing the policy counts as a
     transient failure (enforce: never contacted; testing: used, failure recorded). Every
@@ -289,14 +291,14 @@ async def _walk(
         policy_fail = mx_check(lookup, host)
         if policy_fail is not None and enforced:
             failures.append(_policy_reason(domain, host, policy_fail))
-            tried.append(MxSession(host, "", policy_fail))
+            tried.append(MxTlsResult(host, "", policy_fail))
             continue
         sessions = _sessions(
             pool, domain, host, requirement, envelope, settings, resolver, failures
         )
         async for session in sessions:
             left -= 1
-            if (counted := mx_session(session, policy_fail)) is not None:
+            if (counted := mx_tls_result(session, policy_fail)) is not None:
                 tried.append(counted)
             if session.completed:
                 await sessions.aclose()
@@ -304,7 +306,7 @@ async def _walk(
                 if requirement is TlsRequirement.REPORT:
                     would_refuse = policy_fail or session.tls_failure
                 return decide(recipients, session, failures, would_refuse=would_refuse)
-            failures.append(session_failure(session, enforced=enforced))
+            failures.append(conversation_failure(session, enforced=enforced))
             if left <= 0:
                 await sessions.aclose()
                 return decide(recipients, None, failures)
@@ -320,7 +322,7 @@ async def _sessions(
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     failures: list[Reason],
-) -> AsyncGenerator[SessionResult, None]:
+) -> AsyncGenerator[ConversationResult, None]:
     """The sessions tried at `host`: over an idle pooled connection first (no address
     lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
     session = await _over_idle(pool, host, requirement, envelope, settings, domain)
@@ -339,7 +341,7 @@ async def _sessions(
         return
     for ip in addresses:
         key = (host, ip, requirement)
-        yield await pooled_session(pool, key, envelope, settings, domain=domain)
+        yield await pooled_conversation(pool, key, envelope, settings, domain=domain)
 
 
 async def _over_idle(
@@ -349,7 +351,7 @@ async def _over_idle(
     envelope: Envelope,
     settings: AttemptSettings,
     domain: str,
-) -> SessionResult | None:
+) -> ConversationResult | None:
     """A transaction over an idle pooled connection to `host`, if there is a live one."""
     while (conn := pool.take_idle_for_host(host, requirement)) is not None:
         timeout = settings.command_timeout
@@ -363,25 +365,25 @@ async def _over_idle(
     return None
 
 
-def _for_domain(conn: Connection, domain: str, result: SessionResult) -> SessionResult:
+def _for_domain(conn: Connection, domain: str, result: ConversationResult) -> ConversationResult:
     """`result`, marked a repeat when `conn` carried `domain`'s mail before."""
     repeat = domain in conn.domains
     conn.domains.add(domain)
     return replace(result, repeat=True) if repeat else result
 
 
-async def pooled_session(
+async def pooled_conversation(
     pool: ConnectionPool,
     key: PoolKey,
     envelope: Envelope,
     settings: AttemptSettings,
     *,
     domain: str = "",
-) -> SessionResult:
+) -> ConversationResult:
     """One transaction to key's (MX, IP) under key's requirement, over an idle pooled
     connection when there is one. A pooled connection found dead is discarded and the
     message sent over a fresh one; that is not a failed attempt (nothing was sent).
-    `domain` is the recipients' policy domain (marks repeats, see `MxSession`)."""
+    `domain` is the recipients' policy domain (marks repeats, see `MxTlsResult`)."""
     host, ip, requirement = key
     timeout = settings.command_timeout
     while True:
@@ -390,7 +392,7 @@ async def pooled_session(
             error = f"too many connections to {ip} (delivery.max_connections_per_host)"
             if pool.is_down(ip):
                 error = f"{ip} timed out recently; not tried again yet"
-            return SessionResult(hop=Hop(mx=host, ip=ip), error=error)
+            return ConversationResult(hop=Hop(mx=host, ip=ip), error=error)
         if isinstance(got, Connection):
             result = await transact(got, envelope, command_timeout=timeout, reused=True)
             if result.stale:
@@ -401,7 +403,7 @@ async def pooled_session(
             return result
         break
     conn = await connect(ip, host, requirement, settings.dialer)
-    if isinstance(conn, SessionResult):
+    if isinstance(conn, ConversationResult):
         if conn.timed_out:
             pool.mark_down(ip, settings.connect_timeout)
         await pool.unreserve(ip)
@@ -413,7 +415,7 @@ async def pooled_session(
 
 
 async def _give_back(
-    pool: ConnectionPool, key: PoolKey, conn: Connection, result: SessionResult
+    pool: ConnectionPool, key: PoolKey, conn: Connection, result: ConversationResult
 ) -> None:
     if result.error is None and conn.alive:
         await pool.put_back(key, conn)

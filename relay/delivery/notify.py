@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from typing import assert_never
 
 from mailqueue.model import Lease
+from relay.delivery.dsn import Action, DsnEntry
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
-from relay.dsn import Action, DsnEntry
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from relay.delivery.session import Connection, quit_politely
+from relay.delivery.client import Connection, quit_politely
 from relay.delivery.tls import TlsRequirement
 
 PoolKey = tuple[str, str, TlsRequirement]

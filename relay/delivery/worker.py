@@ -23,14 +23,14 @@ from mailqueue.model import Lease, NewMessage, RcptState, RecipientResult
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from policy.model import Mode, PolicyLookup
 from policy.resolver import PolicyResolver
-from relay.delivery.attempt import AttemptSettings, MxSession, attempt_domain
+from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain
+from relay.delivery.dsn import DsnEntry, build_dsn
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import DnsTempFail, MxList, NoSuchDomain, NullMx, resolve_mx
 from relay.delivery.notify import notices
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
 from relay.delivery.pool import ConnectionPool
 from relay.delivery.tls import tls_required_no
-from relay.dsn import DsnEntry, build_dsn
 from relay.events import EventLog
 
 # How long an idle worker waits before looking at the store again; this bounds how soon
@@ -48,7 +48,7 @@ TLS_REQUIRED_NO = "tls-required-no"
 LookupAdjuster = Callable[[str, str, PolicyLookup], Awaitable[PolicyLookup]]
 # (domain, lookup, MX sessions, message) after each attempt: TLSRPT counting
 # (relay/reporting.py). `lookup` is the domain's own, before overrides.
-SessionHook = Callable[[str, PolicyLookup, Sequence[MxSession], bytes], None]
+TlsResultHook = Callable[[str, PolicyLookup, Sequence[MxTlsResult], bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         adjust_lookup: LookupAdjuster | None = None,
-        session_hook: SessionHook | None = None,
+        session_hook: TlsResultHook | None = None,
     ) -> None:
         self._session_hook = session_hook
         self._store = store
@@ -190,9 +190,9 @@ class Worker:
         mx: MxList | NullMx | NoSuchDomain | DnsTempFail | None = None,
     ) -> dict[str, Outcome]:
         applied = self._honour_tls_required(lease, data, lookup)
-        if self._adjust_lookup is not None:  # operator TLS overrides (relay/overrides.py)
+        if self._adjust_lookup is not None:  # operator TLS overrides (relay/delivery/overrides.py)
             applied = await self._adjust_lookup(lease.queue_id, lease.domain, applied)
-        tried: list[MxSession] = []
+        tried: list[MxTlsResult] = []
         outcomes = await attempt_domain(
             lease.domain,
             Envelope(lease.sender, addresses, data, lease.dsn),

@@ -12,7 +12,7 @@ from pathlib import Path
 import aiosmtplib
 import pytest
 
-from relay.auth import hash_password, write_users
+from relay.users import hash_password, write_users
 from tests.e2e.conftest import StartRelay
 from tests.support.world import World
 

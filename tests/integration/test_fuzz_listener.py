@@ -15,7 +15,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.headers import has_bare_cr_or_lf
+from relay.inbound.headers import has_bare_cr_or_lf
 from tests.integration.test_listener import Client, running
 
 _REPLY_LINE = re.compile(r"[2-5][0-9]{2}(?:[ -][\x20-\x7e\u0080-\U0010ffff]*)?")

@@ -26,7 +26,7 @@ from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from relay.config import load_config, parse_hostport
 from relay.events import EVENTS, EventLog
-from relay.listener import Listener, MessageStore
+from relay.inbound.listener import Listener, MessageStore
 
 IO_TIMEOUT = 10.0
 

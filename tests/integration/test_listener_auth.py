@@ -23,8 +23,8 @@ import aiosmtplib
 import pytest
 import trustme
 
-from relay.auth import check_password, hash_password, read_users, write_users
-from relay.server_tls import ServerTlsError
+from relay.inbound.tls import ServerTlsError
+from relay.users import check_password, hash_password, read_users, write_users
 from tests.integration.test_listener import MESSAGE, Client, Lab, running
 
 PASSWORD = "correct horse battery staple"

@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.headers import has_bare_cr_or_lf, header_end
+from relay.inbound.headers import has_bare_cr_or_lf, header_end
 from tests.integration.test_listener import MESSAGE, Client, Lab, running
 
 _RECEIVED = re.compile(rb"Received: (?:[^\r]|\r\n[ \t])*\r\n")

@@ -26,7 +26,7 @@ from mailqueue.sqlite import SqliteStore
 from mailqueue.writer import GroupCommitWriter
 from relay.config import load_config, parse_hostport
 from relay.events import EventLog
-from relay.listener import Listener
+from relay.inbound.listener import Listener
 
 MESSAGE = b"From: app@src.test\r\nTo: u@d.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 STORE_FAILED = "4.3.0 Temporary storage failure, try again later"

@@ -18,7 +18,7 @@ import pytest
 from mailqueue.model import DsnRequest
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
 from policy.webpki import client_context, unverified_context
-from relay.delivery.attempt import AttemptSettings, MxSession, attempt_domain
+from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Delivered, Outcome
 from relay.delivery.pool import ConnectionPool
@@ -58,8 +58,8 @@ class Lab:
         self.resolver = dns.asyncresolver.Resolver(configure=False)
         self.resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", world.dns.port)]
 
-    async def send(self, domain: str, lookup: PolicyLookup) -> tuple[Outcome, list[MxSession]]:
-        tried: list[MxSession] = []
+    async def send(self, domain: str, lookup: PolicyLookup) -> tuple[Outcome, list[MxTlsResult]]:
+        tried: list[MxTlsResult] = []
         outcomes = await attempt_domain(
             domain,
             Envelope("app@src.test", [f"u@{domain}"], BODY, DsnRequest()),
@@ -95,8 +95,8 @@ async def test_bad_mx_then_good_mx_gives_one_failure_and_one_success(
     assert outcome.reason.hop is not None
     assert outcome.reason.hop.mx == "mx2.two.test"
     assert tried == [
-        MxSession("mx1.two.test", bad.ip, TlsRptResult.CERTIFICATE_NOT_TRUSTED),
-        MxSession("mx2.two.test", good.ip, None),
+        MxTlsResult("mx1.two.test", bad.ip, TlsRptResult.CERTIFICATE_NOT_TRUSTED),
+        MxTlsResult("mx2.two.test", good.ip, None),
     ]
     assert len(good.messages) == 1
     assert not bad.messages
@@ -118,8 +118,8 @@ async def test_mx_outside_the_policy_and_a_refused_connection(world: World, lab:
     assert isinstance(outcome, Delivered), outcome
     # RFC 8460 §4.3.4: the refused TCP connection to mx2 is not a session.
     assert tried == [
-        MxSession("mx1.walk.test", "", TlsRptResult.VALIDATION_FAILURE),
-        MxSession("mx3.walk.test", good.ip, None),
+        MxTlsResult("mx1.walk.test", "", TlsRptResult.VALIDATION_FAILURE),
+        MxTlsResult("mx3.walk.test", good.ip, None),
     ]
 
 
@@ -132,7 +132,7 @@ async def test_plaintext_delivery_without_policy_is_starttls_not_supported(
     outcome, tried = await lab.send("plain.test", _lookup("plain.test", None, ()))
 
     assert isinstance(outcome, Delivered), outcome
-    assert tried == [MxSession("mx1.plain.test", sink.ip, TlsRptResult.STARTTLS_NOT_SUPPORTED)]
+    assert tried == [MxTlsResult("mx1.plain.test", sink.ip, TlsRptResult.STARTTLS_NOT_SUPPORTED)]
 
 
 async def test_pooled_connection_counts_once_per_policy_domain(world: World, lab: Lab) -> None:
@@ -140,7 +140,7 @@ async def test_pooled_connection_counts_once_per_policy_domain(world: World, lab
     sink = await world.add_mx("mx.shared.test", world.allocate_ip())
     for domain in ("a.test", "b.test"):
         world.mx_record(domain, (10, "mx.shared.test"))
-    counted: dict[str, list[MxSession]] = {"a.test": [], "b.test": []}
+    counted: dict[str, list[MxTlsResult]] = {"a.test": [], "b.test": []}
     for domain in ("a.test", "a.test", "a.test", "b.test", "b.test", "a.test"):
         lookup = _lookup(domain, Mode.ENFORCE, ("mx.shared.test",))
         outcome, tried = await lab.send(domain, lookup)
@@ -149,7 +149,7 @@ async def test_pooled_connection_counts_once_per_policy_domain(world: World, lab
 
     assert sink.connections == 1
     assert len(sink.messages) == 6
-    only = MxSession("mx.shared.test", sink.ip, None)
+    only = MxTlsResult("mx.shared.test", sink.ip, None)
     assert counted == {"a.test": [only], "b.test": [only]}
 
 
@@ -160,8 +160,8 @@ async def test_recorder_counts_each_mx_session(tmp_path: Path) -> None:
         recorder = SessionRecorder(counter, clock=lambda: NOON)
         lookup = _lookup("two.test", Mode.ENFORCE, ("*.two.test",))
         tried = [
-            MxSession("MX1.two.test.", "127.0.0.31", TlsRptResult.CERTIFICATE_NOT_TRUSTED),
-            MxSession("mx2.two.test", "127.0.0.32", None),
+            MxTlsResult("MX1.two.test.", "127.0.0.31", TlsRptResult.CERTIFICATE_NOT_TRUSTED),
+            MxTlsResult("mx2.two.test", "127.0.0.32", None),
         ]
         recorder.record("two.test", lookup, tried, BODY)
         await counter.close()

@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
-from relay.delivery.attempt import decide, reply_status, session_failure
+from relay.delivery.attempt import conversation_failure, decide, reply_status
+from relay.delivery.client import ConversationResult, Reply, safe_line
 from relay.delivery.mx import MxList, NullMx, order_mx
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Reason
-from relay.delivery.session import Reply, SessionResult, safe_line
 from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
 
 HOP = Hop(mx="mx1.d.test", ip="127.0.0.11", tls="TLSv1.3", verified=True)
@@ -28,8 +28,8 @@ def _session(
     *,
     completed: bool = True,
     error: str | None = None,
-) -> SessionResult:
-    return SessionResult(
+) -> ConversationResult:
+    return ConversationResult(
         hop=HOP,
         connected=True,
         error=error,
@@ -118,7 +118,7 @@ DECIDE_CASES = [
     ids=[case[0] for case in DECIDE_CASES],
 )
 def test_decide_single_recipient(
-    session: SessionResult, kind: type, status: str, reply: str | None
+    session: ConversationResult, kind: type, status: str, reply: str | None
 ) -> None:
     outcome = decide(["a@d.test"], session, [])["a@d.test"]
     assert type(outcome) is kind
@@ -187,17 +187,22 @@ def test_decide_ignores_incomplete_session() -> None:
 @pytest.mark.parametrize(
     ("session", "enforced", "status", "tlsrpt"),
     [
-        (SessionResult(hop=HOP, error="connect refused"), False, "4.4.1", None),
-        (SessionResult(hop=HOP, connected=True, error="dropped"), False, "4.4.2", None),
+        (ConversationResult(hop=HOP, error="connect refused"), False, "4.4.1", None),
+        (ConversationResult(hop=HOP, connected=True, error="dropped"), False, "4.4.2", None),
         (
-            SessionResult(hop=HOP, connected=True, error_reply=(554, "5.3.2 go away")),
+            ConversationResult(hop=HOP, connected=True, error_reply=(554, "5.3.2 go away")),
             False,
             "4.3.2",
             None,
         ),
-        (SessionResult(hop=HOP, connected=True, error_reply=(421, "busy")), False, "4.0.0", None),
         (
-            SessionResult(
+            ConversationResult(hop=HOP, connected=True, error_reply=(421, "busy")),
+            False,
+            "4.0.0",
+            None,
+        ),
+        (
+            ConversationResult(
                 hop=HOP,
                 connected=True,
                 tls_failure=TlsRptResult.CERTIFICATE_EXPIRED,
@@ -208,7 +213,7 @@ def test_decide_ignores_incomplete_session() -> None:
             TlsRptResult.CERTIFICATE_EXPIRED,
         ),
         (
-            SessionResult(
+            ConversationResult(
                 hop=HOP,
                 connected=True,
                 tls_failure=TlsRptResult.CERTIFICATE_EXPIRED,
@@ -222,9 +227,9 @@ def test_decide_ignores_incomplete_session() -> None:
     ids=["refused", "dropped", "5xx greeting defers", "421", "tls enforced", "tls testing"],
 )
 def test_session_failure(
-    session: SessionResult, enforced: bool, status: str, tlsrpt: TlsRptResult | None
+    session: ConversationResult, enforced: bool, status: str, tlsrpt: TlsRptResult | None
 ) -> None:
-    reason = session_failure(session, enforced=enforced)
+    reason = conversation_failure(session, enforced=enforced)
     assert reason.status == status
     assert reason.tlsrpt is tlsrpt
     assert reason.hop == HOP

@@ -12,9 +12,9 @@ import pytest
 
 from mailqueue.model import DsnRequest, Lease, LeasedRecipient
 from policy.model import TlsRptResult
+from relay.delivery.dsn import MAX_RETURNED_MESSAGE, Action, DsnEntry, build_dsn
 from relay.delivery.notify import notices, wants
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
-from relay.dsn import MAX_RETURNED_MESSAGE, Action, DsnEntry, build_dsn
 
 ORIGINAL = (
     b"Received: from app by relay\r\nFrom: app@src.test\r\nTo: u@d.test\r\n"

@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.auth import parse_users
-from relay.esmtp import ParamError, path_ok, take_mail_dsn, take_rcpt_dsn, xtext_decode
-from relay.headers import received_header
+from relay.inbound.esmtp import ParamError, path_ok, take_mail_dsn, take_rcpt_dsn, xtext_decode
+from relay.inbound.headers import received_header
+from relay.users import parse_users
 
 T = TypeVar("T")
 _any_text = st.text(max_size=120)

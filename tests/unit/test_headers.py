@@ -1,4 +1,7 @@
-"""relay.headers: Received, loops, missing Date/Message-ID, bare CR/LF (SMTP-16/17, SMUG-01/02)."""
+"""relay.inbound.headers: Received, loops, missing Date/Message-ID, bare CR/LF.
+
+RFC-CHECKLIST SMTP-16/17, SMUG-01/02.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.headers import (
+from relay.inbound.headers import (
     add_missing_headers,
     count_received,
     has_bare_cr_or_lf,

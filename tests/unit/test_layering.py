@@ -53,3 +53,50 @@ def test_no_top_level_module_shadows_the_standard_library() -> None:
 
     top_level = {p.name for p in ROOT.iterdir() if (p / "__init__.py").exists()}
     assert not top_level & set(sys.stdlib_module_names)
+
+
+# The two SMTP sides of `relay/` meet only in the wiring (relay/app.py) and the command line:
+# the inbound side (sessions with submitting applications) and the delivery side (conversations
+# with recipient MX hosts) never import each other.
+SIDES = {"relay.inbound": "relay.delivery", "relay.delivery": "relay.inbound"}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("side", sorted(SIDES))
+def test_inbound_and_delivery_sides_do_not_import_each_other(side: str) -> None:
+    folder = ROOT / side.replace(".", "/")
+    files = sorted(folder.rglob("*.py"))
+    assert files, f"{side} has no modules"
+    other = SIDES[side]
+    offenders = {
+        str(f.relative_to(ROOT)): sorted(
+            m for m in _imported_modules(f) if m == other or m.startswith(other + ".")
+        )
+        for f in files
+    }
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_relay_root_holds_only_wiring_and_shared_parts() -> None:
+    """Inbound, delivery and command-line modules live in their own folders."""
+    flat = {p.stem for p in (ROOT / "relay").glob("*.py")}
+    assert flat <= {
+        "__init__",
+        "__main__",
+        "app",
+        "config",
+        "events",
+        "metrics",
+        "reporting",
+        "users",
+    }

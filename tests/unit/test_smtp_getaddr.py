@@ -14,7 +14,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.smtp_session import RelaySMTP
+from relay.inbound.session import RelaySMTP
 
 
 def _server(local_part_limit: int = 0) -> RelaySMTP:

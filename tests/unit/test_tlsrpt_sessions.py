@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
-from relay.delivery.attempt import MxSession, mx_session
+from relay.delivery.attempt import MxTlsResult, mx_tls_result
+from relay.delivery.client import ConversationResult
 from relay.delivery.outcome import Hop
-from relay.delivery.session import SessionResult
 from relay.reporting import SessionRecorder, is_report_mail, sessions_of
 from tlsrpt.counter import SessionCounter
 from tlsrpt.model import Failure, PolicyType
@@ -17,13 +17,13 @@ BODY = "version: STSv1\r\nmode: enforce\r\nmx: mx1.d.test\r\nmax_age: 86400\r\n"
 ENFORCE = PolicyLookup("d.test", Policy(Mode.ENFORCE, ("mx1.d.test",), 86400, BODY), "1", "cached")
 NONE = PolicyLookup("d.test", None, None, "none")
 VERIFIED = Hop("mx1.d.test", "127.0.0.5", "TLSv1.3", verified=True)
-OK = MxSession("mx1.d.test", "127.0.0.5", None)
+OK = MxTlsResult("mx1.d.test", "127.0.0.5", None)
 DAY = "2026-03-04"
 MAIL_OK = (250, "2.1.0 ok")
 
 
 def test_verified_session_is_a_successful_sts_session() -> None:
-    assert mx_session(SessionResult(VERIFIED, connected=True), None) == OK
+    assert mx_tls_result(ConversationResult(VERIFIED, connected=True), None) == OK
     (session,) = sessions_of("d.test", DAY, ENFORCE, [OK])
     assert session.failure is None
     assert session.policy.type is PolicyType.STS
@@ -31,12 +31,12 @@ def test_verified_session_is_a_successful_sts_session() -> None:
 
 
 def test_tls_failure_is_a_failed_session_with_its_details() -> None:
-    result = SessionResult(
+    result = ConversationResult(
         Hop("MX1.d.test.", "127.0.0.5"),
         connected=True,
         tls_failure=TlsRptResult.CERTIFICATE_NOT_TRUSTED,
     )
-    tried = mx_session(result, None)
+    tried = mx_tls_result(result, None)
     assert tried is not None
     (session,) = sessions_of("d.test", DAY, ENFORCE, [tried])
     assert session.failure == Failure(
@@ -46,8 +46,8 @@ def test_tls_failure_is_a_failed_session_with_its_details() -> None:
 
 def test_every_mx_session_of_an_attempt_counts() -> None:
     tried = [
-        MxSession("mx9.d.test", "", TlsRptResult.VALIDATION_FAILURE),  # refused by the policy
-        MxSession("mx1.d.test", "127.0.0.4", TlsRptResult.CERTIFICATE_EXPIRED),
+        MxTlsResult("mx9.d.test", "", TlsRptResult.VALIDATION_FAILURE),  # refused by the policy
+        MxTlsResult("mx1.d.test", "127.0.0.4", TlsRptResult.CERTIFICATE_EXPIRED),
         OK,
     ]
     sessions = sessions_of("d.test", DAY, ENFORCE, tried)
@@ -60,21 +60,21 @@ def test_every_mx_session_of_an_attempt_counts() -> None:
 
 def test_testing_mode_session_that_enforce_would_refuse_is_a_failure() -> None:
     hop = Hop("mx1.d.test", "127.0.0.5", "TLSv1.3", verified=False)
-    result = SessionResult(hop, connected=True, tls_failure=TlsRptResult.CERTIFICATE_EXPIRED)
-    assert mx_session(result, None) == MxSession(
+    result = ConversationResult(hop, connected=True, tls_failure=TlsRptResult.CERTIFICATE_EXPIRED)
+    assert mx_tls_result(result, None) == MxTlsResult(
         "mx1.d.test", "127.0.0.5", TlsRptResult.CERTIFICATE_EXPIRED
     )
     # An MX outside a testing policy, used anyway over good TLS.
-    verified = SessionResult(VERIFIED, connected=True, mail_reply=MAIL_OK)
-    tried = mx_session(verified, TlsRptResult.VALIDATION_FAILURE)
-    assert tried == MxSession("mx1.d.test", "127.0.0.5", TlsRptResult.VALIDATION_FAILURE)
+    verified = ConversationResult(VERIFIED, connected=True, mail_reply=MAIL_OK)
+    tried = mx_tls_result(verified, TlsRptResult.VALIDATION_FAILURE)
+    assert tried == MxTlsResult("mx1.d.test", "127.0.0.5", TlsRptResult.VALIDATION_FAILURE)
 
 
 def test_no_policy_over_tls_is_a_success_and_plaintext_is_starttls_not_supported() -> None:
-    tls = SessionResult(Hop("mx1.d.test", "127.0.0.5", "TLSv1.2"), connected=True)
-    plain = SessionResult(Hop("mx1.d.test", "127.0.0.5"), connected=True, mail_reply=MAIL_OK)
-    ok = mx_session(tls, None)
-    clear = mx_session(plain, None)
+    tls = ConversationResult(Hop("mx1.d.test", "127.0.0.5", "TLSv1.2"), connected=True)
+    plain = ConversationResult(Hop("mx1.d.test", "127.0.0.5"), connected=True, mail_reply=MAIL_OK)
+    ok = mx_tls_result(tls, None)
+    clear = mx_tls_result(plain, None)
     assert ok is not None
     assert clear is not None
     ok_session, clear_session = sessions_of("d.test", DAY, NONE, [ok, clear])
@@ -95,17 +95,17 @@ def test_policy_fetch_failure_without_cache_is_reported_under_no_policy_found() 
 def test_sessions_that_never_reached_tls_are_not_counted() -> None:
     # RFC 8460 §4.3.4: transient network failures need not be reported.
     hop = Hop("mx1.d.test", "127.0.0.5")
-    refused = SessionResult(hop, error="connection refused")
-    greeting = SessionResult(hop, connected=True, error_reply=(554, "go away"))
-    assert mx_session(refused, None) is None
-    assert mx_session(greeting, None) is None
-    assert mx_session(refused, TlsRptResult.VALIDATION_FAILURE) is None  # testing, unreached
+    refused = ConversationResult(hop, error="connection refused")
+    greeting = ConversationResult(hop, connected=True, error_reply=(554, "go away"))
+    assert mx_tls_result(refused, None) is None
+    assert mx_tls_result(greeting, None) is None
+    assert mx_tls_result(refused, TlsRptResult.VALIDATION_FAILURE) is None  # testing, unreached
     assert sessions_of("d.test", DAY, ENFORCE, []) == []
 
 
 def test_a_pooled_connection_already_counted_for_the_domain_is_not_counted_again() -> None:
-    again = SessionResult(VERIFIED, connected=True, mail_reply=MAIL_OK, repeat=True)
-    assert mx_session(again, None) is None
+    again = ConversationResult(VERIFIED, connected=True, mail_reply=MAIL_OK, repeat=True)
+    assert mx_tls_result(again, None) is None
 
 
 def test_report_mail_is_recognised_by_tls_required_no() -> None:

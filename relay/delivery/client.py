@@ -1,7 +1,7 @@
 """One SMTP conversation with one IP address of one MX host.
 
 Owns aiosmtplib and the STARTTLS decision for a single session: the adapter where every
-aiosmtplib, ssl and socket exception becomes a field of `SessionResult`. It knows the TLS
+aiosmtplib, ssl and socket exception becomes a field of `ConversationResult`. It knows the TLS
 requirement (`TlsRequirement`) but not where it came from (MTA-STS, overrides), and it
 never decides what an outcome means for a recipient (that is `attempt.decide`).
 
@@ -40,7 +40,7 @@ _ERRORS = (SMTPException, OSError, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
-class SessionResult:
+class ConversationResult:
     """What one session achieved. Replies are raw; `error` and details are safe lines.
 
     `completed` means the transaction reached a point that decides this message at this
@@ -128,9 +128,9 @@ class _Conversation:
         conv.dsn = conn.smtp.supports_extension("dsn")
         return conv
 
-    def result(self) -> SessionResult:
+    def result(self) -> ConversationResult:
         fail = self.tls_failure
-        return SessionResult(
+        return ConversationResult(
             hop=Hop(
                 mx=self.sni,
                 ip=self.ip,
@@ -379,7 +379,7 @@ class Connection:
     transactions: int = 0
     idle_since: float = 0.0
     # Policy domains whose mail this connection carried: RFC 8460 counts its TLS session
-    # once for each, not once per message (relay/delivery/attempt.py `mx_session`).
+    # once for each, not once per message (relay/delivery/attempt.py `mx_tls_result`).
     domains: set[str] = field(default_factory=set)
 
     @property
@@ -392,8 +392,8 @@ class Connection:
 
 async def connect(
     ip: str, mx_host: str, requirement: TlsRequirement, dialer: Dialer
-) -> Connection | SessionResult:
-    """A connection ready for MAIL, or the (incomplete) SessionResult saying why not.
+) -> Connection | ConversationResult:
+    """A connection ready for MAIL, or the (incomplete) ConversationResult saying why not.
 
     Up to three TCP connections under REPORT/OPPORTUNISTIC when a TLS handshake fails.
     Never raises for network, TLS or SMTP errors.
@@ -423,7 +423,7 @@ async def connect(
 
 async def transact(
     conn: Connection, envelope: Envelope, *, command_timeout: float, reused: bool
-) -> SessionResult:
+) -> ConversationResult:
     """One transaction over `conn`; RSET first when the connection carried mail before.
 
     A reused connection found dead (RSET or MAIL unanswered, or RSET refused) gives a
@@ -451,10 +451,10 @@ async def transact(
 
 async def send_over(
     ip: str, mx_host: str, requirement: TlsRequirement, dialer: Dialer, envelope: Envelope
-) -> SessionResult:
+) -> ConversationResult:
     """Deliver one message over one new connection and close it (no pooling)."""
     conn = await connect(ip, mx_host, requirement, dialer)
-    if isinstance(conn, SessionResult):
+    if isinstance(conn, ConversationResult):
         return conn
     try:
         result = await transact(

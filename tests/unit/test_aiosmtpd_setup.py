@@ -1,5 +1,6 @@
 """The listener's per-connection protocol set-up is aiosmtpd's constructor, attribute for
-attribute: relay/smtp_setup.init_smtp skips only the introspection, whose results it keeps.
+attribute: relay/inbound/aiosmtpd_setup.init_smtp skips only the introspection, whose
+results it keeps.
 
 Each case builds the protocol object the listener builds for a connection twice, once with
 the fast set-up and once with aiosmtpd's own constructor (FAST_INIT off), and compares
@@ -19,12 +20,12 @@ from typing import Any
 import pytest
 import trustme
 
-from relay import smtp_session
 from relay.config import load_config
 from relay.events import EventLog
-from relay.listener import Listener
-from relay.smtp_session import RelaySMTP
-from relay.smtp_setup import FAST_INIT
+from relay.inbound import session as smtp_session
+from relay.inbound.aiosmtpd_setup import FAST_INIT
+from relay.inbound.listener import Listener
+from relay.inbound.session import RelaySMTP
 
 
 class _Store:
@@ -82,7 +83,7 @@ async def test_same_attributes_as_aiosmtpd(
     listener = _listener(tmp_path, tls=tls)
     await listener.start()  # loads the certificate; no connection is made
     try:
-        assert FAST_INIT, "aiosmtpd changed: review relay/smtp_setup.py"
+        assert FAST_INIT, "aiosmtpd changed: review relay/inbound/aiosmtpd_setup.py"
         fast = listener._protocol(implicit_tls=implicit_tls)
         monkeypatch.setattr(smtp_session, "FAST_INIT", False)
         reference = listener._protocol(implicit_tls=implicit_tls)

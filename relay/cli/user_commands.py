@@ -2,7 +2,7 @@
 
 Owns reading the new password (from a terminal with getpass, asked twice, or one line from
 stdin for scripts; never from the command line, where `ps` and shell history would show it)
-and the one-line outcomes. The file format and hashing are relay/auth.py's. A running relay
+and the one-line outcomes. The file format and hashing are relay/users.py's. A running relay
 picks changes up at the next login: it re-reads the file when it changes.
 """
 
@@ -13,8 +13,8 @@ import json
 import sys
 from typing import TextIO
 
-from relay.auth import UsersFileError, hash_password, read_users, valid_user_name, write_users
 from relay.config import Config, users_file_path
+from relay.users import UsersFileError, hash_password, read_users, valid_user_name, write_users
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

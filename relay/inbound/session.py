@@ -6,10 +6,10 @@ answered with 421), command lines that must end in CRLF (RFC 5321 §2.3.8), enve
 syntax, the RFC 3461 DSN parameters (taken out before aiosmtpd parses the rest), the rule
 that MAIL needs AUTH when `auth.required`, and replies that carry RFC 3463 codes and never
 internal details or echoed client text, and the DATA phase: it reads DATA into one
-relay/smtp_data.MessageBuffer (no list of lines, no joined copy) and answers 552, 500 and
+relay/inbound/data.MessageBuffer (no list of lines, no joined copy) and answers 552, 500 and
 550 5.5.2 (bare CR or LF, SMUG-01/02) itself once the client has sent the end of data.
-SMTP AUTH itself is relay/smtp_auth.py's. Knows nothing of relay permission, headers or
-the store: those are the handler's (relay/listener.py), which gets the buffer as
+SMTP AUTH itself is relay/inbound/auth.py's. Knows nothing of relay permission, headers or
+the store: those are the handler's (relay/inbound/listener.py), which gets the buffer as
 `envelope.message`.
 """
 
@@ -27,12 +27,12 @@ from aiosmtpd import smtp as aiosmtpd_smtp
 from aiosmtpd.smtp import MISSING, Envelope
 
 from mailqueue.model import DsnRequest
-from relay.auth import FailureLimiter, UsersFile
-from relay.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, take_rcpt_dsn
 from relay.events import EventLog
-from relay.smtp_auth import AuthenticatingSMTP
-from relay.smtp_data import DataOutcome, MessageBuffer
-from relay.smtp_setup import FAST_INIT, init_smtp
+from relay.inbound.aiosmtpd_setup import FAST_INIT, init_smtp
+from relay.inbound.auth import AuthenticatingSMTP
+from relay.inbound.data import DataOutcome, MessageBuffer
+from relay.inbound.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, take_rcpt_dsn
+from relay.users import FailureLimiter, UsersFile
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
 REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
@@ -73,7 +73,8 @@ _SIMPLE_PATH = re.compile(
     rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| (?=[^ \t\r\n(]))"
 )
 
-# The aiosmtpd arguments relay/smtp_setup.init_smtp handles; any other takes aiosmtpd's path.
+# The aiosmtpd arguments relay/inbound/aiosmtpd_setup.init_smtp handles; any other takes
+# aiosmtpd's path.
 _FAST_INIT_ARGS = {
     "loop",
     "hostname",

@@ -7,7 +7,7 @@ noticed line by line, and where the header section ends. It keeps a single copy 
 content (an io.BytesIO: its getvalue() hands its buffer over without copying) and splices
 the listener's header fields into that copy in place, so a 50 MiB message costs about 50 MiB.
 Same results as aiosmtpd 1.4.6's smtp_DATA with decode_data=False, line for line. Knows
-nothing of sockets or sessions (relay/smtp_session.py feeds it) nor of which fields are added.
+nothing of sockets or sessions (relay/inbound/session.py feeds it) nor of which fields are added.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from enum import Enum
 
-from relay.headers import is_header_line
+from relay.inbound.headers import is_header_line
 
 _CRLF = b"\r\n"
 _END = b".\r\n"
@@ -64,7 +64,7 @@ class MessageBuffer:
 
     @property
     def header_end(self) -> int:
-        """Where the header section ends: relay.headers.header_end() of the content."""
+        """Where the header section ends: relay.inbound.headers.header_end() of the content."""
         return self.size if self._in_header else self._header_end
 
     def overrun(self) -> None:

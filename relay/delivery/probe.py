@@ -3,7 +3,7 @@
 Talks to the MX exactly as delivery does (same TLS contexts, SNI = the MX name, TLS 1.2 or
 newer, aiosmtplib with `start_tls=False`), but sends no mail: greeting, EHLO, STARTTLS,
 QUIT. Certificate failures are classified with the RFC 8460 result types delivery uses.
-Knows nothing of policies or the queue; `policy_cli` decides what a probe means.
+Knows nothing of policies or the queue; `relay.cli.policy_commands` decides what a probe means.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aiosmtplib import SMTPException
 
 from policy.model import TlsRptResult
 from policy.webpki import classify_certificate_error
-from relay.delivery.session import Dialer, describe
+from relay.delivery.client import Dialer, describe
 
 _ERRORS = (SMTPException, OSError, ValueError)
 

@@ -142,21 +142,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         return _config_check(cfg, args.json)
     if args.command == "queue":
-        from relay.queue_cli import run_queue_command
+        from relay.cli.queue_commands import run_queue_command
 
         return asyncio.run(
             run_queue_command(cfg, args.action, getattr(args, "queue_id", None), args.json)
         )
     if args.command == "policy":
-        from relay.policy_cli import run_policy_command
+        from relay.cli.policy_commands import run_policy_command
 
         return asyncio.run(run_policy_command(cfg, args.action, args.domain, args.json))
     if args.command == "tlsrpt":
-        from relay.tlsrpt_cli import run_tlsrpt_command
+        from relay.cli.tlsrpt_commands import run_tlsrpt_command
 
         return asyncio.run(run_tlsrpt_command(cfg, args.action, args.day, args.json))
     if args.command == "user":
-        from relay.users_cli import run_user_command
+        from relay.cli.user_commands import run_user_command
 
         return run_user_command(
             cfg, args.action, getattr(args, "user", None), getattr(args, "json", False)

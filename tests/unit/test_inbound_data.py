@@ -1,8 +1,8 @@
-"""relay/smtp_data.MessageBuffer against aiosmtpd 1.4.6's DATA algorithm (pure logic).
+"""relay/inbound/data.MessageBuffer against aiosmtpd 1.4.6's DATA algorithm (pure logic).
 
 The reference below is aiosmtpd's smtp_DATA loop (list of lines, join, unstuff) followed by
 the listener's old bare CR/LF check, transcribed; the buffer must give the same content,
-the same outcome, and the header section end relay.headers.header_end() finds.
+the same outcome, and the header section end relay.inbound.headers.header_end() finds.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.headers import has_bare_cr_or_lf, header_end
-from relay.smtp_data import DataOutcome, MessageBuffer
+from relay.inbound.data import DataOutcome, MessageBuffer
+from relay.inbound.headers import has_bare_cr_or_lf, header_end
 
 LINE_LIMIT = 24  # small, so that long lines are common
 

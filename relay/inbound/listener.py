@@ -1,7 +1,7 @@
 """The SMTP listener: accepts mail from applications and hands it to the queue.
 
-Owns the handler side of receiving SMTP on top of aiosmtpd (relay/smtp_session.py has the
-protocol, and relay/smtp_data.py reads DATA, bare CR/LF refusal included): who may relay
+Owns the handler side of receiving SMTP on top of aiosmtpd (relay/inbound/session.py has the
+protocol, and relay/inbound/data.py reads DATA, bare CR/LF refusal included): who may relay
 (trusted networks or SMTP AUTH), loop detection (RFC 5321 §6.3), trace and missing headers
 (spliced into the one buffer DATA was read into), the RFC 3461
 parameters kept with the message, the rule that 250 is sent only once the store has the
@@ -24,14 +24,12 @@ from aiosmtpd.smtp import Session
 from mailqueue import new_queue_id
 from mailqueue.model import NewMessage
 from mailqueue.store import StoreUnavailable
-from relay.auth import FailureLimiter, UsersFile
 from relay.config import Config, format_hostport, parse_hostport, users_file_path
-from relay.esmtp import path_ok
 from relay.events import EventLog
-from relay.headers import count_received, missing_headers, received_header
-from relay.server_tls import ServerTls
-from relay.smtp_data import MessageBuffer
-from relay.smtp_session import (
+from relay.inbound.data import MessageBuffer
+from relay.inbound.esmtp import path_ok
+from relay.inbound.headers import count_received, missing_headers, received_header
+from relay.inbound.session import (
     REPLY_BARE_CRLF,
     REPLY_RELAY_DENIED,
     RelayEnvelope,
@@ -41,6 +39,8 @@ from relay.smtp_session import (
     peer_ip,
     report_error,
 )
+from relay.inbound.tls import ServerTls
+from relay.users import FailureLimiter, UsersFile
 
 __all__ = ["REPLY_BARE_CRLF", "Listener", "MessageStore", "path_ok"]
 
@@ -263,7 +263,7 @@ class Listener:
 
     def reload_tls(self) -> None:
         """Load the certificate and key files again (SIGHUP). New connections use them;
-        on error (relay.server_tls.ServerTlsError, an OSError) the old ones stay."""
+        on error (relay.inbound.tls.ServerTlsError, an OSError) the old ones stay."""
         if self._tls is not None:
             self._tls.reload()
 

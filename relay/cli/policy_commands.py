@@ -28,6 +28,7 @@ from policy.model import Mode, Policy
 from policy.webpki import client_context, unverified_context
 from relay.app import make_resolver, open_policy_cache
 from relay.config import Config
+from relay.delivery.client import Dialer
 from relay.delivery.mx import (
     DnsTempFail,
     MxList,
@@ -36,10 +37,9 @@ from relay.delivery.mx import (
     resolve_addresses,
     resolve_mx,
 )
-from relay.delivery.session import Dialer
+from relay.delivery.overrides import TlsOverride, parse_overrides
+from relay.delivery.probe import Probe, probe_mx
 from relay.events import EventLog
-from relay.overrides import TlsOverride, parse_overrides
-from relay.probe import Probe, probe_mx
 
 _MAX_ADDRESSES_PER_MX = 4  # a diagnosis, not a scan
 

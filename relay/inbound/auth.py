@@ -16,8 +16,8 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult
 
-from relay.auth import FailureLimiter, UsersFile, valid_user_name
 from relay.events import EventLog
+from relay.users import FailureLimiter, UsersFile, valid_user_name
 
 REPLY_AUTH_LOCKED = "454 4.7.0 Too many failed authentication attempts, try again later"
 REPLY_AUTH_SYNTAX = "501 5.5.2 Cannot decode the authentication data"

@@ -1,0 +1,1 @@
+"""The `sts-relay` command line: serve and the operator commands."""

@@ -1,0 +1,1 @@
+"""The server side: SMTP sessions with the applications that submit mail."""

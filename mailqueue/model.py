@@ -57,7 +57,11 @@ class LeasedRecipient:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """Due work for one message and one recipient domain, held exclusively until `until`."""
+    """Due work for one message and one recipient domain, held exclusively until `until`.
+
+    `owner` and `until` together name the lease: the store records, renews or releases
+    only rows that still carry both. A Lease built by hand (owner "") names no rows.
+    """
 
     queue_id: str
     domain: str
@@ -67,6 +71,7 @@ class Lease:
     expires_at: float  # received_at + lifetime: after this a deferral becomes a bounce
     until: float
     dsn: DsnRequest = field(default_factory=DsnRequest)
+    owner: str = ""  # who leased it (lease_due's `owner`); a default so notice tests need none
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,21 @@ class RecipientResult:
     state: RcptState  # SENT, DEFERRED or BOUNCED
     error: str | None = None  # last error (remote reply or local reason), one line
     delay_notified: bool = False  # set once a "delayed" DSN has been queued for it
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What `record` did. Every address of the results is in `applied` or in `lost`.
+
+    `lost`: not applied because its row is no longer under this lease (another owner
+    leased it, it was renewed or recovered, it is already final, or the message was
+    deleted). `dsn_queue_id`: the id of the DSN queued in the same commit, None when none
+    was given or none was queued (nothing applied).
+    """
+
+    applied: tuple[str, ...]
+    lost: tuple[str, ...]
+    dsn_queue_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,11 @@ Durability: WAL + synchronous=FULL; every write runs in the group-commit writer 
 (writer.py), reads in worker threads: no SQLite call or fsync on the event loop.
 
 Leases: while a recipient is leased, its `next_attempt_at` holds the lease's end, so one
-partial index on `next_attempt_at` finds due work and expired leases alike.
+partial index on `next_attempt_at` finds due work and expired leases alike. Its
+`lease_owner` and `lease_until` name the lease; only the holder of both records, renews
+or releases it (sqlite_leases.py). Leasing runs in a write transaction (BEGIN
+IMMEDIATE), so two stores on one file, in one process or two, never hand out the same
+(message, domain) while a lease is live.
 
 One relay process per file: `open()` returns to the queue the leases a dead previous
 process left, but only when no other SqliteStore has the file open (an flock on
@@ -18,8 +22,9 @@ process left, but only when no other SqliteStore has the file open (an flock on
 Leasing reads the content of small messages in the same transaction and keeps it until
 `read_data` asks for it: a delivery costs one trip to the database threads instead of two.
 (A message another process deletes after it was leased may still be attempted once, as
-when the delete comes just after `read_data`; `record` then ignores it. `record` and
-`delete` drop what was read ahead for their message.)
+when the delete comes just after `read_data`; `record` then reports its results lost.
+`record` and `delete` drop what was read ahead for their message, whatever the outcome;
+`renew` keeps it as long as the renewed lease.)
 
 Rows that cannot be decoded are set aside (`held = 2`, reason in `last_error`): never
 leased again, counted as "set_aside", never fatal.
@@ -35,10 +40,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from mailqueue import sqlite_leases as leasing
 from mailqueue import sqlite_ops as ops
 from mailqueue import sqlite_schema as schema
 from mailqueue.ids import QueueIds
@@ -49,6 +55,7 @@ from mailqueue.model import (
     NewMessage,
     RcptState,
     RecipientResult,
+    Recorded,
 )
 from mailqueue.schedule import RetrySchedule
 from mailqueue.store import MessageNotFound, StoreUnavailable
@@ -236,16 +243,15 @@ class SqliteStore:
         Raises StoreUnavailable (nothing stored) and ValueError for an envelope with no
         recipient or a recipient without '@'. Duplicate recipients are stored once.
         """
-        if not msg.recipients:
-            raise ValueError("a message needs at least one recipient")
-        if any("@" not in address for address in msg.recipients):
-            raise ValueError("every recipient needs a domain")
+        _check_envelope(msg)
         return await self._write(
             lambda conn: ops.insert_message(conn, self._ids, msg, self._clock())
         )
 
     async def lease_due(self, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
         """Lease up to `limit` (message, domain) groups of due, non-held recipients."""
+        if not owner:
+            raise ValueError("a lease needs an owner")  # "" names the leases made by hand
         if limit <= 0:
             return []
 
@@ -255,7 +261,7 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> tuple[list[Lease], dict[str, bytes]]:
             now = self._clock()
             until = now + lease_seconds
-            leases = ops.lease_due(conn, owner, limit, until, now, self.lifetime)
+            leases = leasing.lease_due(conn, owner, limit, until, now, self.lifetime)
             contents = ops.small_contents(conn, {lease.queue_id for lease in leases}, max_size)
             return leases, contents
 
@@ -297,25 +303,57 @@ class SqliteStore:
             raise MessageNotFound(queue_id)
         return data
 
-    async def record(self, queue_id: str, results: Sequence[RecipientResult]) -> None:
-        """SENT/BOUNCED are final; DEFERRED counts an attempt and follows the schedule.
+    async def record(
+        self, lease: Lease, results: Sequence[RecipientResult], dsn: NewMessage | None = None
+    ) -> Recorded:
+        """Apply outcomes to the rows still under `lease` and queue `dsn` (only if some
+        outcome was applied), in one commit: see QueueStore.record.
 
-        Always ends the lease. A message whose recipients are all final is deleted. A
-        message deleted meanwhile (admin) is ignored. Raises StoreUnavailable.
+        SENT/BOUNCED are final; DEFERRED counts an attempt and follows the schedule. A
+        message whose recipients are all final is deleted. Raises StoreUnavailable
+        (nothing stored: retry the same call) and ValueError (nothing stored).
         """
         if any(r.state not in (*FINAL_STATES, RcptState.DEFERRED) for r in results):
             raise ValueError("a result is SENT, BOUNCED or DEFERRED")
-        self._prefetched.pop(queue_id, None)  # the message may be gone after this
-        await self._write(
-            lambda conn: ops.record_results(
-                conn, queue_id, results, self._clock(), self.schedule, self._rng, self.lifetime
+        if len({r.address for r in results}) != len(results):
+            raise ValueError("one result per address")
+        if dsn is not None:
+            _check_envelope(dsn)
+        self._prefetched.pop(lease.queue_id, None)  # the message may be gone after this
+
+        def op(conn: sqlite3.Connection) -> Recorded:
+            return leasing.record_lease(
+                conn,
+                self._ids,
+                lease,
+                results,
+                dsn,
+                now=self._clock(),
+                schedule=self.schedule,
+                rng=self._rng,
+                lifetime=self.lifetime,
             )
-        )
+
+        return await self._write(op)
+
+    async def renew(self, lease: Lease, until: float) -> Lease | None:
+        """Extend a lease we still hold to `until`; the returned Lease replaces `lease`
+        (its recipients: those still under it). None when it is no longer ours."""
+        renewed = await self._write(lambda conn: leasing.renew_lease(conn, lease, until))
+        if not renewed:
+            return None
+        held = self._prefetched.get(lease.queue_id)
+        if held is not None:
+            held.until = max(held.until, until)
+        kept = set(renewed)
+        recipients = tuple(r for r in lease.recipients if r.address in kept)
+        return replace(lease, until=until, recipients=recipients)
 
     async def release(self, lease: Lease) -> None:
-        """Give a lease back without an attempt: due again now, attempts unchanged."""
+        """Give a lease back without an attempt: due again now, attempts unchanged. Only
+        rows still under it (same owner and until) are touched."""
         self._take_prefetched(lease.queue_id)
-        await self._write(lambda conn: ops.release_lease(conn, lease, self._clock()))
+        await self._write(lambda conn: leasing.release_lease(conn, lease, self._clock()))
 
     async def next_due_at(self) -> float | None:
         """Earliest next_attempt_at of leasable rows (a live lease counts as its end)."""
@@ -344,3 +382,10 @@ class SqliteStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._read(ops.counts)
+
+
+def _check_envelope(msg: NewMessage) -> None:
+    if not msg.recipients:
+        raise ValueError("a message needs at least one recipient")
+    if any("@" not in address for address in msg.recipients):
+        raise ValueError("every recipient needs a domain")

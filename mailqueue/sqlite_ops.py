@@ -1,4 +1,5 @@
-"""SQL of the SQLite queue store: schema, row decoding, and one function per operation.
+"""SQL of the SQLite queue store: row decoding, messages, reads and admin operations
+(the lease lifecycle is sqlite_leases.py's).
 
 Every function here runs inside a transaction opened by its caller (the group-commit
 writer for writes, a read snapshot for reads) and is a function of the connection and
@@ -8,24 +9,13 @@ Knows nothing of threads, asyncio, TLS or SMTP.
 
 from __future__ import annotations
 
-import random
 import sqlite3
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from mailqueue.ids import QueueIds
-from mailqueue.model import (
-    FINAL_STATES,
-    Lease,
-    LeasedRecipient,
-    MessageRecord,
-    NewMessage,
-    RcptState,
-    RecipientRecord,
-    RecipientResult,
-)
-from mailqueue.schedule import RetrySchedule
-from mailqueue.sqlite_schema import dsn_from_json, dsn_to_json
+from mailqueue.model import MessageRecord, NewMessage, RcptState, RecipientRecord
+from mailqueue.sqlite_schema import dsn_to_json
 
 HELD, SET_ASIDE = 1, 2
 BLOB_CHUNK = 1 << 20  # larger contents are written and read in pieces of this size
@@ -79,7 +69,8 @@ def _message(row: Sequence[Any], rcpts: Iterable[Sequence[Any]]) -> MessageRecor
     )
 
 
-def _set_aside(conn: sqlite3.Connection, rcpt_ids: Iterable[int], reason: str) -> None:
+def set_aside(conn: sqlite3.Connection, rcpt_ids: Iterable[int], reason: str) -> None:
+    """Never leased again, counted as "set_aside"; the reason shows in `last_error`."""
     conn.executemany(
         "UPDATE queue_recipients SET held = ?, last_error = ?, lease_owner = NULL,"
         " lease_until = NULL WHERE id = ?",
@@ -135,145 +126,8 @@ def write_blob(conn: sqlite3.Connection, row_id: int, data: bytes) -> None:
             blob.write(view[start : start + BLOB_CHUNK])
 
 
-def lease_due(
-    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float, lifetime: float
-) -> list[Lease]:
-    """Lease up to `limit` (message, domain) groups, most overdue first."""
-    groups: dict[tuple[Any, Any], None] = {}
-    cur = conn.execute(
-        "SELECT message_id, domain FROM queue_recipients"
-        " WHERE state IN ('queued', 'deferred') AND held = 0"
-        " AND next_attempt_at <= ? ORDER BY next_attempt_at",
-        (now,),
-    )
-    for key in cur:  # walks the partial index; stops as soon as it has enough groups
-        groups.setdefault((key[0], key[1]), None)
-        if len(groups) >= limit:
-            break
-    cur.close()
-    leases = (_lease_group(conn, m, d, owner, until, now, lifetime) for m, d in groups)
-    return [lease for lease in leases if lease is not None]
-
-
-def _lease_group(
-    conn: sqlite3.Connection,
-    msg_id: Any,
-    domain: Any,
-    owner: str,
-    until: float,
-    now: float,
-    lifetime: float,
-) -> Lease | None:
-    rows = conn.execute(
-        "SELECT id, address, attempts, delay_notified FROM queue_recipients"
-        " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
-        " AND next_attempt_at <= ? ORDER BY id",
-        (msg_id, domain, now),
-    ).fetchall()
-    msg = conn.execute(
-        "SELECT queue_id, sender, received_at, typeof(data), dsn FROM queue_messages WHERE id = ?",
-        (msg_id,),
-    ).fetchone()
-    dsn = dsn_from_json(msg[4]) if msg is not None else None
-    if dsn is None or not _leasable_message(msg) or not isinstance(domain, str):
-        _set_aside(conn, (r[0] for r in rows), "message row missing or unreadable")
-        return None
-    good = [r for r in rows if isinstance(r[1], str) and type(r[2]) is int]
-    _set_aside(conn, (r[0] for r in rows if r not in good), "recipient row unreadable")
-    if not good:
-        return None
-    conn.executemany(
-        "UPDATE queue_recipients SET lease_owner = ?, lease_until = ?, next_attempt_at = ?"
-        " WHERE id = ?",
-        [(owner, until, until, r[0]) for r in good],
-    )
-    received_at = float(msg[2])
-    return Lease(
-        queue_id=msg[0],
-        domain=domain,
-        sender=msg[1],
-        recipients=tuple(LeasedRecipient(r[1], r[2], bool(r[3])) for r in good),
-        received_at=received_at,
-        expires_at=received_at + lifetime,
-        until=until,
-        dsn=dsn,
-    )
-
-
-def _leasable_message(msg: Sequence[Any] | None) -> bool:
-    if msg is None:
-        return False
-    queue_id, sender, received_at, data_type, _ = msg
-    return (
-        isinstance(queue_id, str)
-        and isinstance(sender, str)
-        and isinstance(received_at, int | float)
-        and data_type == "blob"
-    )
-
-
-def record_results(
-    conn: sqlite3.Connection,
-    queue_id: str,
-    results: Sequence[RecipientResult],
-    now: float,
-    schedule: RetrySchedule,
-    rng: random.Random,
-    lifetime: float,
-) -> None:
-    """Apply outcomes, end the lease, delete the message once every recipient is final."""
-    row = conn.execute(
-        "SELECT id, received_at FROM queue_messages WHERE queue_id = ?", (queue_id,)
-    ).fetchone()
-    if row is None:
-        return  # deleted by an operator while the attempt ran: nothing left to record
-    msg_id, received_at = row
-    expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
-    for result in results:
-        found = conn.execute(
-            "SELECT id, attempts FROM queue_recipients WHERE message_id = ? AND address = ?"
-            " AND state IN ('queued', 'deferred')",
-            (msg_id, result.address),
-        ).fetchone()
-        if found is None:
-            continue  # already final (a duplicate report) or not a recipient
-        attempts = (found[1] if type(found[1]) is int else 0) + 1
-        next_at: float | None = None
-        if result.state is RcptState.DEFERRED:
-            next_at = schedule.next_attempt_at(attempts, now, rng)
-            if now < expires_at:
-                # One last attempt when the lifetime ends, not up to a whole delay later:
-                # the worker turns a deferral after expires_at into a bounce.
-                next_at = min(next_at, expires_at)
-        conn.execute(
-            "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
-            " last_error = ?, lease_owner = NULL, lease_until = NULL,"
-            " delay_notified = MAX(delay_notified, ?) WHERE id = ?",
-            (result.state.value, attempts, next_at, result.error, result.delay_notified, found[0]),
-        )
-    final = tuple(s.value for s in FINAL_STATES)
-    pending = conn.execute(
-        "SELECT 1 FROM queue_recipients WHERE message_id = ? AND state NOT IN (?, ?) LIMIT 1",
-        (msg_id, *final),
-    ).fetchone()
-    if pending is None:
-        _delete_rows(conn, msg_id)
-
-
-def release_lease(conn: sqlite3.Connection, lease: Lease, now: float) -> None:
-    """Due again now; only rows still under this very lease (same `until`) are touched."""
-    msg_id = message_id(conn, lease.queue_id)
-    if msg_id is None:
-        return
-    conn.executemany(
-        "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL, next_attempt_at = ?"
-        " WHERE message_id = ?"
-        " AND address = ? AND lease_until = ? AND state IN ('queued', 'deferred')",
-        [(now, msg_id, r.address, lease.until) for r in lease.recipients],
-    )
-
-
-def _delete_rows(conn: sqlite3.Connection, msg_id: int) -> None:
+def delete_rows(conn: sqlite3.Connection, msg_id: int) -> None:
+    """Remove a message and its recipients (by row id)."""
     conn.execute("DELETE FROM queue_recipients WHERE message_id = ?", (msg_id,))
     conn.execute("DELETE FROM queue_messages WHERE id = ?", (msg_id,))
 
@@ -282,7 +136,7 @@ def delete_message(conn: sqlite3.Connection, queue_id: str) -> bool:
     msg_id = message_id(conn, queue_id)
     if msg_id is None:
         return False
-    _delete_rows(conn, msg_id)
+    delete_rows(conn, msg_id)
     return True
 
 

@@ -8,6 +8,8 @@ Version history:
   1: messages, recipients, due and lease indexes.
   2: `queue_messages.dsn` (RFC 3461 parameters as JSON, NULL when none were given) and
      `queue_recipients.delay_notified` (a "delayed" DSN was sent for the recipient).
+  3: `queue_receipts`: what each recent `record` did, so a retried call gets the same
+     answer (sqlite_leases.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from mailqueue.model import DsnRequest
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS queue_messages (
@@ -50,7 +52,19 @@ CREATE TABLE IF NOT EXISTS queue_recipients (
 CREATE INDEX IF NOT EXISTS queue_recipients_due
     ON queue_recipients(next_attempt_at) WHERE state IN ('queued', 'deferred') AND held = 0;
 CREATE INDEX IF NOT EXISTS queue_recipients_leased
-    ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL
+    ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE TABLE IF NOT EXISTS queue_receipts (
+    queue_id TEXT NOT NULL, -- no foreign key: the message may be deleted by that record
+    domain TEXT NOT NULL,
+    lease_owner TEXT NOT NULL,
+    lease_until REAL NOT NULL,
+    recorded_at REAL NOT NULL,
+    applied TEXT NOT NULL, -- JSON arrays of addresses
+    lost TEXT NOT NULL,
+    dsn_queue_id TEXT,
+    PRIMARY KEY (queue_id, domain, lease_owner, lease_until)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS queue_receipts_age ON queue_receipts(recorded_at)
 """
 
 # Each entry takes a store from version N (its index + 1) to N + 1.
@@ -59,6 +73,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE queue_messages ADD COLUMN dsn TEXT",
         "ALTER TABLE queue_recipients ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0",
     ),
+    (),  # 2 -> 3: only a new table, which _TABLES creates
 )
 
 

@@ -5,9 +5,27 @@ and never block the event loop. Storage failures surface as `StoreUnavailable`, 
 a driver exception.
 
 Lease model (designed for several relay nodes sharing one queue): `lease_due` hands out
-due recipients, grouped per (message, recipient domain), exclusively until `Lease.until`.
-A worker ends a lease with `record` (an attempt was made) or `release` (no attempt). A
-lease that runs out (its worker died) makes the recipients due again.
+due recipients, grouped per (message, recipient domain), exclusively until `Lease.until`,
+to one `Lease.owner`; no other owner, in this process or another one on the same store,
+gets that (message, domain) while the lease is live. A lease that runs out (its worker
+died, or its attempt outlived it) makes the recipients due again; `renew` extends a live
+one.
+
+Who may record: only the lease's current holder. A lease is named by (owner, until): the
+store applies a result only to rows that still carry both, so a worker whose lease was
+taken over (expired, then leased by another owner) or renewed changes nothing, and learns
+so from `Recorded.lost`. Rows of an expired lease that nobody leased again still carry
+them: a late result is still applied. The holder ends a lease with `record` (an attempt
+was made) or `release` (no attempt); `renew` hands back a new Lease (new `until`) that
+replaces the old value for all later calls.
+
+`record` is all or nothing: the outcomes, the DSN they owe and the deletion of a finished
+message are one commit. On `StoreUnavailable` nothing was stored and the caller retries
+the very same call; a retry of a call whose commit did happen (its reply was lost)
+returns that call's `Recorded` and applies or queues nothing again. `renew` and `release`
+are as safe to retry. (A holder that renews while a record is unresolved and gets None may
+have recorded already: the retried record says.) So after an MX's 250, a failing store
+never makes the relay send that recipient the message again.
 """
 
 from __future__ import annotations
@@ -15,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from mailqueue.model import Lease, MessageRecord, NewMessage, RecipientResult
+from mailqueue.model import Lease, MessageRecord, NewMessage, RecipientResult, Recorded
 
 
 class StoreUnavailable(Exception):
@@ -41,16 +59,36 @@ class QueueStore(Protocol):
         """Store a message durably; returns its queue id once committed (fsync'd)."""
 
     async def lease_due(self, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
-        """Lease up to `limit` groups of due recipients, one Lease per (message, domain)."""
+        """Lease up to `limit` groups of due recipients, one Lease per (message, domain),
+        to `owner` (non-empty: this process's identity) until now + `lease_seconds`."""
 
     async def read_data(self, queue_id: str) -> bytes:
         """The message content; raises MessageNotFound."""
 
-    async def record(self, queue_id: str, results: Sequence[RecipientResult]) -> None:
-        """Apply attempt outcomes; ends the lease; deletes a message once all are final."""
+    async def record(
+        self, lease: Lease, results: Sequence[RecipientResult], dsn: NewMessage | None = None
+    ) -> Recorded:
+        """Apply attempt outcomes to the rows still under `lease`, ending it for them, and
+        queue `dsn` (the report those outcomes owe) in the same commit; deletes a message
+        once all its recipients are final.
+
+        The DSN is queued only when at least one result was applied: it reports outcomes,
+        and outcomes that were not applied are another lease's to report. Leave
+        `dsn.queue_id` None (the store picks a free id). One result per address.
+        All or nothing: StoreUnavailable means nothing was stored; retry the same call.
+        A lease is recorded once: recording it again returns the first call's Recorded.
+        ValueError (nothing stored) for a result that is not SENT, BOUNCED or DEFERRED,
+        a repeated address, or a DSN that `put` would refuse.
+        """
+
+    async def renew(self, lease: Lease, until: float) -> Lease | None:
+        """Extend a lease still held (same owner and until) to `until`: the returned Lease
+        replaces `lease` for record, renew and release. None when it is no longer ours.
+        Retrying the same call after its commit returns the same renewed Lease."""
 
     async def release(self, lease: Lease) -> None:
-        """Give a lease back without an attempt: its recipients are due again now."""
+        """Give a lease still held back without an attempt: due again now (a lease taken
+        over by another owner, or renewed, is left alone)."""
 
     async def next_due_at(self) -> float | None:
         """Earliest time some recipient becomes leasable, or None when nothing waits."""

@@ -60,10 +60,14 @@ class PolicyLookup:
 
     `policy` is None when the domain is to be treated as having no MTA-STS policy
     (none published, or none obtainable and nothing cached: RFC 8461 §3.3 fails open).
-    `source` says where the policy came from: "fetched" (this call), "cached", or "none".
+    `source` says where the policy came from: "fetched" (this call), "cached", "none", or
+    "unavailable": the policy cache could not be read and nothing was fetched, so whether
+    a policy applies is unknown. That is our own failure, not the domain's: it must not
+    fail open (the recipients wait), so `policy` is None but does not mean "no policy".
     `failure` carries an RFC 8460 result type when discovery or fetch failed
     (sts-policy-fetch-error, sts-policy-invalid, sts-webpki-invalid), whether or not a
-    cached policy still applies; `detail` is one safe line describing it.
+    cached policy still applies; `detail` is one safe line describing it (for
+    "unavailable": "policy cache unreadable: ...").
     """
 
     domain: str
@@ -72,3 +76,8 @@ class PolicyLookup:
     source: str
     failure: TlsRptResult | None = None
     detail: str | None = None
+
+    @property
+    def unavailable(self) -> bool:
+        """True when the policy in force could not be determined (source "unavailable")."""
+        return self.source == "unavailable"

@@ -3,7 +3,10 @@
 Owns the decisions between DNS, HTTPS and the cache: when to fetch, when a cached policy
 still applies, back-off after failures, single-flight lookups and proactive refresh.
 Knows nothing about SMTP or the queue; it reports fetches to a PolicyObserver (the relay
-logs them) and answers with PolicyLookup values. Failures never raise.
+logs them) and answers with PolicyLookup values. Lookups never raise. A cache that cannot
+be read is our own failure, never taken for "nothing cached": a lookup then answers
+source "unavailable" (unless a fetch succeeds) and refresh_due raises
+PolicyCacheUnavailable for its caller to report.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from policy.model import Policy, PolicyLookup, TlsRptResult
 _TOUCH_INTERVAL: Final = 60.0  # write last_used_at at most once a minute per domain
 _REFRESH_PERIOD_CAP: Final = 86_400.0  # RFC 8461 §3.3: "suggested ... once per day"
 _REFRESH_CONCURRENCY: Final = 8
+_DETAIL_LIMIT: Final = 200  # characters of a library error kept in a lookup's detail
+
+
+class PolicyCacheUnavailable(Exception):
+    """refresh_due could not read the policy cache (its message is one safe line)."""
 
 
 class PolicyObserver(Protocol):
@@ -69,6 +77,13 @@ class _Kind(Enum):
     RESOLVE = "resolve"  # a delivery attempt: honours the failure back-off
     RECHECK = "recheck"  # before a bounce (§5.1 step 3): ignores the back-off
     REFRESH = "refresh"  # proactive: fetches even when the id is unchanged
+
+
+@dataclass(frozen=True, slots=True)
+class _Unreadable:
+    """The cache could not be read: whether it holds a policy for the domain is unknown."""
+
+    detail: str  # "policy cache unreadable: ..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +132,11 @@ class PolicyResolver:
         has no policy (§3.3 fails open). A failed (domain, id) is not refetched for
         `failure_backoff` seconds (STS-32); its failure is returned meanwhile.
         Concurrent calls for one domain share one lookup.
+
+        When the cache cannot be read, §3.3's fail-open does not apply: a cached policy
+        may exist, so the answer is source "unavailable" (policy unknown) whenever the
+        TXT lookup or the fetch fails. A policy fetched now is what the domain publishes
+        and is used (and stored, if the cache takes the write).
         """
         return await self._shared(domain, _Kind.RESOLVE)
 
@@ -128,11 +148,15 @@ class PolicyResolver:
     async def refresh_due(self, now: float, recently_used: float) -> int:
         """Refetch cached policies near their end that were used in the last
         `recently_used` seconds (§3.3, §10.2: refresh before expiry, at a randomised
-        time); return how many were refreshed."""
+        time); return how many were refreshed.
+
+        Raises PolicyCacheUnavailable when the cache cannot be read: an unreadable cache is
+        not an empty one, and the caller reports it and tries again.
+        """
         try:
             entries = await asyncio.to_thread(self._cache.all)
-        except sqlite3.Error:
-            return 0
+        except sqlite3.Error as exc:
+            raise PolicyCacheUnavailable(_unreadable(exc).detail) from exc
         due = [
             entry
             for entry in entries
@@ -167,7 +191,11 @@ class PolicyResolver:
 
     async def _lookup(self, name: str, kind: _Kind) -> PolicyLookup:
         now = self._clock()
-        cached = await self._cache_get(name)
+        read = await self._cache_get(name)
+        # Unreadable: nothing is known to be cached or live, and every answer that would
+        # have said "no policy" says "unavailable" instead (_failed, below).
+        unreadable = read if isinstance(read, _Unreadable) else None
+        cached = None if isinstance(read, _Unreadable) else read
         live = cached if cached is not None and cached.expires_at > now else None
         if kind is _Kind.RECHECK:  # §5.1 step 3: the record as published now, not cached
             forget_record(name, self._dns)
@@ -181,14 +209,16 @@ class PolicyResolver:
                 detail = f"refresh: no usable _mta-sts TXT record ({found.detail})"
                 result = TlsRptResult.STS_POLICY_FETCH_ERROR
                 self._observer.policy_fetch_failed(name, live.policy_id, result, detail, live)
+            if unreadable is not None:
+                return _unavailable(name, unreadable, None)
             return await self._use_cached(name, live, now, kind, found.detail)
         record_id = found.record.id
         if live is not None and live.policy_id == record_id and kind is not _Kind.REFRESH:
             return await self._use_cached(name, live, now, kind, None)
         backoff = self._backoff.get((name, record_id))
         if backoff is not None and backoff.until > now and kind is not _Kind.RECHECK:
-            return _failed(name, live, backoff.result, backoff.detail)
-        return await self._fetch(name, record_id, cached, live, now, kind)
+            return _failed(name, live, backoff.result, backoff.detail, unreadable)
+        return await self._fetch(name, record_id, cached, live, now, kind, unreadable)
 
     async def _use_cached(
         self, name: str, live: CachedPolicy | None, now: float, kind: _Kind, detail: str | None
@@ -207,6 +237,7 @@ class PolicyResolver:
         live: CachedPolicy | None,
         now: float,
         kind: _Kind,
+        unreadable: _Unreadable | None,
     ) -> PolicyLookup:
         # The policy host is always mta-sts.<recipient domain>, even when _mta-sts is a
         # CNAME to a provider (§3.1, §8.2).
@@ -235,21 +266,23 @@ class PolicyResolver:
             now + self._failure_backoff, outcome.result, outcome.detail
         )
         self._observer.policy_fetch_failed(name, record_id, outcome.result, outcome.detail, live)
-        return _failed(name, live, outcome.result, outcome.detail)
+        return _failed(name, live, outcome.result, outcome.detail, unreadable)
 
     def _prune_backoff(self, now: float) -> None:
         for key in [key for key, entry in self._backoff.items() if entry.until <= now]:
             del self._backoff[key]
 
-    async def _cache_get(self, name: str) -> CachedPolicy | None:
+    async def _cache_get(self, name: str) -> CachedPolicy | _Unreadable | None:
         # Most lookups are answered from the cache's memory: no thread hop per delivery.
         remembered = self._cache.remembered(name)
         if remembered is not None:
             return remembered.entry
         try:
             return await asyncio.to_thread(self._cache.get, name)
-        except sqlite3.Error:
-            return None
+        except sqlite3.Error as exc:
+            # Not "nothing cached": an enforce policy may sit behind the error, and taking
+            # it for absent would deliver that domain's mail opportunistically.
+            return _unreadable(exc)
 
     async def _cache_call(self, method: Callable[..., object], *args: object) -> None:
         # A cache write that fails (disk full, lock timeout) must not fail the delivery.
@@ -260,12 +293,33 @@ class PolicyResolver:
 
 
 def _failed(
-    name: str, live: CachedPolicy | None, result: TlsRptResult, detail: str
+    name: str,
+    live: CachedPolicy | None,
+    result: TlsRptResult,
+    detail: str,
+    unreadable: _Unreadable | None,
 ) -> PolicyLookup:
     # §3.3: an unexpired cached policy still applies when the fetch fails (STS-63).
     if live is not None:
         return PolicyLookup(name, live.policy, live.policy_id, "cached", result, detail)
+    if unreadable is not None:
+        return _unavailable(name, unreadable, result)
     return PolicyLookup(name, None, None, "none", result, detail)
+
+
+def _unavailable(name: str, unreadable: _Unreadable, failure: TlsRptResult | None) -> PolicyLookup:
+    # The fetch failure (if any) is kept as `failure`; `detail` names the cache, the cause
+    # of not knowing (the fetch failure itself reaches the observer).
+    return PolicyLookup(name, None, None, "unavailable", failure, unreadable.detail)
+
+
+def _unreadable(exc: sqlite3.Error) -> _Unreadable:
+    """The error as one safe line: no line breaks or control characters, bounded length."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    if len(text) > _DETAIL_LIMIT:
+        text = text[: _DETAIL_LIMIT - 3] + "..."
+    return _Unreadable(f"policy cache unreadable: {text}")
 
 
 def refresh_at(entry: CachedPolicy) -> float:

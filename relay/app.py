@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import signal
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from policy.cache import CachedPolicy, PolicyCache
 from policy.model import Policy, PolicyLookup, TlsRptResult
-from policy.resolver import PolicyResolver
+from policy.resolver import PolicyCacheUnavailable, PolicyResolver
 from policy.webpki import client_context, unverified_context
 from relay import __version__
 from relay.config import Config, ConfigError, parse_hostport
@@ -48,6 +49,10 @@ from relay.reporting import Reporting, build_reporting
 # Proactive policy refresh (RFC 8461 §3.3, §10.2): which domains count as "still being
 # mailed" (how often to look is `policy.refresh_interval`).
 _RECENTLY_USED_S = 7 * 86400.0
+# After a store error a background loop pauses this long, doubling up to the maximum, and
+# goes back to its normal pace after a success.
+_FIRST_RETRY_S = 1.0
+_MAX_RETRY_S = 60.0
 
 DB_NAME = "relay.sqlite3"
 
@@ -234,10 +239,35 @@ def build(cfg: Config, events: EventLog) -> Relay:
     )
 
 
-async def _refresh_policies(policies: PolicyResolver, every: float) -> None:
+async def _refresh_policies(
+    policies: PolicyResolver,
+    every: float,
+    events: EventLog,
+    *,
+    first_retry: float = _FIRST_RETRY_S,
+    max_retry: float = _MAX_RETRY_S,
+) -> None:
+    """Until cancelled: every `every` seconds, refresh the cached policies that are due.
+
+    A store that fails (the policy cache unreadable, the state directory gone) must not end
+    the task, and with it `serve`: it is logged as store_error and tried again after a pause
+    of `first_retry` seconds, doubling up to `max_retry`; a success restores the pace.
+    """
+    pause, retry = every, first_retry
     while True:
-        await asyncio.sleep(every)
-        await policies.refresh_due(time.time(), _RECENTLY_USED_S)
+        await asyncio.sleep(pause)
+        error = None
+        try:
+            await policies.refresh_due(time.time(), _RECENTLY_USED_S)
+        except PolicyCacheUnavailable as exc:
+            error = str(exc)  # already "policy cache unreadable: <cause>"
+        except (StoreUnavailable, sqlite3.Error, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        if error is None:
+            pause, retry = every, first_retry
+        else:
+            pause, retry = retry, min(retry * 2, max_retry)
+            events.store_error(error=f"policy refresh: {error} (retrying in {pause:g} s)")
 
 
 async def readiness(relay: Relay) -> str | None:
@@ -326,7 +356,7 @@ async def serve(
         events.listening(addresses=relay.listener.bound_addresses)
         async with asyncio.TaskGroup() as tasks:
             worker = tasks.create_task(relay.worker.run())
-            refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval)
+            refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval, events)
             background = [tasks.create_task(refresh)]
             if relay.reporting is not None:  # RFC 8460 counters and the daily report job
                 background.append(tasks.create_task(relay.reporting.run()))

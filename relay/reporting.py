@@ -40,6 +40,11 @@ from tlsrpt.store import ReportStore
 
 _RETENTION_DAYS = 35
 _MAX_SLEEP_S = 600.0
+_FLUSH_INTERVAL_S = 5.0  # how often counted sessions are written
+# After a failed pass (a store error, mostly) a loop pauses this long, doubling up to the
+# maximum, and goes back to its normal pace after a success.
+_FIRST_RETRY_S = 1.0
+_MAX_RETRY_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,14 +330,27 @@ class Reporter:
             wake = min(wake, retry)
         return min(max(wake - now, 1.0), _MAX_SLEEP_S)
 
-    async def run(self) -> None:
-        """Until cancelled: one pass now, then whenever something falls due."""
+    async def run(
+        self, *, first_retry: float = _FIRST_RETRY_S, max_retry: float = _MAX_RETRY_S
+    ) -> None:
+        """Until cancelled: one pass now, then whenever something falls due.
+
+        A pass that fails (the store busy or broken, or anything else: reporting must never
+        stop the relay) is logged as store_error and tried again after `first_retry`
+        seconds, doubling up to `max_retry`; a pass that succeeds restores the schedule.
+        """
+        retry = first_retry
         while True:
             try:
                 await self.run_due()
+                # Reads the store too: inside the try, or a store error would end the task.
+                sleep = await asyncio.to_thread(self._sleep_for)
             except Exception as exc:  # noqa: BLE001 - reporting must never stop the relay
-                self._events.store_error(error=f"tlsrpt: {type(exc).__name__}: {exc}")
-            sleep = await asyncio.to_thread(self._sleep_for)
+                sleep, retry = retry, min(retry * 2, max_retry)
+                error = f"tlsrpt: {type(exc).__name__}: {exc} (retrying in {sleep:g} s)"
+                self._events.store_error(error=error)
+            else:
+                retry = first_retry
             await asyncio.sleep(sleep)
 
 
@@ -355,13 +373,28 @@ class Reporting:
     ) -> Callable[[str, PolicyLookup, Sequence[MxTlsResult], bytes], None] | None:
         return self.recorder.record if self.settings.enabled else None
 
-    async def run(self) -> None:
-        """Flush counters and run the daily job until cancelled."""
+    async def run(
+        self,
+        *,
+        flush_interval: float = _FLUSH_INTERVAL_S,
+        first_retry: float = _FIRST_RETRY_S,
+        max_retry: float = _MAX_RETRY_S,
+    ) -> None:
+        """Flush counters and run the daily job until cancelled; neither ends on an error."""
         if not self.settings.enabled:
             return
+        events = self.reporter._events  # one log for both loops (module-private access)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self.counter.run())
-            tasks.create_task(self.reporter.run())
+            tasks.create_task(
+                flush_counts(
+                    self.counter,
+                    events,
+                    interval=flush_interval,
+                    first_retry=first_retry,
+                    max_retry=max_retry,
+                )
+            )
+            tasks.create_task(self.reporter.run(first_retry=first_retry, max_retry=max_retry))
 
     async def close(self) -> None:
         """Write the counts still in memory (a clean stop loses none), then close."""
@@ -369,6 +402,33 @@ class Reporting:
             await self.counter.close()
         finally:
             await asyncio.to_thread(self.store.close)
+
+
+async def flush_counts(
+    counter: SessionCounter,
+    events: EventLog,
+    *,
+    interval: float = _FLUSH_INTERVAL_S,
+    first_retry: float = _FIRST_RETRY_S,
+    max_retry: float = _MAX_RETRY_S,
+) -> None:
+    """Until cancelled: write the counted sessions every `interval` seconds.
+
+    A write that fails keeps its counts in memory for the next one (SessionCounter.flush);
+    it is logged as store_error and tried again after `first_retry` seconds, doubling up to
+    `max_retry`. (SessionCounter.run would retry silently, at a fixed pace.)
+    """
+    pause, retry = interval, first_retry
+    while True:
+        await asyncio.sleep(pause)
+        try:
+            await counter.flush()
+        except Exception as exc:  # noqa: BLE001 - counting must never stop the relay
+            pause, retry = retry, min(retry * 2, max_retry)
+            error = f"tlsrpt counters: {type(exc).__name__}: {exc} (retrying in {pause:g} s)"
+            events.store_error(error=error)
+        else:
+            pause, retry = interval, first_retry
 
 
 def build_reporting(

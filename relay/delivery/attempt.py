@@ -137,6 +137,13 @@ def _recipient_outcome(
         return Deferred(Reason(lost, "4.4.2", hop=hop))
     if rcpt_reply[0] // 100 != 2:
         return _by_reply(rcpt_reply, "RCPT TO", hop)
+    accepted = session.data_reply is not None and session.data_reply[0] // 100 == 2
+    if session.violation is not None and not accepted:
+        # The MX broke the reply sequence once the data was out: no reply of it decides
+        # (never sent, never bounced); RFC 5321 §6.1 keeps the message ours. A 2xx kept
+        # beside a violation came in sequence before it (client.ConversationResult).
+        text = safe_line(f"{_where(hop)}: {session.violation}")
+        return Deferred(Reason(text, "4.5.0", hop=hop))
     if session.data_reply is None:
         # Dropped mid-DATA: maybe delivered, maybe not; RFC 5321 §6.1 keeps it ours.
         return Deferred(Reason(lost, "4.4.2", hop=hop))
@@ -179,6 +186,9 @@ def conversation_failure(session: ConversationResult, *, enforced: bool) -> Reas
     if enforced and session.tls_failure is not None:
         text = safe_line(f"TLS with {_where(hop)} failed: {session.tls_failure_detail}")
         return Reason(text, "4.7.5", hop=hop, tlsrpt=session.tls_failure)
+    if session.violation is not None:
+        # RFC 3463 4.5.0: the MX broke the protocol; its replies decide nothing.
+        return Reason(safe_line(f"{_where(hop)}: {session.violation}"), "4.5.0", hop=hop)
     if session.error_reply is not None:
         code, text = session.error_reply
         line = safe_line(f"{code} {text}")

@@ -12,6 +12,12 @@ or failed STARTTLS (RFC 8461 §5, STS-90/91). aiosmtplib discards bytes buffered
 the TLS handshake and its ESMTP state after it (RFC 3207 §4.2, STS-100); we send EHLO
 again ourselves. The message goes out through `transfer.send_data` (chunked, CRLF
 normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2; SMTP-14/15, SMUG-06).
+
+The recorder trusts only the protocol (issue 10): one reply per command, nothing more.
+Before each command of a transaction (RSET, MAIL, RCPT, DATA) and after each reply, nothing
+else may have come from the MX (`transfer.stray_reply`); DATA must be answered 354 and the
+final "." by a 2xx read in sequence (`transfer.send_data`). A violation closes the
+connection (never reused or pooled) and becomes `ConversationResult.violation`.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from policy.webpki import classify_certificate_error
 from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
 from relay.delivery.tls import TlsRequirement
-from relay.delivery.transfer import send_data
+from relay.delivery.transfer import listen, send_data, stray_reply
 
 Reply = tuple[int, str]
 """An SMTP reply: code and text (multi-line replies joined with newlines)."""
@@ -48,6 +54,12 @@ class ConversationResult:
     begun (a retry elsewhere could then duplicate the message). Anything else (refused
     connection, TLS failure, 421, 4xx to MAIL, a drop before DATA) leaves it False so the
     caller tries the next address or host.
+
+    `violation` (a safe line, "protocol violation: ...") says how the MX broke the reply
+    sequence; `error` then says the same. It leaves `completed` False unless the message
+    body had been written. Every reply kept here was read in sequence: a violation keeps
+    no reply it makes doubtful, so `data_reply` beside a violation is a 2xx that came
+    before it (the MX took the message; what followed changes nothing).
     """
 
     hop: Hop
@@ -63,6 +75,7 @@ class ConversationResult:
     stale: bool = False  # a pooled connection was found dead before MAIL was answered
     timed_out: bool = False  # the host did not answer in time (connect, greeting, command)
     repeat: bool = False  # over a connection that already carried this policy domain's mail
+    violation: str | None = None  # the MX broke the one-reply-per-command sequence
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +127,8 @@ class _Conversation:
         self.stale = False
         self.timed_out = False
         self.dsn = False  # the server advertised DSN (RFC 3461 parameters passed on)
+        self.violation: str | None = None
+        self.last = "after EHLO"  # where a stray reply would have come from, for the text
 
     @classmethod
     def over(cls, conn: Connection, command_timeout: float) -> _Conversation:
@@ -149,6 +164,7 @@ class _Conversation:
             completed=self.completed,
             stale=self.stale,
             timed_out=self.timed_out,
+            violation=self.violation,
         )
 
     def close_all(self) -> None:
@@ -162,6 +178,20 @@ class _Conversation:
     def dropped(self, stage: str, exc: BaseException) -> None:
         self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
         self.error = f"connection lost or timed out at {stage}: {describe(exc)}"
+
+    def violated(self, smtp: aiosmtplib.SMTP, what: str) -> None:
+        """The MX broke the reply sequence: recorded, and the connection closed for good
+        (no QUIT: its reply could not be told from what is still in flight)."""
+        self.violation = self.error = safe_line(f"protocol violation: {what}")
+        smtp.close()
+
+    def unsolicited(self, smtp: aiosmtplib.SMTP) -> bool:
+        """Whether the MX sent something since the last reply (a violation, recorded)."""
+        stray = stray_reply(smtp)
+        if stray is None:
+            return False
+        self.violated(smtp, f"unsolicited reply {self.last}: {stray}")
+        return True
 
     async def open(self) -> aiosmtplib.SMTP | None:
         """A new connection, greeted and EHLO'd; None (with `error` set) on failure."""
@@ -229,23 +259,44 @@ class _Conversation:
         return None
 
     async def command(self, smtp: aiosmtplib.SMTP, verb: bytes, *args: bytes) -> Reply | None:
+        """The reply to one command, None when the session ended (dropped, or a violation:
+        something came before the command was written, or with or after its reply)."""
+        if self.unsolicited(smtp):
+            return None
+        name = verb.decode()
         try:
             response = await smtp.execute_command(verb, *args)
-        except _ERRORS as exc:
-            self.dropped(verb.decode(), exc)
+        except SMTPResponseException as exc:  # aiosmtplib could not parse the reply
+            self.violated(smtp, f"unreadable reply to {name}: {exc.message}")
             return None
+        except _ERRORS as exc:
+            self.dropped(name, exc)
+            return None
+        self.last = f"after {name}"
+        if self.unsolicited(smtp):
+            return None
+        listen(smtp)
         return (response.code, response.message)
 
     async def data(self, smtp: aiosmtplib.SMTP, message: bytes) -> None:
+        """DATA and the message; `completed` is True on entry and stays so unless a
+        violation came before the body was written."""
+        if self.unsolicited(smtp):
+            self.completed = False
+            return
         try:
-            response = await send_data(smtp, message, timeout=self.command_timeout)
-        except SMTPResponseException as exc:
-            self.data_reply = (exc.code, exc.message)
+            sent = await send_data(smtp, message, timeout=self.command_timeout)
         except _ERRORS as exc:
             # Never counts as sent: the caller defers (RFC 5321 §6.1 keeps responsibility).
             self.dropped("DATA", exc)
-        else:
-            self.data_reply = (response.code, response.message)
+            return
+        if sent.reply is not None:
+            self.data_reply = (sent.reply.code, sent.reply.message)
+        if sent.violation is None:
+            listen(smtp)
+            return
+        self.violated(smtp, sent.violation)
+        self.completed = sent.body_sent
 
 
 async def _transaction(conv: _Conversation, smtp: aiosmtplib.SMTP, envelope: Envelope) -> None:
@@ -418,6 +469,7 @@ async def connect(
             other.close()
     if smtp is None:
         return conv.result()
+    listen(smtp)  # a reply sent before MAIL is a violation (`transact`)
     return Connection(smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure)
 
 
@@ -428,9 +480,13 @@ async def transact(
 
     A reused connection found dead (RSET or MAIL unanswered, or RSET refused) gives a
     result with `stale` set: nothing of this message reached the server, so the caller
-    may retry it on a fresh connection without counting a failure.
+    may retry it on a fresh connection without counting a failure. So does one where the
+    MX broke the reply sequence before MAIL was answered (say, a 421 sent while idle):
+    `violation` says so, the connection is closed, and no recipient's fate was at stake.
     """
     conv = _Conversation.over(conn, command_timeout)
+    if reused:
+        conv.last = "while idle"
     budget = command_timeout * (6 + len(envelope.recipients))
     try:
         async with asyncio.timeout(budget):

@@ -78,8 +78,9 @@ async def test_each_domain_lease_gets_the_content(store: SqliteStore, db: Path) 
 async def test_record_and_delete_drop_what_was_read_ahead(store: SqliteStore, db: Path) -> None:
     recorded = await store.put(_message(SMALL, "a@one.test", "b@two.test"))
     deleted = await store.put(_message(SMALL, "c@one.test"))
-    await store.lease_due("w", 10, 60)
-    await store.record(recorded, [RecipientResult("a@one.test", RcptState.DEFERRED, "4.0.0")])
+    leases = {(lease.queue_id, lease.domain): lease for lease in await store.lease_due("w", 10, 60)}
+    result = RecipientResult("a@one.test", RcptState.DEFERRED, "4.0.0")
+    assert (await store.record(leases[recorded, "one.test"], [result])).applied == ("a@one.test",)
     assert await store.delete(deleted)
     _delete_elsewhere(db, recorded)
     for qid in (recorded, deleted):

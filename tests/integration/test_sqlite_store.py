@@ -13,7 +13,14 @@ import pytest
 
 from mailqueue import new_queue_id
 from mailqueue.ids import is_queue_id
-from mailqueue.model import DsnRequest, Lease, NewMessage, RcptState, RecipientResult
+from mailqueue.model import (
+    DsnRequest,
+    Lease,
+    NewMessage,
+    RcptState,
+    RecipientResult,
+    Recorded,
+)
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
@@ -126,14 +133,16 @@ async def test_limit_counts_leases(store: SqliteStore) -> None:
 
 async def test_record_sent_and_bounced_deletes_message(store: SqliteStore) -> None:
     qid = await store.put(message("a@one.test", "b@one.test"))
-    assert len(await store.lease_due("w", 10, 60)) == 1
-    await store.record(
-        qid,
+    (lease,) = await store.lease_due("w", 10, 60)
+    assert lease.owner == "w"
+    recorded = await store.record(
+        lease,
         [
             RecipientResult("a@one.test", RcptState.SENT),
             RecipientResult("b@one.test", RcptState.BOUNCED, "550 5.1.1 no such user"),
         ],
     )
+    assert recorded == Recorded(applied=("a@one.test", "b@one.test"), lost=(), dsn_queue_id=None)
     assert await store.get_message(qid) is None
     with pytest.raises(MessageNotFound):
         await store.read_data(qid)
@@ -144,10 +153,10 @@ async def test_record_partial_keeps_final_rows_until_all_final(
     store: SqliteStore, clock: Clock
 ) -> None:
     qid = await store.put(message("a@one.test", "b@one.test"))
-    await store.lease_due("w", 10, 60)
+    (lease,) = await store.lease_due("w", 10, 60)
     clock.now += 5
     await store.record(
-        qid,
+        lease,
         [
             RecipientResult("a@one.test", RcptState.SENT),
             RecipientResult("b@one.test", RcptState.DEFERRED, "451 4.3.0 try later"),
@@ -168,7 +177,8 @@ async def test_record_partial_keeps_final_rows_until_all_final(
     (again,) = await store.lease_due("w", 10, 60)
     assert [(r.address, r.attempts) for r in again.recipients] == [("b@one.test", 1)]
     clock.now += 1
-    await store.record(qid, [RecipientResult("b@one.test", RcptState.DEFERRED, "451")])
+    recorded = await store.record(again, [RecipientResult("b@one.test", RcptState.DEFERRED, "451")])
+    assert recorded.applied == ("b@one.test",)
     record = await store.get_message(qid)
     assert record is not None
     assert record.recipients[1].attempts == 2
@@ -179,8 +189,8 @@ async def test_record_partial_keeps_final_rows_until_all_final(
 async def test_deferral_never_waits_past_the_lifetime(open_store: Opener, clock: Clock) -> None:
     store = await open_store(lifetime=100.0)
     qid = await store.put(message("a@one.test"))
-    await store.lease_due("w", 10, 60)
-    await store.record(qid, [RecipientResult("a@one.test", RcptState.DEFERRED, "451")])
+    (lease,) = await store.lease_due("w", 10, 60)
+    await store.record(lease, [RecipientResult("a@one.test", RcptState.DEFERRED, "451")])
     record = await store.get_message(qid)
     assert record is not None
     assert record.recipients[0].next_attempt_at == T0 + 100.0
@@ -231,7 +241,7 @@ async def test_flush_hold_release_delete(store: SqliteStore, clock: Clock) -> No
     other = await store.put(message("b@two.test"))
     for lease in await store.lease_due("w", 10, 60):
         await store.record(
-            lease.queue_id, [RecipientResult(lease.recipients[0].address, RcptState.DEFERRED)]
+            lease, [RecipientResult(lease.recipients[0].address, RcptState.DEFERRED)]
         )
     assert await store.lease_due("w", 10, 60) == []
     assert await store.flush(qid) == 1
@@ -247,14 +257,16 @@ async def test_flush_hold_release_delete(store: SqliteStore, clock: Clock) -> No
     assert record.held
     assert (await store.counts())["held"] == 1
     assert await store.release_hold(qid) is True
-    assert [ls.queue_id for ls in await store.lease_due("w", 10, 60)] == [qid]
+    (leased,) = await store.lease_due("w", 10, 60)
+    assert leased.queue_id == qid
 
     assert await store.delete(qid) is True
     assert await store.delete(qid) is False
     assert await store.hold(qid) is False
     assert await store.release_hold(qid) is False
-    # The worker's report for a message an operator deleted is ignored.
-    await store.record(qid, [RecipientResult("a@one.test", RcptState.SENT)])
+    # The worker's report for a message an operator deleted changes nothing: it is lost.
+    recorded = await store.record(leased, [RecipientResult("a@one.test", RcptState.SENT)])
+    assert recorded == Recorded(applied=(), lost=("a@one.test",))
     assert [m.queue_id for m in await store.list_messages()] == [other]
 
 
@@ -363,7 +375,7 @@ async def test_dsn_parameters_and_delay_flag_survive_until_delivery(
     assert leases[plain].dsn == DsnRequest()
     assert [r.delay_notified for r in leases[qid].recipients] == [False, False]
     await store.record(
-        qid,
+        leases[qid],
         [
             RecipientResult("a@one.test", RcptState.DEFERRED, "451 later", delay_notified=True),
             RecipientResult("b@one.test", RcptState.DEFERRED, "451 later"),
@@ -374,7 +386,7 @@ async def test_dsn_parameters_and_delay_flag_survive_until_delivery(
     flags = {r.address: (r.attempts, r.delay_notified) for r in again.recipients}
     assert flags == {"a@one.test": (1, True), "b@one.test": (1, False)}
     # The flag stays set: a later result without it does not clear it.
-    await store.record(qid, [RecipientResult("a@one.test", RcptState.DEFERRED, "451 again")])
+    await store.record(again, [RecipientResult("a@one.test", RcptState.DEFERRED, "451 again")])
     clock.now += 10_000
     (third,) = [ls for ls in await store.lease_due("w", 10, 60) if ls.queue_id == qid]
     assert {r.address: r.delay_notified for r in third.recipients}["a@one.test"] is True
@@ -437,15 +449,15 @@ async def test_version_1_store_is_migrated_and_keeps_its_mail(open_store: Opener
     assert lease.recipients[0].delay_notified is False
     assert await store.read_data("OLDMESSAGE01") == b"old\r\n"
     await store.record(
-        "OLDMESSAGE01",
+        lease,
         [RecipientResult("a@one.test", RcptState.DEFERRED, "451", delay_notified=True)],
     )
     await store.close()
     reopened = await open_store()
-    assert reopened.migrated_from == 2
+    assert reopened.migrated_from == 3
     with sqlite3.connect(db) as check:
         version = check.execute("SELECT value FROM queue_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("2",)
+        assert version.fetchone() == ("3",)
     check.close()
 
 

@@ -1,0 +1,293 @@
+"""SQL of the lease lifecycle in the SQLite queue store: lease, renew, release, record.
+
+A lease is the rows of one (message, domain) that carry its `lease_owner` and
+`lease_until`; that pair names it. Renewing, releasing and recording touch only rows that
+still carry both, so a holder whose lease was taken over (it ran out and another owner
+leased the rows) or renewed changes nothing. Rows of a lease that ran out and that nobody
+leased again still carry the pair: a late result is still applied.
+
+`record_lease` leaves a receipt, the `Recorded` it returned, until the (message, domain) is
+leased again or RECEIPT_KEEP seconds have passed: a caller retrying a call whose commit
+happened but whose reply it never saw gets that same answer, and nothing is applied or
+queued twice. (Without the receipt a retry would still apply nothing, its rows no longer
+being under the lease, and queue no DSN; it would only report every address as lost.)
+
+Every function runs inside the caller's write transaction and may run twice (a failed
+group-commit batch is run again op by op). Knows nothing of threads, asyncio, TLS or SMTP.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+from mailqueue.ids import QueueIds
+from mailqueue.model import (
+    FINAL_STATES,
+    Lease,
+    LeasedRecipient,
+    NewMessage,
+    RcptState,
+    RecipientResult,
+    Recorded,
+)
+from mailqueue.schedule import RetrySchedule
+from mailqueue.sqlite_ops import delete_rows, insert_message, message_id, set_aside
+from mailqueue.sqlite_schema import dsn_from_json
+
+# A caller retries a record within seconds to minutes (while it keeps the lease renewed);
+# an hour of receipts is a wide margin and stays small on a busy relay.
+RECEIPT_KEEP = 3600.0
+# Rows still under a lease: bound as (message_id, domain, lease_owner, lease_until, ...).
+_SELECT_UNDER_LEASE = (
+    "SELECT id, address, attempts FROM queue_recipients"
+    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until = ?"
+    " AND state IN ('queued', 'deferred')"
+)
+# Rows of a lease being renewed to the second until: still under it, or already moved
+# there by this same call whose reply was lost (a retried renew answers the same).
+_SELECT_RENEWABLE = (
+    "SELECT id, address FROM queue_recipients"
+    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until IN (?, ?)"
+    " AND state IN ('queued', 'deferred')"
+)
+_RELEASE = (
+    "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL, next_attempt_at = ?"
+    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until = ?"
+    " AND state IN ('queued', 'deferred') AND address = ?"
+)
+
+
+def lease_due(
+    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float, lifetime: float
+) -> list[Lease]:
+    """Lease up to `limit` (message, domain) groups to `owner`, most overdue first."""
+    groups: dict[tuple[Any, Any], None] = {}
+    cur = conn.execute(
+        "SELECT message_id, domain FROM queue_recipients"
+        " WHERE state IN ('queued', 'deferred') AND held = 0"
+        " AND next_attempt_at <= ? ORDER BY next_attempt_at",
+        (now,),
+    )
+    for key in cur:  # walks the partial index; stops as soon as it has enough groups
+        groups.setdefault((key[0], key[1]), None)
+        if len(groups) >= limit:
+            break
+    cur.close()
+    leases = (_lease_group(conn, m, d, owner, until, now, lifetime) for m, d in groups)
+    return [lease for lease in leases if lease is not None]
+
+
+def _lease_group(
+    conn: sqlite3.Connection,
+    msg_id: Any,
+    domain: Any,
+    owner: str,
+    until: float,
+    now: float,
+    lifetime: float,
+) -> Lease | None:
+    rows = conn.execute(
+        "SELECT id, address, attempts, delay_notified FROM queue_recipients"
+        " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
+        " AND next_attempt_at <= ? ORDER BY id",
+        (msg_id, domain, now),
+    ).fetchall()
+    msg = conn.execute(
+        "SELECT queue_id, sender, received_at, typeof(data), dsn FROM queue_messages WHERE id = ?",
+        (msg_id,),
+    ).fetchone()
+    dsn = dsn_from_json(msg[4]) if msg is not None else None
+    if dsn is None or not _leasable_message(msg) or not isinstance(domain, str):
+        set_aside(conn, (r[0] for r in rows), "message row missing or unreadable")
+        return None
+    good = [r for r in rows if isinstance(r[1], str) and type(r[2]) is int]
+    set_aside(conn, (r[0] for r in rows if r not in good), "recipient row unreadable")
+    if not good:
+        return None
+    conn.executemany(
+        "UPDATE queue_recipients SET lease_owner = ?, lease_until = ?, next_attempt_at = ?"
+        " WHERE id = ?",
+        [(owner, until, until, r[0]) for r in good],
+    )
+    # An earlier lease of this group is over: its receipt can no longer be asked for by a
+    # retry that matters, and a new lease with the same (owner, until) (a frozen test
+    # clock) must not be answered with it.
+    conn.execute("DELETE FROM queue_receipts WHERE queue_id = ? AND domain = ?", (msg[0], domain))
+    received_at = float(msg[2])
+    return Lease(
+        queue_id=msg[0],
+        domain=domain,
+        sender=msg[1],
+        recipients=tuple(LeasedRecipient(r[1], r[2], bool(r[3])) for r in good),
+        received_at=received_at,
+        expires_at=received_at + lifetime,
+        until=until,
+        dsn=dsn,
+        owner=owner,
+    )
+
+
+def _leasable_message(msg: Sequence[Any] | None) -> bool:
+    if msg is None:
+        return False
+    queue_id, sender, received_at, data_type, _ = msg
+    return (
+        isinstance(queue_id, str)
+        and isinstance(sender, str)
+        and isinstance(received_at, int | float)
+        and data_type == "blob"
+    )
+
+
+def renew_lease(conn: sqlite3.Connection, lease: Lease, until: float) -> tuple[str, ...]:
+    """Move the rows still under `lease` to `until` (due then, as lease_due does); returns
+    their addresses (none: the lease is no longer this one). Retrying it is safe."""
+    msg_id = message_id(conn, lease.queue_id)
+    if msg_id is None:
+        return ()
+    key = (msg_id, lease.domain, lease.owner, lease.until, until)
+    rows = conn.execute(_SELECT_RENEWABLE, key).fetchall()
+    conn.executemany(
+        "UPDATE queue_recipients SET lease_until = ?, next_attempt_at = ? WHERE id = ?",
+        [(until, until, r[0]) for r in rows],
+    )
+    return tuple(r[1] for r in rows)
+
+
+def release_lease(conn: sqlite3.Connection, lease: Lease, now: float) -> None:
+    """Due again now; only rows still under this very lease (same owner and until)."""
+    msg_id = message_id(conn, lease.queue_id)
+    if msg_id is None:
+        return
+    conn.executemany(
+        _RELEASE,
+        [
+            (now, msg_id, lease.domain, lease.owner, lease.until, r.address)
+            for r in lease.recipients
+        ],
+    )
+
+
+def record_lease(
+    conn: sqlite3.Connection,
+    ids: QueueIds,
+    lease: Lease,
+    results: Sequence[RecipientResult],
+    dsn: NewMessage | None,
+    *,
+    now: float,
+    schedule: RetrySchedule,
+    rng: random.Random,
+    lifetime: float,
+) -> Recorded:
+    """Apply outcomes to the rows still under `lease`, queue `dsn` if any was applied,
+    delete the message once every recipient is final, and keep a receipt of it all."""
+    earlier = _receipt(conn, lease)
+    if earlier is not None:
+        return earlier  # this lease was recorded already (a retried call)
+    conn.execute("DELETE FROM queue_receipts WHERE recorded_at < ?", (now - RECEIPT_KEEP,))
+    row = conn.execute(
+        "SELECT id, received_at FROM queue_messages WHERE queue_id = ?", (lease.queue_id,)
+    ).fetchone()
+    applied: list[str] = []
+    if row is not None:  # else deleted by an operator while the attempt ran
+        msg_id, received_at = row
+        expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
+        key = (msg_id, lease.domain, lease.owner, lease.until)
+        held = {r[1]: r for r in conn.execute(_SELECT_UNDER_LEASE, key)}
+        for result in results:
+            found = held.get(result.address)
+            if found is not None:
+                _apply(conn, found, result, now, expires_at, schedule, rng)
+                applied.append(result.address)
+        if applied:
+            _delete_if_final(conn, msg_id)
+    # RFC 3464 reports outcomes: it is owed only for outcomes this call applied (the ones
+    # it did not are another lease's, which will report them).
+    dsn_queue_id = insert_message(conn, ids, dsn, now) if dsn is not None and applied else None
+    done = set(applied)
+    lost = tuple(r.address for r in results if r.address not in done)
+    recorded = Recorded(applied=tuple(applied), lost=lost, dsn_queue_id=dsn_queue_id)
+    _keep_receipt(conn, lease, recorded, now)
+    return recorded
+
+
+def _apply(
+    conn: sqlite3.Connection,
+    found: Sequence[Any],  # id, address, attempts
+    result: RecipientResult,
+    now: float,
+    expires_at: float,
+    schedule: RetrySchedule,
+    rng: random.Random,
+) -> None:
+    """SENT/BOUNCED are final; DEFERRED counts an attempt and follows the schedule."""
+    attempts = (found[2] if type(found[2]) is int else 0) + 1
+    next_at: float | None = None
+    if result.state is RcptState.DEFERRED:
+        next_at = schedule.next_attempt_at(attempts, now, rng)
+        if now < expires_at:
+            # One last attempt when the lifetime ends, not up to a whole delay later:
+            # the worker turns a deferral after expires_at into a bounce.
+            next_at = min(next_at, expires_at)
+    conn.execute(
+        "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
+        " last_error = ?, lease_owner = NULL, lease_until = NULL,"
+        " delay_notified = MAX(delay_notified, ?) WHERE id = ?",
+        (result.state.value, attempts, next_at, result.error, result.delay_notified, found[0]),
+    )
+
+
+def _delete_if_final(conn: sqlite3.Connection, msg_id: int) -> None:
+    final = tuple(s.value for s in FINAL_STATES)
+    pending = conn.execute(
+        "SELECT 1 FROM queue_recipients WHERE message_id = ? AND state NOT IN (?, ?) LIMIT 1",
+        (msg_id, *final),
+    ).fetchone()
+    if pending is None:
+        delete_rows(conn, msg_id)
+
+
+def _receipt(conn: sqlite3.Connection, lease: Lease) -> Recorded | None:
+    row = conn.execute(
+        "SELECT applied, lost, dsn_queue_id FROM queue_receipts"
+        " WHERE queue_id = ? AND domain = ? AND lease_owner = ? AND lease_until = ?",
+        (lease.queue_id, lease.domain, lease.owner, lease.until),
+    ).fetchone()
+    if row is None:
+        return None
+    applied, lost = _addresses(row[0]), _addresses(row[1])
+    if applied is None or lost is None or not isinstance(row[2], str | None):
+        return None  # unreadable: recording again is still safe (see the module docstring)
+    return Recorded(applied=applied, lost=lost, dsn_queue_id=row[2])
+
+
+def _addresses(text: Any) -> tuple[str, ...] | None:
+    try:
+        value = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        return None
+    return tuple(value)
+
+
+def _keep_receipt(conn: sqlite3.Connection, lease: Lease, recorded: Recorded, now: float) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO queue_receipts (queue_id, domain, lease_owner, lease_until,"
+        " recorded_at, applied, lost, dsn_queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            lease.queue_id,
+            lease.domain,
+            lease.owner,
+            lease.until,
+            now,
+            json.dumps(recorded.applied, ensure_ascii=False),
+            json.dumps(recorded.lost, ensure_ascii=False),
+            recorded.dsn_queue_id,
+        ),
+    )

@@ -1,0 +1,310 @@
+"""Library internals pinned: what relay/ reads or overrides inside aiosmtplib and aiosmtpd.
+
+pyproject.toml pins both libraries to the one release tested; the first tests fail when the
+installed release is another or the pin lets an untested one in. The rest fail when an
+internal relay/ relies on moves or changes shape, checked on real objects:
+
+- aiosmtplib (relay/delivery/transfer.py; client.py and probe.py use only its public API):
+  SMTPProtocol's `_buffer`, `_response_waiter`, `_response_pending` and `_drain_helper`,
+  and the behaviour `transfer.listen` and `transfer.stray_reply` are built on: a reply that
+  arrives between commands is dropped unless a reply is pending, and a second reply in the
+  segment of the first stays in the buffer. Checked over a loopback connection.
+- aiosmtpd (relay/inbound/session.py, auth.py, aiosmtpd_setup.py): the private methods
+  RelaySMTP overrides or calls, with their signatures; the attributes it reads, on a
+  connected aiosmtpd SMTP built by aiosmtpd's own constructor; the module-level names
+  aiosmtpd_setup uses. That constructor is compared attribute for attribute with
+  aiosmtpd_setup.init_smtp by tests/unit/test_aiosmtpd_setup.py (not repeated here), and
+  session.RelaySMTP._data / relay/inbound/data.py mirror this release's smtp_DATA: the
+  version pin below is what ties them to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import importlib.metadata
+import inspect
+import tomllib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiosmtpd
+import aiosmtplib
+import attr
+import pytest
+from aiosmtpd import smtp as aiosmtpd_smtp
+from aiosmtplib.protocol import SMTPProtocol
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from relay.delivery.transfer import listen, stray_reply
+from relay.inbound.aiosmtpd_setup import FAST_INIT
+from tests.support.waiting import eventually
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+PINNED = ("aiosmtpd", "aiosmtplib")
+
+
+# --- the pins ---------------------------------------------------------------------------
+
+
+def _pin(name: str) -> Requirement:
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    (requirement,) = (
+        r for r in map(Requirement, project["dependencies"]) if r.name.lower() == name
+    )
+    return requirement
+
+
+@pytest.mark.parametrize("name", PINNED)
+def test_installed_release_is_the_pinned_one(name: str) -> None:
+    installed = Version(importlib.metadata.version(name))
+    specifier = _pin(name).specifier
+    assert installed in specifier, f"{name} {installed} is not the release pinned: {specifier}"
+    # The pin admits this release and no other: not an older one, not the next bug fix.
+    lower = [Version(s.version) for s in specifier if s.operator == ">="]
+    assert lower == [installed], f"{name}: lower bound must be the tested release"
+    following = Version(f"{installed.major}.{installed.minor}.{installed.micro + 1}")
+    assert following not in specifier, f"{name}: the pin lets an untested release in"
+
+
+def test_aiosmtpd_module_version_is_the_installed_one() -> None:
+    # aiosmtpd_setup.FAST_INIT compares aiosmtpd.__version__ (test_aiosmtpd_setup.py asserts
+    # it is on); the two must name the same release.
+    assert aiosmtpd.__version__ == importlib.metadata.version("aiosmtpd")
+    assert FAST_INIT
+
+
+# --- aiosmtplib: a real SMTPProtocol over loopback ---------------------------------------
+
+
+@dataclass
+class _Server:
+    """Greets, answers NOOP with `noop` (raw bytes, one write) and QUIT with 221; keeps the
+    writers so a test can send what no command asked for."""
+
+    noop: bytes = b"250 2.0.0 OK\r\n"
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    port: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.append(writer)
+        writer.write(b"220 internals.test ESMTP\r\n")
+        with contextlib.suppress(ConnectionError):
+            while line := await reader.readline():
+                writer.write(self.noop if line.upper().startswith(b"NOOP") else b"221 bye\r\n")
+                await writer.drain()
+        writer.close()
+
+    async def send(self, data: bytes) -> None:
+        writer = self.writers[-1]
+        writer.write(data)
+        await writer.drain()
+
+
+@pytest.fixture
+async def smtp() -> AsyncIterator[tuple[aiosmtplib.SMTP, _Server]]:
+    """A connected aiosmtplib client (greeting read) and the server it talks to."""
+    script = _Server()
+    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
+    script.port = server.sockets[0].getsockname()[1]
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=script.port, start_tls=False, timeout=5)
+    await client.connect()
+    try:
+        yield client, script
+    finally:
+        client.close()
+        for writer in script.writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+def _protocol(client: aiosmtplib.SMTP) -> SMTPProtocol:
+    protocol = client.protocol
+    assert isinstance(protocol, SMTPProtocol)
+    return protocol
+
+
+async def test_smtp_protocol_private_attributes(smtp: tuple[aiosmtplib.SMTP, _Server]) -> None:
+    client, _ = smtp
+    protocol = _protocol(client)
+    await client.execute_command(b"NOOP")
+    assert type(protocol._buffer) is bytearray
+    assert protocol._buffer == b""
+    assert isinstance(protocol._response_waiter, asyncio.Future)
+    assert not protocol._response_waiter.done()  # a fresh waiter after each reply
+    assert protocol._response_pending is False  # no reply awaited between commands
+    # transfer._stream: flow control while the body is written.
+    assert inspect.iscoroutinefunction(SMTPProtocol._drain_helper)
+    assert list(inspect.signature(SMTPProtocol._drain_helper).parameters) == ["self"]
+    async with asyncio.timeout(1):
+        await protocol._drain_helper()  # returns at once when not paused
+    # transfer._stream: the public calls it makes on the protocol.
+    assert list(inspect.signature(SMTPProtocol.read_response).parameters) == ["self", "timeout"]
+    assert list(inspect.signature(SMTPProtocol.write).parameters) == ["self", "data"]
+
+
+async def test_second_reply_in_one_segment_stays_in_the_buffer(
+    smtp: tuple[aiosmtplib.SMTP, _Server],
+) -> None:
+    client, server = smtp
+    server.noop = b"250 2.0.0 first\r\n250 2.0.0 second\r\n"
+    reply = await client.execute_command(b"NOOP")
+    assert (reply.code, reply.message) == (250, "2.0.0 first")
+    assert bytes(_protocol(client)._buffer) == b"250 2.0.0 second\r\n"
+    assert stray_reply(client) == "250 2.0.0 second\r\n"
+
+
+async def test_reply_between_commands_is_dropped_unless_listening(
+    smtp: tuple[aiosmtplib.SMTP, _Server],
+) -> None:
+    client, server = smtp
+    protocol = _protocol(client)
+    await client.execute_command(b"NOOP")
+    # aiosmtplib's own behaviour: nothing awaited, so the bytes are thrown away...
+    await server.send(b"250 2.0.0 unasked\r\n")
+    await asyncio.sleep(0.1)
+    assert protocol._buffer == b""
+    assert stray_reply(client) is None
+    # ...unless a reply is said to be pending: then it is parsed into the waiter.
+    listen(client)
+    assert protocol._response_pending is True
+    await server.send(b"421 4.4.2 unasked\r\n")
+    assert await eventually(lambda: stray_reply(client)) == "421 4.4.2 unasked"
+    waiter = protocol._response_waiter
+    assert waiter is not None
+    assert waiter.done()
+
+
+async def test_partial_reply_while_listening_is_seen_in_the_buffer(
+    smtp: tuple[aiosmtplib.SMTP, _Server],
+) -> None:
+    client, server = smtp
+    await client.execute_command(b"NOOP")
+    listen(client)
+    await server.send(b"250-half")
+    assert await eventually(lambda: stray_reply(client)) == "250-half"
+
+
+async def test_server_closing_while_listening_is_no_stray_reply(
+    smtp: tuple[aiosmtplib.SMTP, _Server],
+) -> None:
+    client, server = smtp
+    await client.execute_command(b"NOOP")
+    listen(client)
+    server.writers[-1].close()
+    await eventually(lambda: not client.is_connected)
+    assert stray_reply(client) is None
+
+
+# --- aiosmtpd ------------------------------------------------------------------------------
+
+# (method of aiosmtpd.smtp.SMTP, its parameters, async?) that relay/inbound overrides or
+# calls: RelaySMTP's overrides must keep being called, with these arguments.
+AIOSMTPD_METHODS = [
+    ("_cb_client_connected", ["self", "reader", "writer"], False),  # wrapped reader
+    ("_reset_timeout", ["self", "duration"], False),  # one moving timer
+    ("_timeout_cb", ["self"], False),  # 421 before closing
+    ("_create_envelope", ["self"], False),  # RelayEnvelope
+    ("_getaddr", ["self", "arg"], False),  # the fast path for plain addresses
+    ("_call_handler_hook", ["self", "command", "args"], True),  # the DATA hook
+    ("_set_post_data_state", ["self"], False),  # after our own DATA phase
+    ("_handle_client", ["self"], True),  # reads command lines (see below)
+    ("check_helo_needed", ["self", "helo"], True),
+    ("check_auth_needed", ["self", "caller_method"], True),
+    ("challenge_auth", ["self", "challenge", "encode_to_b64", "log_client_response"], True),
+    ("handle_exception", ["self", "error"], True),
+    ("push", ["self", "status"], True),
+    ("smtp_AUTH", ["self", "arg"], True),
+    ("smtp_MAIL", ["self", "arg"], True),
+    ("smtp_RCPT", ["self", "arg"], True),
+    ("smtp_DATA", ["self", "arg"], True),
+    ("connection_made", ["self", "transport"], False),
+    ("connection_lost", ["self", "error"], False),
+    ("eof_received", ["self"], False),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "parameters", "is_async"), AIOSMTPD_METHODS, ids=[m[0] for m in AIOSMTPD_METHODS]
+)
+def test_aiosmtpd_methods_relay_overrides_or_calls(
+    name: str, parameters: list[str], is_async: bool
+) -> None:
+    method = getattr(aiosmtpd_smtp.SMTP, name)
+    assert list(inspect.signature(method).parameters) == parameters
+    assert inspect.iscoroutinefunction(method) is is_async
+
+
+def test_aiosmtpd_reads_command_lines_up_to_lf_through_its_reader() -> None:
+    # session._CrlfReader refuses a command line ending in a bare LF: it sees each command
+    # line because aiosmtpd reads it with `self._reader.readuntil()` (separator b"\n").
+    source = inspect.getsource(aiosmtpd_smtp.SMTP._handle_client)
+    assert "line: bytes = await self._reader.readuntil()" in source
+
+
+def test_aiosmtpd_module_names_used() -> None:
+    assert aiosmtpd_smtp._AuthMechAttr._fields == ("method", "is_builtin")
+    assert aiosmtpd_smtp.login_always_fail("PLAIN", b"user", b"password") is False
+    assert {a.name for a in attr.fields(aiosmtpd_smtp.AuthResult)} >= {
+        "success",
+        "handled",
+        "message",
+        "auth_data",
+    }
+    assert isinstance(aiosmtpd_smtp.MISSING, aiosmtpd_smtp._Missing)
+    assert isinstance(aiosmtpd_smtp.DATA_SIZE_DEFAULT, int)
+    assert isinstance(aiosmtpd_smtp.__ident__, str)
+    assert isinstance(aiosmtpd_smtp.SMTP.line_length_limit, int)
+    assert isinstance(aiosmtpd_smtp.SMTP.local_part_limit, int)
+    assert isinstance(aiosmtpd_smtp.SMTP.command_size_limits, collections.defaultdict)
+
+
+class _NoHooks:
+    """A handler without hooks: aiosmtpd's defaults answer."""
+
+
+async def test_connected_aiosmtpd_session_attributes() -> None:
+    loop = asyncio.get_running_loop()
+    made: list[aiosmtpd_smtp.SMTP] = []
+
+    def protocol() -> aiosmtpd_smtp.SMTP:
+        made.append(aiosmtpd_smtp.SMTP(_NoHooks(), loop=loop, timeout=42.0))
+        return made[-1]
+
+    server = await loop.create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await reader.readline()  # the greeting
+        writer.write(b"EHLO client.test\r\n")
+        while (await reader.readline())[3:4] != b" ":
+            pass
+        (proto,) = made
+        # session.RelaySMTP reads and sets these.
+        assert isinstance(proto._reader, asyncio.StreamReader)
+        assert isinstance(proto._writer, asyncio.StreamWriter)
+        assert isinstance(proto._timeout_handle, asyncio.TimerHandle)
+        assert proto._timeout_duration == 42.0
+        assert isinstance(proto._handle_hooks, dict)
+        assert {"EHLO", "MAIL", "RCPT", "DATA"} <= set(proto._smtp_methods)  # tests/support
+        assert isinstance(proto.loop, asyncio.AbstractEventLoop)
+        session = proto.session
+        assert session is not None
+        assert session.host_name == "client.test"
+        assert session.extended_smtp is True
+        assert not session.authenticated  # falsy until AUTH succeeds (listener, session)
+        envelope = proto.envelope
+        assert envelope is not None
+        assert envelope.mail_from is None
+        assert envelope.rcpt_tos == []
+    finally:
+        writer.close()
+        for proto in made:
+            if proto.transport is not None:
+                proto.transport.close()
+        server.close()
+        await server.wait_closed()

@@ -20,7 +20,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -38,9 +38,12 @@ from policy.webpki import client_context, unverified_context
 from relay import __version__
 from relay.config import Config, ConfigError, parse_hostport
 from relay.delivery.attempt import AttemptSettings
+from relay.delivery.bounce import BounceSettings
 from relay.delivery.dns_cache import TtlCache
 from relay.delivery.overrides import TlsOverrides
-from relay.delivery.worker import Worker, WorkerSettings
+from relay.delivery.pipeline import Pipeline
+from relay.delivery.pool import ConnectionPool
+from relay.delivery.scheduler import Scheduler, SchedulerSettings
 from relay.events import EventLog
 from relay.inbound.listener import Listener
 from relay.metrics import Metrics, MetricsServer
@@ -163,7 +166,7 @@ class Relay:
     store: GatedStore
     cache: PolicyCache
     policies: PolicyResolver
-    worker: Worker
+    worker: Scheduler
     listener: Listener
     metrics: Metrics = field(default_factory=Metrics)
     overrides: TlsOverrides | None = None
@@ -177,9 +180,7 @@ def build(cfg: Config, events: EventLog) -> Relay:
     cache = open_policy_cache(cfg)
     metrics = Metrics()
     events.subscribe(metrics.observe_event)
-    overrides = TlsOverrides(
-        cfg.tls.overrides, resolver=resolver, dns_timeout=cfg.dns.timeout, events=events
-    )
+    overrides = TlsOverrides(cfg.tls.overrides)
     policies = CountingResolver(
         cache,
         resolver,
@@ -210,20 +211,32 @@ def build(cfg: Config, events: EventLog) -> Relay:
     reporting = build_reporting(
         cfg, database_path(cfg), queue=store, resolver=resolver, ssl_context=verified, events=events
     )
-    worker = Worker(
-        store=store,
+    # Connections reused across leases for the same MX (relay/delivery/pool.py).
+    pool = ConnectionPool(replace(attempt.pool_limits(), max_idle=cfg.delivery.concurrency))
+    pipeline = Pipeline(
         policies=policies,
         resolver=resolver,
         attempt_settings=attempt,
-        settings=WorkerSettings(
-            hostname=cfg.delivery.hostname,
+        pool=pool,
+        events=events,
+        overrides=overrides.get,
+        tls_hook=reporting.session_hook,
+    )
+    worker = Scheduler(
+        store=store,
+        pipeline=pipeline,
+        pool=pool,
+        settings=SchedulerSettings(
             concurrency=cfg.delivery.concurrency,
             owner=f"{cfg.delivery.hostname}:{os.getpid()}:{secrets.token_hex(4)}",
-            delay_notice_after=cfg.queue.delay_notice_after,
+            bounce=BounceSettings(
+                reporting_mta=cfg.delivery.hostname,
+                delay_notice_after=cfg.queue.delay_notice_after,
+            ),
+            lease_time=cfg.delivery.lease_time,
+            attempt_deadline=cfg.delivery.attempt_deadline,
         ),
         events=events,
-        adjust_lookup=overrides.apply,
-        session_hook=reporting.session_hook,
     )
     reporting.reporter.on_queued = worker.wake
     listener = Listener(cfg, store=store, events=events, on_queued=worker.wake)

@@ -152,17 +152,42 @@ def _ca_file(raw: object) -> str | None:
 
 
 TLS_OVERRIDE_ACTIONS = ("require-verified", "opportunistic")
+_OVERRIDE_FORMS = (
+    '"domain=opportunistic" or "domain=require-verified match=MX-PATTERN[:MX-PATTERN...]"'
+)
 
 
 def _tls_override(raw: object) -> str:
-    """ "domain=action": one operator override of the TLS decision for one domain."""
-    if isinstance(raw, str):
-        domain, sep, action = raw.strip().partition("=")
-        domain = domain.strip().lower().removesuffix(".")
-        action = action.strip().lower()
-        if sep and _HOSTNAME.fullmatch(domain) and action in TLS_OVERRIDE_ACTIONS:
-            return f"{domain}={action}"
-    raise _Invalid('"domain=require-verified" or "domain=opportunistic"')
+    """ "domain=action[ match=patterns]": one operator override of one domain's TLS decision.
+
+    `require-verified` must name the MX hosts it trusts (`match=mx.example.com:*.example.net`,
+    MTA-STS pattern syntax, like Postfix's `secure match=`): names read from unsigned DNS
+    would let whoever spoofs DNS choose them.
+    """
+    if not isinstance(raw, str):
+        raise _Invalid(_OVERRIDE_FORMS)
+    domain, sep, rest = raw.strip().partition("=")
+    domain = domain.strip().lower().removesuffix(".")
+    action, _, options = rest.strip().lower().partition(" ")
+    if not sep or not _HOSTNAME.fullmatch(domain) or action not in TLS_OVERRIDE_ACTIONS:
+        raise _Invalid(_OVERRIDE_FORMS, raw)
+    option = options.strip()
+    if action == "opportunistic":
+        if option:
+            raise _Invalid(f"nothing after opportunistic ({_OVERRIDE_FORMS})", raw)
+        return f"{domain}={action}"
+    name, eq, value = option.partition("=")
+    patterns = [p.strip().removesuffix(".") for p in value.split(":") if p.strip()]
+    if name.strip() != "match" or not eq or not patterns:
+        raise _Invalid(
+            f"require-verified with its MX patterns, e.g. {domain}=require-verified"
+            f" match=mx.{domain}:*.{domain} (unsigned DNS must not choose the names)",
+            raw,
+        )
+    for pattern in patterns:
+        if not _HOSTNAME.fullmatch(pattern.removeprefix("*.")):
+            raise _Invalid(f"MX patterns like mx.{domain} or *.{domain}", pattern)
+    return f"{domain}={action} match={':'.join(dict.fromkeys(patterns))}"
 
 
 def _list(item: Parser, *, nonempty: bool = False) -> Parser:
@@ -298,6 +323,11 @@ class DeliveryConfig:
     max_connections_per_host: int = _key(10, _int(1))
     # SIGTERM: seconds for deliveries in flight to finish; the rest stays queued.
     shutdown_grace: float = _key(30, _seconds)
+    # One attempt of one (message, domain) is cut off (deferred) after attempt_deadline;
+    # its lease, which keeps every other worker and process off that work, lasts
+    # lease_time, longer than the deadline by the time recording the result may take.
+    attempt_deadline: float = _key(900, _seconds)
+    lease_time: float = _key(1200, _seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +347,8 @@ class TlsConfig:
     # The listener's own certificate and key (PEM); STARTTLS and AUTH need them.
     cert_file: str | None = _key(None, _ca_file)
     key_file: str | None = _key(None, _ca_file)
-    # Per-domain TLS overrides, "domain=require-verified" or "domain=opportunistic".
+    # Per-domain TLS overrides: "domain=opportunistic" or
+    # "domain=require-verified match=mx.domain:*.domain" (relay/delivery/overrides.py).
     overrides: tuple[str, ...] = _key((), _list(_tls_override))
 
 
@@ -472,6 +503,15 @@ def _check_listener_tls(cfg: Config) -> None:
         raise ConfigError("listen.tls_addresses: needs tls.cert_file and tls.key_file")
 
 
+def _check_lease(cfg: Config) -> None:
+    deadline, lease = cfg.delivery.attempt_deadline, cfg.delivery.lease_time
+    if lease < deadline * 1.1 + 1:
+        raise ConfigError(
+            f"delivery.lease_time: must exceed delivery.attempt_deadline ({deadline:g} s) by"
+            f" a tenth plus 1 s, to record the result before the lease ends; got {lease:g}"
+        )
+
+
 def users_file_path(cfg: Config) -> Path:
     """Where the SMTP AUTH users file is: auth.users_file, else <state.path>/users."""
     return Path(cfg.auth.users_file or Path(cfg.state.path) / "users")
@@ -495,6 +535,7 @@ def load_config(
     sections = {name: _build_section(name, doc.get(name, {}), environ) for name in SECTIONS}
     cfg = Config(**sections)
     _check_listener_tls(cfg)
+    _check_lease(cfg)
     if cfg.tlsrpt.dkim_key_file is not None and not cfg.tlsrpt.dkim_selector:
         raise ConfigError("tlsrpt.dkim_selector: needed when tlsrpt.dkim_key_file is set")
     # Computed defaults: the EHLO name is the machine's FQDN unless set; the listener

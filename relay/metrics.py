@@ -76,7 +76,8 @@ class Metrics:
         )
         self.policy_lookups = Counter(
             "sts_relay_policy_lookups",
-            "Policy lookups for deliveries, by source: cached (a cache hit), fetched, none.",
+            "Policy lookups for deliveries, by source: cached (a cache hit), fetched, none,"
+            " unavailable (the policy cache could not be read).",
             ["source"],
             registry=r,
         )

@@ -24,11 +24,12 @@ from policy.cache import CachedPolicy
 from policy.discover import Found, NotFound, discover, lookup_addresses
 from policy.fetch import Fetched, fetch_policy
 from policy.match import mx_matches
-from policy.model import Mode, Policy
+from policy.model import Policy, PolicyLookup
 from policy.webpki import client_context, unverified_context
 from relay.app import make_resolver, open_policy_cache
 from relay.config import Config
 from relay.delivery.client import Dialer
+from relay.delivery.decision import TlsDecision, TlsPolicySource, decide_tls
 from relay.delivery.mx import (
     DnsTempFail,
     MxList,
@@ -37,8 +38,9 @@ from relay.delivery.mx import (
     resolve_addresses,
     resolve_mx,
 )
-from relay.delivery.overrides import TlsOverride, parse_overrides
+from relay.delivery.overrides import parse_overrides
 from relay.delivery.probe import Probe, probe_mx
+from relay.delivery.tls import TlsRequirement
 from relay.events import EventLog
 
 _MAX_ADDRESSES_PER_MX = 4  # a diagnosis, not a scan
@@ -106,17 +108,29 @@ class _Rule:
     why: str
 
 
-def _rule(policy: Policy | None, override: TlsOverride | None) -> _Rule:
-    mode = policy.mode if policy is not None else None
-    if override is TlsOverride.OPPORTUNISTIC and mode is Mode.ENFORCE:
-        return _Rule("opportunistic", False, "policy enforce, overridden: opportunistic")
-    if override is TlsOverride.REQUIRE_VERIFIED and mode is not Mode.ENFORCE:
-        return _Rule("verified", False, "tls.overrides: require-verified")
-    if mode is Mode.ENFORCE:
-        return _Rule("verified", True, "MTA-STS policy mode enforce")
-    if mode is Mode.TESTING:
-        return _Rule("report", True, "MTA-STS policy mode testing")
-    return _Rule("opportunistic", False, "no MTA-STS policy in force")
+def _rule(decision: TlsDecision) -> _Rule:
+    """The delivery side's own decision (relay/delivery/decision.py), as this report shows it."""
+    requirement = decision.requirement
+    if decision.blocked is not None:
+        return _Rule("verified", True, decision.blocked)
+    check_names = requirement is TlsRequirement.VERIFIED and decision.mx_patterns is not None
+    why = decision.reason
+    if decision.changed_by_request and requirement is TlsRequirement.REPORT:
+        # Verification is still tried (and reported), but never stops delivery.
+        return _Rule("opportunistic", False, why)
+    if decision.source is TlsPolicySource.STS:
+        why = f"MTA-STS {why}"
+    elif decision.source is TlsPolicySource.NONE:
+        why = "no MTA-STS policy in force"
+    return _Rule(requirement.value, check_names, why)
+
+
+def _patterns(decision: TlsDecision) -> tuple[str, ...] | None:
+    """The MX patterns each host is shown against: the decision's, else the policy's."""
+    if decision.mx_patterns is not None:
+        return decision.mx_patterns
+    policy = decision.published.policy
+    return policy.mx if policy is not None else None
 
 
 def _host_verdict(rule: _Rule, allowed: bool | None, probes: list[Probe]) -> tuple[bool, str]:
@@ -145,13 +159,16 @@ def _host_verdict(rule: _Rule, allowed: bool | None, probes: list[Probe]) -> tup
 
 
 async def _mx_hosts(
-    domain: str, cfg: Config, resolver: dns.asyncresolver.Resolver, policy: Policy | None
+    domain: str,
+    cfg: Config,
+    resolver: dns.asyncresolver.Resolver,
+    patterns: tuple[str, ...] | None,
 ) -> dict[str, Any]:
     found = await resolve_mx(domain, resolver, timeout=cfg.dns.timeout, rng=random.Random(0))  # noqa: S311 - display order only
     match found:
         case MxList():
             hosts = [
-                {"host": h, "allowed": None if policy is None else mx_matches(h, policy.mx)}
+                {"host": h, "allowed": None if patterns is None else mx_matches(h, patterns)}
                 for h in found.hosts
             ]
             return {"status": "ok", "implicit": found.implicit, "hosts": hosts}
@@ -229,8 +246,12 @@ async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
     finally:
         cache.close()
     override = parse_overrides(cfg.tls.overrides).get(domain)
-    rule = _rule(policy, override)
-    mx = await _mx_hosts(domain, cfg, resolver, policy)
+    published = PolicyLookup(
+        domain, policy, txt.get("id") if policy else None, "fetched" if policy else "none"
+    )
+    decision = decide_tls(published, override, tls_required_no=False)
+    rule = _rule(decision)
+    mx = await _mx_hosts(domain, cfg, resolver, _patterns(decision))
     for host in mx["hosts"]:
         await _probe_host(host, rule, cfg, resolver)
     deliverable, secure, verdict = _verdict(rule, mx)
@@ -239,7 +260,8 @@ async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
         "txt": txt,
         "policy": policy_info or None,
         "cached": None if cached is None else cached_dict(cached),
-        "override": override.value if override else None,
+        "override": override.action.value if override else None,
+        "override_match": list(override.mx) if override and override.mx else None,
         "requirement": rule.requirement,
         "mx": mx,
         "deliverable": deliverable,
@@ -268,7 +290,8 @@ def _print_check(report: dict[str, Any]) -> None:
         c = report["cached"]
         print(f"cached:   id={c['policy_id']} mode={c['mode']} expires={c['expires_at']}")
     if report["override"]:
-        print(f"override: {report['override']}")
+        match = report["override_match"]
+        print(f"override: {report['override']}" + (f" match={':'.join(match)}" if match else ""))
     print(f"requires: {report['requirement']} TLS")
     if report["mx"]["status"] != "ok":
         print(f"MX:       {report['mx']['status']}")

@@ -20,7 +20,7 @@ from typing import assert_never
 
 import dns.asyncresolver
 
-from policy.model import PolicyLookup, TlsRptResult
+from policy.model import TlsRptResult
 from relay.delivery.client import (
     Connection,
     ConversationResult,
@@ -30,6 +30,7 @@ from relay.delivery.client import (
     safe_line,
     transact,
 )
+from relay.delivery.decision import TlsDecision, TlsPolicySource
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import (
     DnsTempFail,
@@ -42,7 +43,7 @@ from relay.delivery.mx import (
 )
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
 from relay.delivery.pool import ConnectionPool, PoolKey, PoolLimits
-from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
+from relay.delivery.tls import TlsRequirement
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,15 +211,24 @@ class MxTlsResult:
 
 
 def mx_tls_result(
-    session: ConversationResult, policy_fail: TlsRptResult | None
+    session: ConversationResult, policy_fail: TlsRptResult | None, *, validates: bool = True
 ) -> MxTlsResult | None:
     """`session` as a TLSRPT session, or None when it does not count: it never reached
     TLS (RFC 8460 §4.3.4: transient network failures need not be reported), or it ran
-    over a pooled connection whose TLS session was already counted for this domain."""
+    over a pooled connection whose TLS session was already counted for this domain.
+
+    Counted against what the domain published: `policy_fail` is the published policy's
+    verdict on the MX name; `validates` says whether that policy asks for a validated
+    certificate. Without one, a certificate failure met only because an override asked
+    for verification is no failure of the domain's (the session is not counted)."""
     hop = session.hop
     if not session.connected or session.repeat:
         return None
-    result = policy_fail or session.tls_failure
+    tls_failure = session.tls_failure
+    certificate_only = tls_failure not in (None, TlsRptResult.STARTTLS_NOT_SUPPORTED)
+    if not validates and certificate_only:
+        return None
+    result = policy_fail or tls_failure
     if result is None and hop.tls is None:
         if session.mail_reply is None:
             return None  # ended before the TLS decision (greeting refused, dropped)
@@ -226,9 +236,15 @@ def mx_tls_result(
     return MxTlsResult(hop.mx, hop.ip or "", result)
 
 
-def _policy_reason(domain: str, host: str, result: TlsRptResult) -> Reason:
-    text = safe_line(f"MX {host} is not permitted by the MTA-STS policy of {domain}")
-    return Reason(text, "4.7.5", hop=Hop(mx=host), tlsrpt=result)
+def _policy_reason(domain: str, host: str, decision: TlsDecision) -> Reason:
+    refused = decision.refuses_mx(host) or TlsRptResult.VALIDATION_FAILURE
+    whose = (
+        "tls.overrides entry" if decision.source is TlsPolicySource.OVERRIDE else "MTA-STS policy"
+    )
+    text = safe_line(f"MX {host} is not permitted by the {whose} of {domain}")
+    return Reason(
+        text, "4.7.5", hop=Hop(mx=host), tlsrpt=decision.published_verdict(host) or refused
+    )
 
 
 def _everyone(recipients: Sequence[str], outcome: Outcome) -> dict[str, Outcome]:
@@ -239,7 +255,7 @@ async def attempt_domain(
     domain: str,
     envelope: Envelope,
     *,
-    lookup: PolicyLookup,
+    decision: TlsDecision,
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     rng: random.Random,
@@ -255,6 +271,11 @@ async def attempt_domain(
     reporting (`mx_tls_result`), in the order tried: outcomes name only the deciding host.
     """
     recipients = envelope.recipients
+    if decision.blocked is not None:
+        # Our own store failed us: the policy in force is unknown. Waiting is safe; guessing
+        # "no policy" could send an enforce domain's mail in the clear.
+        text = safe_line(f"{decision.blocked}; not attempted, the mail waits")
+        return _everyone(recipients, Deferred(Reason(text, "4.3.0")))
     if mx is None:
         mx = await resolve_mx(domain, resolver, timeout=settings.dns_timeout, rng=rng)
     match mx:
@@ -271,7 +292,9 @@ async def attempt_domain(
             active = pool or ConnectionPool(replace(settings.pool_limits(), max_messages=1))
             try:
                 tried = sessions if sessions is not None else []
-                return await _walk(domain, mx, envelope, lookup, settings, resolver, active, tried)
+                return await _walk(
+                    domain, mx, envelope, decision, settings, resolver, active, tried
+                )
             finally:
                 if own_pool:
                     active.close_all()
@@ -283,47 +306,51 @@ async def _walk(
     domain: str,
     mx: MxList,
     envelope: Envelope,
-    lookup: PolicyLookup,
+    decision: TlsDecision,
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     pool: ConnectionPool,
     tried: list[MxTlsResult],
 ) -> dict[str, Outcome]:
-    """RFC 8461 §8.4: walk the MX list in order; a host failing the policy counts as a
-    transient failure (enforce: never contacted; testing: used, failure recorded). Every
-    session that counts for TLS reporting goes to `tried`."""
+    """RFC 8461 §8.4: walk the MX list in order; a host the decision refuses counts as a
+    transient failure and is never contacted; under REPORT every host is used and what
+    the published policy would have refused is recorded. Every conversation that counts
+    for TLS reporting (against the published policy) goes to `tried`."""
     recipients = envelope.recipients
-    requirement = requirement_for(lookup)
+    requirement = decision.requirement
     enforced = requirement is TlsRequirement.VERIFIED
+    validates = decision.published_requires_validation
     failures: list[Reason] = []
     left = max(settings.max_addresses, 2)
     for host in mx.hosts:
-        policy_fail = mx_check(lookup, host)
-        if policy_fail is not None and enforced:
-            failures.append(_policy_reason(domain, host, policy_fail))
-            tried.append(MxTlsResult(host, "", policy_fail))
+        published_fail = decision.published_verdict(host)
+        if decision.refuses_mx(host) is not None:
+            failures.append(_policy_reason(domain, host, decision))
+            if published_fail is not None:
+                tried.append(MxTlsResult(host, "", published_fail))
             continue
-        sessions = _sessions(
+        conversations = _conversations(
             pool, domain, host, requirement, envelope, settings, resolver, failures
         )
-        async for session in sessions:
+        async for conversation in conversations:
             left -= 1
-            if (counted := mx_tls_result(session, policy_fail)) is not None:
+            counted = mx_tls_result(conversation, published_fail, validates=validates)
+            if counted is not None:
                 tried.append(counted)
-            if session.completed:
-                await sessions.aclose()
+            if conversation.completed:
+                await conversations.aclose()
                 would_refuse = None
                 if requirement is TlsRequirement.REPORT:
-                    would_refuse = policy_fail or session.tls_failure
-                return decide(recipients, session, failures, would_refuse=would_refuse)
-            failures.append(conversation_failure(session, enforced=enforced))
+                    would_refuse = published_fail or conversation.tls_failure
+                return decide(recipients, conversation, failures, would_refuse=would_refuse)
+            failures.append(conversation_failure(conversation, enforced=enforced))
             if left <= 0:
-                await sessions.aclose()
+                await conversations.aclose()
                 return decide(recipients, None, failures)
     return decide(recipients, None, failures)
 
 
-async def _sessions(
+async def _conversations(
     pool: ConnectionPool,
     domain: str,
     host: str,
@@ -364,8 +391,7 @@ async def _over_idle(
 ) -> ConversationResult | None:
     """A transaction over an idle pooled connection to `host`, if there is a live one."""
     while (conn := pool.take_idle_for_host(host, requirement)) is not None:
-        timeout = settings.command_timeout
-        result = await transact(conn, envelope, command_timeout=timeout, reused=True)
+        result = await _transact_pooled(pool, conn, envelope, settings, reused=True)
         if result.stale:
             await pool.discard(conn)
             continue
@@ -395,7 +421,6 @@ async def pooled_conversation(
     message sent over a fresh one; that is not a failed attempt (nothing was sent).
     `domain` is the recipients' policy domain (marks repeats, see `MxTlsResult`)."""
     host, ip, requirement = key
-    timeout = settings.command_timeout
     while True:
         got = await pool.acquire(key)
         if got is False:
@@ -404,7 +429,7 @@ async def pooled_conversation(
                 error = f"{ip} timed out recently; not tried again yet"
             return ConversationResult(hop=Hop(mx=host, ip=ip), error=error)
         if isinstance(got, Connection):
-            result = await transact(got, envelope, command_timeout=timeout, reused=True)
+            result = await _transact_pooled(pool, got, envelope, settings, reused=True)
             if result.stale:
                 await pool.discard(got)
                 continue
@@ -412,16 +437,39 @@ async def pooled_conversation(
             await _give_back(pool, key, got, result)
             return result
         break
-    conn = await connect(ip, host, requirement, settings.dialer)
+    try:
+        conn = await connect(ip, host, requirement, settings.dialer)
+    except BaseException:
+        pool.abandon(None, ip)  # cut off while connecting: the reserved slot goes back
+        raise
     if isinstance(conn, ConversationResult):
         if conn.timed_out:
             pool.mark_down(ip, settings.connect_timeout)
         await pool.unreserve(ip)
         return conn
-    result = await transact(conn, envelope, command_timeout=timeout, reused=False)
+    result = await _transact_pooled(pool, conn, envelope, settings, reused=False)
     result = _for_domain(conn, domain, result)
     await _give_back(pool, key, conn, result)
     return result
+
+
+async def _transact_pooled(
+    pool: ConnectionPool,
+    conn: Connection,
+    envelope: Envelope,
+    settings: AttemptSettings,
+    *,
+    reused: bool,
+) -> ConversationResult:
+    """`transact` over a connection the pool lent us; a connection whose transaction was
+    cut off (the attempt's deadline) is in an unknown state: closed, never lent again."""
+    try:
+        return await transact(
+            conn, envelope, command_timeout=settings.command_timeout, reused=reused
+        )
+    except BaseException:
+        pool.abandon(conn, conn.ip)
+        raise
 
 
 async def _give_back(

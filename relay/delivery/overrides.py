@@ -1,30 +1,24 @@
-"""Per-domain TLS overrides set by the operator (`tls.overrides`), applied to policy lookups.
+"""Per-domain TLS overrides set by the operator (`tls.overrides`): what each entry means.
 
-Owns what each override means and the `tls_override` event logged whenever one changes
-the TLS decision of an attempt. It transforms the `PolicyLookup` an attempt receives and
-knows nothing of sessions, the queue or the cache (the cached policy is never touched).
+Owns the entries' meaning and the set in force (swapped on SIGHUP). The decision itself is
+`relay/delivery/decision.py`'s pure function, which takes an entry as one of its inputs;
+nothing here rewrites a domain's published policy, and nothing here reads DNS.
 
-- `require-verified`: the domain is treated as if it published an `enforce` policy listing
-  its own MX hosts: STARTTLS, a certificate that chains to a trusted root, is in date and
-  names the MX host; otherwise the mail waits (like Postfix's `verify` level, without DANE).
-- `opportunistic`: the escape hatch for a receiver whose TLS is broken while its policy says
-  `enforce`: the attempt goes out with opportunistic STARTTLS as if there were no policy.
+- `require-verified match=P1:P2`: verified TLS (STARTTLS, a certificate that chains to a
+  trusted root, is in date and names the MX host) to MX hosts whose names match the
+  entry's own patterns (MTA-STS pattern syntax), for a domain without an enforce policy:
+  a local policy, like Postfix's `secure match=`. The patterns come from the operator,
+  never from unsigned DNS, so a DNS spoofer cannot choose the names.
+- `opportunistic`: the escape hatch for a receiver whose TLS is broken while its policy
+  says `enforce`: delivery goes on whatever the certificate, and TLS reports still count
+  the failure against the published policy.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass
 from enum import StrEnum
-
-import dns.asyncresolver
-
-from policy.model import Mode, Policy, PolicyLookup
-from relay.delivery.mx import MxList, resolve_mx
-from relay.events import EventLog
-
-OVERRIDE_POLICY_ID = "override"
 
 
 class TlsOverride(StrEnum):
@@ -32,69 +26,36 @@ class TlsOverride(StrEnum):
     OPPORTUNISTIC = "opportunistic"
 
 
-def parse_overrides(entries: Sequence[str]) -> dict[str, TlsOverride]:
-    """{"domain": TlsOverride} from config entries "domain=action" (validated by config)."""
-    out: dict[str, TlsOverride] = {}
-    for entry in entries:
-        domain, _, action = entry.partition("=")
-        out[domain.strip().lower().removesuffix(".")] = TlsOverride(action.strip().lower())
-    return out
+@dataclass(frozen=True, slots=True)
+class OverrideRule:
+    """One domain's override: the action and, for require-verified, the MX patterns."""
+
+    action: TlsOverride
+    mx: tuple[str, ...] = ()
+
+
+def parse_override(entry: str) -> tuple[str, OverrideRule]:
+    """(domain, rule) from an entry config has validated: "domain=action[ match=P:P]"."""
+    domain, _, rest = entry.partition("=")
+    action, _, option = rest.strip().partition(" ")
+    patterns = option.strip().removeprefix("match=")
+    mx = tuple(p.lower() for p in patterns.split(":") if p) if option else ()
+    return domain.strip().lower().removesuffix("."), OverrideRule(TlsOverride(action.lower()), mx)
+
+
+def parse_overrides(entries: Sequence[str]) -> dict[str, OverrideRule]:
+    """{"domain": OverrideRule} from the validated entries of `tls.overrides`."""
+    return dict(parse_override(entry) for entry in entries)
 
 
 class TlsOverrides:
     """The overrides in force; `replace()` swaps them (SIGHUP) without a restart."""
 
-    def __init__(
-        self,
-        entries: Sequence[str],
-        *,
-        resolver: dns.asyncresolver.Resolver,
-        dns_timeout: float,
-        events: EventLog,
-    ) -> None:
+    def __init__(self, entries: Sequence[str]) -> None:
         self._by_domain = parse_overrides(entries)
-        self._resolver = resolver
-        self._dns_timeout = dns_timeout
-        self._events = events
-        self._rng = random.Random()  # noqa: S311 - MX order is irrelevant here
 
     def replace(self, entries: Sequence[str]) -> None:
         self._by_domain = parse_overrides(entries)
 
-    def get(self, domain: str) -> TlsOverride | None:
+    def get(self, domain: str) -> OverrideRule | None:
         return self._by_domain.get(domain.lower().removesuffix("."))
-
-    async def apply(self, queue_id: str | None, domain: str, lookup: PolicyLookup) -> PolicyLookup:
-        """The lookup this attempt should use; logs `tls_override` when it differs."""
-        override = self.get(domain)
-        mode = lookup.policy.mode if lookup.policy is not None else None
-        if override is TlsOverride.OPPORTUNISTIC and mode is Mode.ENFORCE:
-            self._log(queue_id, domain, override, "opportunistic", "policy mode enforce")
-            return replace(lookup, policy=None, policy_id=None, source=OVERRIDE_POLICY_ID)
-        if override is TlsOverride.REQUIRE_VERIFIED and mode is not Mode.ENFORCE:
-            hosts = await self.mx_hosts(domain)
-            policy = Policy(mode=Mode.ENFORCE, mx=hosts, max_age=0, text="")
-            before = f"policy mode {mode.value}" if mode is not None else "no MTA-STS policy"
-            self._log(queue_id, domain, override, "verified", before)
-            return PolicyLookup(domain, policy, OVERRIDE_POLICY_ID, OVERRIDE_POLICY_ID)
-        return lookup
-
-    async def mx_hosts(self, domain: str) -> tuple[str, ...]:
-        """The domain's MX host names (its own name for an implicit MX); () on failure,
-        in which case the attempt's own MX lookup reports the problem."""
-        found = await resolve_mx(domain, self._resolver, timeout=self._dns_timeout, rng=self._rng)
-        if isinstance(found, MxList):
-            return tuple(h.rstrip(".").lower() for h in found.hosts)
-        return ()
-
-    def _log(
-        self, queue_id: str | None, domain: str, override: TlsOverride, decision: str, was: str
-    ) -> None:
-        self._events.tls_override(
-            queue_id=queue_id,
-            domain=domain,
-            mx=None,
-            override=override.value,
-            decision=decision,
-            reason=f"{was} overridden by tls.overrides",
-        )

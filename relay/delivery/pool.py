@@ -157,6 +157,14 @@ class ConnectionPool:
         self._forget(conn)
         await self._notify()
 
+    def abandon(self, conn: Connection | None, ip: str) -> None:
+        """Cancelled mid-use (an attempt cut off at its deadline): close `conn`, or give
+        back the slot reserved for a connection being opened, at once and without awaiting
+        (waiters see the slot at their next look)."""
+        if conn is not None:
+            conn.close()
+        self._release(ip)
+
     def _forget(self, conn: Connection) -> None:
         conn.close()
         self._release(conn.ip)

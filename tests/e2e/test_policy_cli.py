@@ -140,7 +140,10 @@ async def test_check_without_starttls_or_policy_reports_plaintext(
 async def test_check_applies_tls_overrides(world: World, tmp_path: Path) -> None:
     await world.sts_domain("enforce-untrusted.test", cert_kind="self")
     await world.sts_domain("plain-ok.test", mode=None)
-    overrides = ["enforce-untrusted.test=opportunistic", "plain-ok.test=require-verified"]
+    overrides = [
+        "enforce-untrusted.test=opportunistic",
+        "plain-ok.test=require-verified match=mx1.plain-ok.test",
+    ]
     config = write_config(world, tmp_path, tls={"overrides": overrides})
 
     code, report = await check(config, "enforce-untrusted.test")
@@ -153,6 +156,7 @@ async def test_check_applies_tls_overrides(world: World, tmp_path: Path) -> None
     code, report = await check(config, "plain-ok.test")
     assert code == 0
     assert report["override"] == "require-verified"
+    assert report["override_match"] == ["mx1.plain-ok.test"]
     assert report["requirement"] == "verified"
     assert report["secure"] is True
 
@@ -219,12 +223,14 @@ async def test_overrides_from_the_environment_are_validated_and_applied(
 
     good = {
         **env,
-        "STS_RELAY_TLS_OVERRIDES": "Enforce-Untrusted.test=opportunistic, b.test=require-verified",
+        "STS_RELAY_TLS_OVERRIDES": (
+            "Enforce-Untrusted.test=opportunistic, b.test=require-verified match=MX.b.test:*.c.test"
+        ),
     }
     shown = await run_cli(config, "config", "check", "--json", env=good)
     assert json.loads(shown.stdout)["tls"]["overrides"] == [
         "enforce-untrusted.test=opportunistic",
-        "b.test=require-verified",
+        "b.test=require-verified match=mx.b.test:*.c.test",
     ]
     done = await run_cli(config, "policy", "check", "enforce-untrusted.test", "--json", env=good)
     assert json.loads(done.stdout)["requirement"] == "opportunistic"

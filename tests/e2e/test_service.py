@@ -158,7 +158,10 @@ async def test_require_verified_override_defers_a_domain_without_policy_on_a_bad
 ) -> None:
     bad = await world.sts_domain("no-policy-bad.test", mode=None, cert_kind="self")
     good = await world.sts_domain("no-policy-good.test", mode=None)
-    overrides = ["no-policy-bad.test=require-verified", "No-Policy-Good.test.=require-verified"]
+    overrides = [
+        "no-policy-bad.test=require-verified match=mx1.no-policy-bad.test",
+        "No-Policy-Good.test.=require-verified match=*.no-policy-good.test",
+    ]
     relay = await start_relay(tls={"overrides": overrides})
 
     await relay.send(["u@no-policy-bad.test", "u@no-policy-good.test"])
@@ -171,6 +174,37 @@ async def test_require_verified_override_defers_a_domain_without_policy_on_a_bad
     assert len(good.messages) == 1
     decisions = {e["domain"]: e["decision"] for e in relay.find(event="tls_override")}
     assert decisions == {"no-policy-bad.test": "verified", "no-policy-good.test": "verified"}
+
+
+async def test_require_verified_refuses_a_spoofed_mx_outside_its_patterns(
+    start_relay: StartRelay, world: World
+) -> None:
+    """The override carries its own MX names: an MX record pointing elsewhere (what a DNS
+    spoofer would publish, even with a valid certificate for its own name) is never used."""
+    spoofed = await world.sts_domain("spoofed-mx.test", mode=None)
+    relay = await start_relay(
+        tls={"overrides": ["spoofed-mx.test=require-verified match=mx.genuine.test"]}
+    )
+
+    await relay.send(["u@spoofed-mx.test"])
+
+    deferred = await relay.delivery("u@spoofed-mx.test", "deferred")
+    assert deferred["tls_policy"] == "override"
+    assert "not permitted by the tls.overrides entry" in deferred["reason"]
+    assert spoofed.messages == []
+    assert spoofed.connections == 0
+
+
+async def test_require_verified_without_patterns_is_a_config_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    cfg = tmp_path / "relay.toml"
+    cfg.write_text('[tls]\noverrides = ["a.test=require-verified"]\n', encoding="utf-8")
+    done = await run_cli(cfg, "config", "check")
+    assert done.code == 2
+    assert "tls.overrides" in done.stderr
+    assert "match=" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 # -- the Docker image: its command line and health check, run here ----------------------

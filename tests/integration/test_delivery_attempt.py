@@ -17,6 +17,7 @@ import pytest
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
 from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.decision import decide_tls
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from tests.conftest import SilentHost
@@ -65,7 +66,7 @@ async def _attempt(
     return await attempt_domain(
         domain,
         Envelope(SENDER, rcpts, data),
-        lookup=lookup,
+        decision=decide_tls(lookup, None, tls_required_no=False),
         settings=_settings(world, **changes),
         resolver=_resolver(world),
         rng=random.Random(7),
@@ -325,7 +326,7 @@ async def test_null_sender_stays_null(world: World) -> None:
     outcomes = await attempt_domain(
         domain,
         Envelope("", [f"u@{domain}"], b"Subject: bounce\r\n\r\nbody\r\n"),
-        lookup=_lookup(domain, None),
+        decision=decide_tls(_lookup(domain, None), None, tls_required_no=False),
         settings=_settings(world),
         resolver=_resolver(world),
         rng=random.Random(1),

@@ -18,6 +18,7 @@ from mailqueue.model import DsnRequest
 from policy.model import Mode, Policy, PolicyLookup
 from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.decision import decide_tls
 from relay.delivery.envelope import Envelope, xtext
 from relay.delivery.mx import usable_address
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
@@ -83,7 +84,7 @@ class Lab:
         return await attempt_domain(
             domain,
             envelope,
-            lookup=_lookup(domain, mode, mx),
+            decision=decide_tls(_lookup(domain, mode, mx), None, tls_required_no=False),
             settings=self.settings,
             resolver=self.resolver,
             rng=self.rng,

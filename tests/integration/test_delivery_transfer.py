@@ -20,6 +20,7 @@ import pytest
 from policy.model import Mode, Policy, PolicyLookup
 from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, attempt_domain
+from relay.delivery.decision import decide_tls
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Delivered, Outcome
 from relay.delivery.transfer import CHUNK, encode_data
@@ -92,7 +93,7 @@ async def _send(world: World, domain: str, data: bytes, lookup: PolicyLookup) ->
     outcomes = await attempt_domain(
         domain,
         Envelope("app@src.test", [f"u@{domain}"], data),
-        lookup=lookup,
+        decision=decide_tls(lookup, None, tls_required_no=False),
         settings=settings,
         resolver=resolver,
         rng=random.Random(1),

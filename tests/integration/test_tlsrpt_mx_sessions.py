@@ -19,8 +19,10 @@ from mailqueue.model import DsnRequest
 from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
 from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain
+from relay.delivery.decision import decide_tls
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Delivered, Outcome
+from relay.delivery.overrides import OverrideRule, TlsOverride
 from relay.delivery.pool import ConnectionPool
 from relay.reporting import SessionRecorder
 from tests.support.world import World
@@ -58,12 +60,14 @@ class Lab:
         self.resolver = dns.asyncresolver.Resolver(configure=False)
         self.resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", world.dns.port)]
 
-    async def send(self, domain: str, lookup: PolicyLookup) -> tuple[Outcome, list[MxTlsResult]]:
+    async def send(
+        self, domain: str, lookup: PolicyLookup, override: OverrideRule | None = None
+    ) -> tuple[Outcome, list[MxTlsResult]]:
         tried: list[MxTlsResult] = []
         outcomes = await attempt_domain(
             domain,
             Envelope("app@src.test", [f"u@{domain}"], BODY, DsnRequest()),
-            lookup=lookup,
+            decision=decide_tls(lookup, override, tls_required_no=False),
             settings=self.settings,
             resolver=self.resolver,
             rng=random.Random(3),
@@ -100,6 +104,39 @@ async def test_bad_mx_then_good_mx_gives_one_failure_and_one_success(
     ]
     assert len(good.messages) == 1
     assert not bad.messages
+
+
+async def test_opportunistic_override_still_reports_the_failure_against_the_published_policy(
+    world: World, lab: Lab, tmp_path: Path
+) -> None:
+    """The operator's escape hatch delivers to an enforce domain whose certificate names
+    another host, and the domain's owner still learns of it: the session counts as
+    certificate-host-mismatch under its published policy, never as a success."""
+    sink = await world.add_mx(
+        "mx1.broken.test", world.allocate_ip(), cert_names=["mx.elsewhere.test"]
+    )
+    world.mx_record("broken.test", (10, "mx1.broken.test"))
+    lookup = _lookup("broken.test", Mode.ENFORCE, ("mx1.broken.test",))
+
+    outcome, tried = await lab.send("broken.test", lookup, OverrideRule(TlsOverride.OPPORTUNISTIC))
+
+    assert isinstance(outcome, Delivered), outcome
+    assert outcome.reason.tlsrpt is TlsRptResult.CERTIFICATE_HOST_MISMATCH
+    assert len(sink.messages) == 1
+    assert tried == [
+        MxTlsResult("mx1.broken.test", sink.ip, TlsRptResult.CERTIFICATE_HOST_MISMATCH)
+    ]
+    store = ReportStore(tmp_path / "db.sqlite3")
+    try:
+        counter = SessionCounter(store)
+        SessionRecorder(counter, clock=lambda: NOON).record("broken.test", lookup, tried, BODY)
+        await counter.close()
+        (count,) = store.counts(DAY)
+        assert count.failure is not None
+        assert count.failure.result is TlsRptResult.CERTIFICATE_HOST_MISMATCH
+        assert count.policy.type.value == "sts"
+    finally:
+        store.close()
 
 
 async def test_mx_outside_the_policy_and_a_refused_connection(world: World, lab: Lab) -> None:

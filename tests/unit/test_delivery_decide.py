@@ -10,12 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from policy.model import Mode, Policy, PolicyLookup, TlsRptResult
+from policy.model import TlsRptResult
 from relay.delivery.attempt import conversation_failure, decide, reply_status
 from relay.delivery.client import ConversationResult, Reply, safe_line
 from relay.delivery.mx import MxList, NullMx, order_mx
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Reason
-from relay.delivery.tls import TlsRequirement, mx_check, requirement_for
 
 HOP = Hop(mx="mx1.d.test", ip="127.0.0.11", tls="TLSv1.3", verified=True)
 OK: Reply = (250, "2.0.0 OK")
@@ -303,43 +302,3 @@ def test_order_mx_shuffles_equal_preferences() -> None:
         seconds[result.hosts[1]] += 1
     assert seconds["a.d.test"] > 50
     assert seconds["b.d.test"] > 50
-
-
-# -- TLS requirement (RFC 8461 §5) ----------------------------------------------------------
-
-
-def _lookup(mode: Mode | None, mx: tuple[str, ...] = ("mx1.d.test", "*.d.test")) -> PolicyLookup:
-    policy = None if mode is None else Policy(mode=mode, mx=mx, max_age=86400, text="")
-    return PolicyLookup(domain="d.test", policy=policy, policy_id="1", source="cached")
-
-
-@pytest.mark.parametrize(
-    ("mode", "requirement"),
-    [
-        (Mode.ENFORCE, TlsRequirement.VERIFIED),
-        (Mode.TESTING, TlsRequirement.REPORT),
-        (Mode.NONE, TlsRequirement.OPPORTUNISTIC),
-        (None, TlsRequirement.OPPORTUNISTIC),
-    ],
-)
-def test_requirement_for(mode: Mode | None, requirement: TlsRequirement) -> None:
-    assert requirement_for(_lookup(mode)) is requirement
-
-
-@pytest.mark.parametrize(
-    ("mode", "host", "expected"),
-    [
-        (Mode.ENFORCE, "mx1.d.test", None),
-        (Mode.ENFORCE, "MX1.D.TEST.", None),  # STS-82
-        (Mode.ENFORCE, "other.d.test", None),  # wildcard, one label
-        (Mode.ENFORCE, "a.b.d.test", TlsRptResult.VALIDATION_FAILURE),  # STS-81
-        (Mode.ENFORCE, "evil.test", TlsRptResult.VALIDATION_FAILURE),  # STS-80
-        (Mode.ENFORCE, "*.d.test", TlsRptResult.VALIDATION_FAILURE),  # STS-101
-        (Mode.ENFORCE, "mx_1.d.test", TlsRptResult.VALIDATION_FAILURE),
-        (Mode.TESTING, "evil.test", TlsRptResult.VALIDATION_FAILURE),
-        (Mode.NONE, "evil.test", None),
-        (None, "*.d.test", None),
-    ],
-)
-def test_mx_check(mode: Mode | None, host: str, expected: TlsRptResult | None) -> None:
-    assert mx_check(_lookup(mode), host) is expected

@@ -1,0 +1,319 @@
+"""The scheduler: owns in-flight delivery work, from lease to recorded outcome.
+
+Like Postfix's qmgr, it decides what is attempted when and records what came of it; the
+attempt itself is the pipeline's (`pipeline.Pipeline`), the sender's report `bounce`'s.
+
+The guarantees it keeps (DESIGN "The shape of a delivery"):
+- One attempt of a given (message, domain) at a time: the store's lease keeps other
+  workers, processes and nodes off it, and every attempt ends (cut off by
+  `delivery.attempt_deadline`, a deferral) before its lease (`delivery.lease_time`) does.
+  In this process, a lease handed out again for work still running is joined to it.
+- A result is recorded only by the lease's owner: the store applies a result only to rows
+  still held by that very lease (`QueueStore.record`).
+- After an MX's 250 nothing makes the relay send the message to that recipient again:
+  outcomes and the DSN they owe are committed in one transaction; when the store fails,
+  they are kept in memory and committed later (a lease handed out again for such work is
+  used to record it, never to attempt it). Only a crash between the MX's reply and that
+  commit can still repeat a delivery, which SMTP cannot prevent (README, "Duplicates").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import assert_never
+
+from mailqueue.model import Lease, RcptState, RecipientResult
+from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
+from relay.delivery.bounce import Bounce, BounceSettings, bounce_for
+from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
+from relay.delivery.pipeline import LeaseResult, Pipeline
+from relay.delivery.pool import ConnectionPool
+from relay.events import EventLog
+
+# How long an idle scheduler waits before looking at the store again; this bounds how soon
+# `sts-relay queue flush`, run from another process, takes effect.
+_IDLE_POLL_S = 0.5
+# Back-off of recording retries while the store fails (doubling up to the maximum).
+_RECORD_RETRY_S = (0.5, 30.0)
+
+_Key = tuple[str, str]  # (queue_id, domain): the unit of work a lease covers
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    concurrency: int
+    owner: str  # lease owner: this process's identity
+    bounce: BounceSettings
+    lease_time: float = 1200.0  # delivery.lease_time
+    attempt_deadline: float = 900.0  # delivery.attempt_deadline
+
+
+@dataclass(frozen=True, slots=True)
+class _Unrecorded:
+    """Outcomes of a finished attempt whose commit is still owed."""
+
+    lease: Lease
+    results: tuple[RecipientResult, ...]
+    bounce: Bounce | None
+    log: Callable[[], None]  # the attempt's `delivery` events, logged once committed
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        store: QueueStore,
+        pipeline: Pipeline,
+        pool: ConnectionPool,
+        settings: SchedulerSettings,
+        events: EventLog,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self.pipeline = pipeline
+        self.pool = pool
+        self._settings = settings
+        self._events = events
+        self._clock = clock
+        self._wakeup = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._running: dict[_Key, Lease] = {}  # the newest lease of each running attempt
+        self._unrecorded: dict[_Key, _Unrecorded] = {}
+        self._unrecorded_added = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look at the queue now (new mail was accepted)."""
+        self._wakeup.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts running, plus finished attempts whose outcomes are not committed yet."""
+        return len(self._running) + len(self._unrecorded)
+
+    async def run(self) -> None:
+        """Deliver until cancelled; every attempt is a task of this one TaskGroup."""
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self.pool.run_sweeper())
+            tasks.create_task(self._retry_unrecorded())
+            while True:
+                free = self._settings.concurrency - len(self._running)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                leases = await self._lease(limit=free)
+                if not leases:
+                    await self._idle()
+                    continue
+                for lease in leases:
+                    key = (lease.queue_id, lease.domain)
+                    if key in self._running:
+                        self._running[key] = lease  # our own work, leased again: join it
+                    elif key in self._unrecorded:
+                        tasks.create_task(self._commit(self._rebind(key, lease)))
+                    else:
+                        self._running[key] = lease
+                        tasks.create_task(self._handle(lease))
+
+    async def _lease(self, limit: int) -> list[Lease]:
+        try:
+            return await self._store.lease_due(
+                self._settings.owner, limit, self._settings.lease_time
+            )
+        except StoreUnavailable as exc:
+            self._events.store_error(error=f"lease: {exc}")
+            await asyncio.sleep(_IDLE_POLL_S)
+            return []
+
+    async def _idle(self) -> None:
+        self._wakeup.clear()
+        wait = _IDLE_POLL_S
+        try:
+            due = await self._store.next_due_at()
+        except StoreUnavailable as exc:
+            self._events.store_error(error=f"next due: {exc}")
+            due = None
+        if due is not None:
+            wait = min(wait, max(0.0, due - self._clock()))
+        try:
+            async with asyncio.timeout(wait):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
+
+    async def _handle(self, lease: Lease) -> None:
+        key = (lease.queue_id, lease.domain)
+        try:
+            attempted = await self._attempt(lease)
+            if attempted is not None:
+                data, result = attempted
+                await self._finish(self._running.get(key, lease), data, result)
+        finally:
+            self._running.pop(key, None)
+            self._slot_freed.set()
+
+    async def _attempt(self, lease: Lease) -> tuple[bytes, LeaseResult] | None:
+        """The attempt of `lease` as a value, within the attempt deadline; None when the
+        message is gone (deleted by an operator while leased)."""
+        try:
+            data = await self._store.read_data(lease.queue_id)
+        except MessageNotFound:
+            return None
+        except StoreUnavailable as exc:
+            # Nothing attempted: give the lease back, or let it run out if that fails too.
+            self._events.store_error(error=f"read {lease.queue_id}: {exc}")
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.release(lease)
+            return None
+        expired = self._clock() >= lease.expires_at
+        # The lease was taken lease_time ago at `until`; the attempt must end
+        # attempt_deadline after that, leaving the rest of the lease to record it.
+        slack = self._settings.lease_time - self._settings.attempt_deadline
+        remaining = lease.until - slack - self._clock()
+        try:
+            async with asyncio.timeout(max(remaining, 0.0)):
+                return data, await self.pipeline.run(lease, data, expired=expired)
+        except TimeoutError:
+            deadline = self._settings.attempt_deadline
+            text = f"attempt cut off after {deadline:g} s (delivery.attempt_deadline)"
+            return data, _everyone(lease, text, "4.4.7")
+        except Exception as exc:  # noqa: BLE001 - one bad lease must not stop the others
+            self._events.worker_error(queue_id=lease.queue_id, domain=lease.domain, error=repr(exc))
+            return data, _everyone(lease, f"internal error: {type(exc).__name__}", "4.3.0")
+
+    async def _finish(self, lease: Lease, data: bytes, result: LeaseResult) -> None:
+        """Commit the attempt's outcomes and the DSN they owe, then log them: a `delivery`
+        event says what is recorded (a crash before the commit logs nothing)."""
+        outcomes = result.outcomes
+        bounce, delay_notified = bounce_for(
+            lease, data, outcomes, now=self._clock(), settings=self._settings.bounce
+        )
+        notified = delay_notified | {r.address for r in lease.recipients if r.delay_notified}
+        results = tuple(_result(a, o, a in notified) for a, o in outcomes.items())
+        delay = round(self._clock() - lease.received_at, 3)
+        attempts = {r.address: r.attempts + 1 for r in lease.recipients}
+
+        def log() -> None:
+            for address, outcome in outcomes.items():
+                self._log(lease, address, outcome, result, attempts.get(address, 1), delay)
+
+        await self._commit(_Unrecorded(lease, results, bounce, log))
+
+    async def _commit(self, pending: _Unrecorded) -> bool:
+        """Commit `pending`; on a store failure keep it for `_retry_unrecorded`."""
+        lease = pending.lease
+        key = (lease.queue_id, lease.domain)
+        dsn = pending.bounce.message if pending.bounce is not None else None
+        try:
+            recorded = await self._store.record(lease, pending.results, dsn)
+        except StoreUnavailable as exc:
+            if key not in self._unrecorded:
+                self._events.store_error(
+                    error=f"record {lease.queue_id}: {exc}; outcomes kept, retried"
+                )
+            self._unrecorded[key] = pending
+            self._unrecorded_added.set()
+            return False
+        self._unrecorded.pop(key, None)
+        if pending.bounce is not None and recorded.dsn_queue_id is not None:
+            self._events.bounce_queued(
+                queue_id=lease.queue_id,
+                dsn_queue_id=recorded.dsn_queue_id,
+                sender=lease.sender,
+                rcpts=pending.bounce.rcpts,
+            )
+            self.wake()
+        pending.log()
+        if recorded.lost:
+            self._events.worker_error(
+                queue_id=lease.queue_id,
+                domain=lease.domain,
+                error=f"lease lost before recording: {len(recorded.lost)} recipient(s)",
+            )
+        return True
+
+    def _rebind(self, key: _Key, lease: Lease) -> _Unrecorded:
+        """Unrecorded outcomes moved onto the lease now holding their recipients."""
+        pending = self._unrecorded[key]
+        leased = {r.address for r in lease.recipients}
+        results = tuple(r for r in pending.results if r.address in leased)
+        rebound = _Unrecorded(lease, results, pending.bounce, pending.log)
+        self._unrecorded[key] = rebound
+        return rebound
+
+    async def _retry_unrecorded(self) -> None:
+        """Commit kept outcomes as soon as the store takes them again."""
+        low, high = _RECORD_RETRY_S
+        wait = low
+        while True:
+            if not self._unrecorded:
+                self._unrecorded_added.clear()
+                await self._unrecorded_added.wait()
+                wait = low
+            await asyncio.sleep(wait)
+            results = [await self._commit(p) for p in list(self._unrecorded.values())]
+            wait = low if all(results) else min(wait * 2, high)
+
+    def _log(
+        self,
+        lease: Lease,
+        address: str,
+        outcome: Outcome,
+        result: LeaseResult,
+        attempt: int,
+        delay: float,
+    ) -> None:
+        reason = outcome.reason
+        hop = reason.hop
+        decision = result.decision
+        published = decision.published if decision is not None else None
+        policy = published.policy if published is not None else None
+        tlsrpt = reason.tlsrpt
+        if tlsrpt is None and published is not None and policy is None:
+            tlsrpt = published.failure
+        self._events.delivery(
+            queue_id=lease.queue_id,
+            rcpt=address,
+            domain=lease.domain,
+            status=_status(outcome).value,
+            mx=hop.mx if hop else None,
+            ip=hop.ip if hop else None,
+            tls=hop.tls if hop else None,
+            verified=hop.verified if hop else False,
+            sts_mode=policy.mode.value if policy else None,
+            policy_id=published.policy_id if published and policy else None,
+            tls_policy=decision.source.value if decision is not None else None,
+            reason=reason.reply or reason.text,
+            tlsrpt_result=tlsrpt.value if tlsrpt else None,
+            attempt=attempt,
+            delay_s=delay,
+        )
+
+
+def _everyone(lease: Lease, text: str, status: str) -> LeaseResult:
+    outcome = Deferred(Reason(text, status))
+    return LeaseResult({r.address: outcome for r in lease.recipients}, None)
+
+
+def _status(outcome: Outcome) -> RcptState:
+    match outcome:
+        case Delivered():
+            return RcptState.SENT
+        case Deferred():
+            return RcptState.DEFERRED
+        case Bounced():
+            return RcptState.BOUNCED
+        case _:
+            assert_never(outcome)
+
+
+def _result(address: str, outcome: Outcome, delay_notified: bool = False) -> RecipientResult:
+    reason: Reason = outcome.reason
+    error = None if isinstance(outcome, Delivered) else (reason.reply or reason.text)
+    return RecipientResult(
+        address=address, state=_status(outcome), error=error, delay_notified=delay_notified
+    )

@@ -7,7 +7,8 @@ leased the rows) or renewed changes nothing. Rows of a lease that ran out and th
 leased again still carry the pair: a late result is still applied.
 
 `record_lease` leaves a receipt, the `Recorded` it returned, until the (message, domain) is
-leased again or RECEIPT_KEEP seconds have passed: a caller retrying a call whose commit
+leased again or RECEIPT_KEEP seconds have passed (none when the call deleted the message:
+every recipient final), so that a caller retrying a call whose commit
 happened but whose reply it never saw gets that same answer, and nothing is applied or
 queued twice. (Without the receipt a retry would still apply nothing, its rows no longer
 being under the lease, and queue no DSN; it would only report every address as lost.)
@@ -42,21 +43,23 @@ from mailqueue.sqlite_schema import dsn_from_json
 # an hour of receipts is a wide margin and stays small on a busy relay.
 RECEIPT_KEEP = 3600.0
 # Rows still under a lease: bound as (message_id, domain, lease_owner, lease_until, ...).
+# `+lease_owner` keeps SQLite off the lease_owner index (every row leased by this node
+# shares one owner: a scan of all of them per call); the message's rows come by message_id.
 _SELECT_UNDER_LEASE = (
     "SELECT id, address, attempts FROM queue_recipients"
-    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until = ?"
+    " WHERE message_id = ? AND domain = ? AND +lease_owner = ? AND lease_until = ?"
     " AND state IN ('queued', 'deferred')"
 )
 # Rows of a lease being renewed to the second until: still under it, or already moved
 # there by this same call whose reply was lost (a retried renew answers the same).
 _SELECT_RENEWABLE = (
     "SELECT id, address FROM queue_recipients"
-    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until IN (?, ?)"
+    " WHERE message_id = ? AND domain = ? AND +lease_owner = ? AND lease_until IN (?, ?)"
     " AND state IN ('queued', 'deferred')"
 )
 _RELEASE = (
     "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL, next_attempt_at = ?"
-    " WHERE message_id = ? AND domain = ? AND lease_owner = ? AND lease_until = ?"
+    " WHERE message_id = ? AND domain = ? AND +lease_owner = ? AND lease_until = ?"
     " AND state IN ('queued', 'deferred') AND address = ?"
 )
 
@@ -194,6 +197,7 @@ def record_lease(
         "SELECT id, received_at FROM queue_messages WHERE queue_id = ?", (lease.queue_id,)
     ).fetchone()
     applied: list[str] = []
+    deleted = False
     if row is not None:  # else deleted by an operator while the attempt ran
         msg_id, received_at = row
         expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
@@ -204,15 +208,19 @@ def record_lease(
             if found is not None:
                 _apply(conn, found, result, now, expires_at, schedule, rng)
                 applied.append(result.address)
-        if applied:
-            _delete_if_final(conn, msg_id)
+        if applied and _delete_if_final(conn, msg_id):
+            deleted = True
     # RFC 3464 reports outcomes: it is owed only for outcomes this call applied (the ones
     # it did not are another lease's, which will report them).
     dsn_queue_id = insert_message(conn, ids, dsn, now) if dsn is not None and applied else None
     done = set(applied)
     lost = tuple(r.address for r in results if r.address not in done)
     recorded = Recorded(applied=tuple(applied), lost=lost, dsn_queue_id=dsn_queue_id)
-    _keep_receipt(conn, lease, recorded, now)
+    if not deleted:
+        # A message gone for good needs no receipt: a retried call then applies nothing
+        # and queues nothing (its rows are gone), it only reports them as lost. This keeps
+        # the table to the messages still queued, whatever the delivery rate.
+        _keep_receipt(conn, lease, recorded, now)
     return recorded
 
 
@@ -242,7 +250,8 @@ def _apply(
     )
 
 
-def _delete_if_final(conn: sqlite3.Connection, msg_id: int) -> None:
+def _delete_if_final(conn: sqlite3.Connection, msg_id: int) -> bool:
+    """Delete the message when every recipient is final; True when it was deleted."""
     final = tuple(s.value for s in FINAL_STATES)
     pending = conn.execute(
         "SELECT 1 FROM queue_recipients WHERE message_id = ? AND state NOT IN (?, ?) LIMIT 1",
@@ -250,6 +259,8 @@ def _delete_if_final(conn: sqlite3.Connection, msg_id: int) -> None:
     ).fetchone()
     if pending is None:
         delete_rows(conn, msg_id)
+        return True
+    return False
 
 
 def _receipt(conn: sqlite3.Connection, lease: Lease) -> Recorded | None:

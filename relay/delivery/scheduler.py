@@ -218,7 +218,7 @@ class Scheduler:
             self._unrecorded[key] = pending
             self._unrecorded_added.set()
             return False
-        self._unrecorded.pop(key, None)
+        retried = self._unrecorded.pop(key, None) is not None
         if pending.bounce is not None and recorded.dsn_queue_id is not None:
             self._events.bounce_queued(
                 queue_id=lease.queue_id,
@@ -229,10 +229,13 @@ class Scheduler:
             self.wake()
         pending.log()
         if recorded.lost:
+            why = "lease taken over before recording"
+            if retried:  # the failed commit may have happened after all
+                why = "already recorded by an earlier commit, or lease taken over"
             self._events.worker_error(
                 queue_id=lease.queue_id,
                 domain=lease.domain,
-                error=f"lease lost before recording: {len(recorded.lost)} recipient(s)",
+                error=f"{len(recorded.lost)} outcome(s) not applied: {why}",
             )
         return True
 

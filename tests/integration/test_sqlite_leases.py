@@ -358,11 +358,29 @@ async def test_a_retry_without_its_receipt_still_applies_nothing(
     other = next(ls for ls in leases if ls.domain == "three.test")
     await store.record(other, [replace(SENT, address="c@three.test")])
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (1,)
+    # a@'s receipt was pruned; c@'s record deleted its message, which keeps no receipt.
+    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (0,)
     conn.close()
     late = await store.record(lease, [DEFERRED], report())
     assert late == Recorded(applied=(), lost=("a@one.test",))
     assert rows(db)[0] == ("a@one.test", "deferred", 1, None)  # one attempt, not two
+    assert dsn_count(db) == 1
+
+
+async def test_a_record_that_finishes_the_message_keeps_no_receipt_and_a_retry_is_harmless(
+    store: SqliteStore, db: Path
+) -> None:
+    """Receipts stay bounded by the queue: none for a message the record deleted. A retry of
+    that call (its reply lost) then applies nothing and queues no second DSN."""
+    await store.put(message("a@one.test"))
+    (lease,) = await store.lease_due("w", 10, 60)
+    first = await store.record(lease, [replace(SENT, address="a@one.test")], report())
+    assert first.applied == ("a@one.test",)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (0,)
+    conn.close()
+    again = await store.record(lease, [replace(SENT, address="a@one.test")], report())
+    assert again == Recorded(applied=(), lost=("a@one.test",))
     assert dsn_count(db) == 1
 
 

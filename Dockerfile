@@ -12,23 +12,30 @@ COPY relay ./relay
 COPY policy ./policy
 COPY mailqueue ./mailqueue
 COPY tlsrpt ./tlsrpt
+COPY posture ./posture
 RUN pip install --no-cache-dir . && sts-relay --version
 
-# Configuration comes from the environment (STS_RELAY_<SECTION>_<KEY>), or from a TOML file
-# mounted somewhere and named by STS_RELAY_CONFIG. Port 465 (implicit TLS) is served when
-# STS_RELAY_LISTEN_TLS_ADDRESSES=0.0.0.0:465 and a certificate and key are configured.
-# Docker (20.10 and later) lets an unprivileged user bind ports below 1024 in a container.
+# Configuration, lowest precedence first (README "Docker"): the image's defaults,
+# /etc/sts-relay/defaults.toml (listen on 0.0.0.0:25 and :587, state on the volume, metrics
+# on 0.0.0.0:9025); your file, /etc/sts-relay/relay.toml (shipped empty: mount yours over it,
+# or point STS_RELAY_CONFIG elsewhere); then STS_RELAY_<SECTION>_<KEY> variables. The image
+# sets no STS_RELAY_<SECTION>_<KEY> itself, so nothing it ships overrides your file.
+# Port 465 (implicit TLS) is served when listen.tls_addresses = ["0.0.0.0:465"] and a
+# certificate and key are configured. Docker (20.10 and later) lets an unprivileged user bind
+# ports below 1024 in a container.
+COPY docker/defaults.toml docker/relay.toml /etc/sts-relay/
 ENV PYTHONUNBUFFERED=1 \
-    STS_RELAY_STATE_PATH=/var/lib/sts-relay \
-    STS_RELAY_LISTEN_ADDRESSES=0.0.0.0:25,0.0.0.0:587 \
-    STS_RELAY_METRICS_ADDRESS=0.0.0.0:9025
+    STS_RELAY_DEFAULTS=/etc/sts-relay/defaults.toml \
+    STS_RELAY_CONFIG=/etc/sts-relay/relay.toml
 VOLUME ["/var/lib/sts-relay"]
 EXPOSE 25 587 465 9025
 USER 10025:10025
 
-# No curl in the slim image: Python's urllib asks /healthz on the metrics port.
+# `sts-relay health` reads the configuration as serve does: it asks /readyz wherever
+# metrics.address is set (defaults, file or environment), or, with metrics off, checks that
+# the SMTP listener greets. Unhealthy while the listener or the store cannot take mail.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; port = os.environ.get('STS_RELAY_METRICS_ADDRESS', ':9025').rpartition(':')[2]; urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=4)"]
+    CMD ["sts-relay", "health"]
 
 # SIGTERM: stop accepting, finish deliveries in flight within delivery.shutdown_grace (30 s),
 # keep the rest queued on the volume. Give `docker stop` more than that (compose does).

@@ -44,9 +44,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
+from mailqueue import sqlite_admin as admin_sql
 from mailqueue import sqlite_leases as leasing
 from mailqueue import sqlite_ops as ops
 from mailqueue import sqlite_schema as schema
+from mailqueue.admin import (
+    AdminAction,
+    AdminResult,
+    BounceCandidate,
+    BounceReport,
+    JournalEntry,
+    Selection,
+)
 from mailqueue.ids import QueueIds
 from mailqueue.model import (
     FINAL_STATES,
@@ -95,7 +104,7 @@ class SqliteStore:
         self._busy_ms = int(busy_timeout * 1000)
         self._rng = rng or random.Random()  # noqa: S311 (jitter and id spread, not secrets)
         self._ids = QueueIds(self._rng)
-        self._writer = self.writer_class(lambda: self._connect(readonly=False))
+        self._writer = self.writer_class(self._write_connection, watch=self._files())
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -108,6 +117,28 @@ class SqliteStore:
     def commits(self) -> int:
         """Write transactions committed so far (group commit batches many puts into one)."""
         return self._writer.commits
+
+    async def writable(self) -> str | None:
+        """None when the store takes writes, else why not (one safe line): the last write
+        failed for want of storage (a probe write that needs fresh space is tried then,
+        so this turns None again as soon as the store can write), or the database or WAL
+        file is no longer the one opened (writer.py: nothing is committed then)."""
+        if not self._open:
+            return "queue store is not open"
+        change = await asyncio.to_thread(self._writer.files.changed)
+        if change is None and self._writer.failure is None:
+            return None
+        try:
+            await self._write(_probe_write)
+        except StoreUnavailable as exc:
+            return str(exc)
+        return None
+
+    def _files(self) -> tuple[Path, Path]:
+        return self.path, Path(f"{self.path}-wal")  # the database first (writer.FileWatch)
+
+    def _write_connection(self) -> sqlite3.Connection:
+        return self._connect(readonly=False)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -131,7 +162,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Create or check the queue tables; recover a dead previous process's leases."""
         conn = await asyncio.to_thread(self._open_sync)
-        self._writer = self.writer_class(lambda: self._connect(readonly=False))  # reopenable
+        self._writer = self.writer_class(self._write_connection, watch=self._files())  # reopenable
         self._writer.start(conn)
         self._open = True
 
@@ -382,6 +413,77 @@ class SqliteStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._read(ops.counts)
+
+    # -- bulk administration and its journal (sqlite_admin.py) ------------------------
+
+    async def select(self, selection: Selection) -> list[MessageRecord]:
+        """The messages of `selection`, oldest first."""
+        return await self._read(
+            lambda conn: admin_sql.list_selected(conn, selection, self._clock())
+        )
+
+    async def administer(
+        self,
+        action: AdminAction,
+        selection: Selection,
+        *,
+        operator: str,
+        reason: str = "",
+        report: BounceReport | None = None,
+    ) -> AdminResult:
+        """Apply `action` to `selection` and journal it, in one transaction."""
+
+        def checked(candidate: BounceCandidate) -> NewMessage | None:
+            message = report(candidate) if report is not None else None
+            if message is not None:
+                _check_envelope(message)
+            return message
+
+        prepared = None
+        if action is AdminAction.BOUNCE and report is not None:
+            # The reports are built before the write transaction: the relay keeps writing.
+            prepared = await self._read(
+                lambda conn: admin_sql.prepare_bounce(conn, selection, self._clock(), checked)
+            )
+
+        def op(conn: sqlite3.Connection) -> AdminResult:
+            return admin_sql.apply_admin(
+                conn,
+                self._ids,
+                action,
+                selection,
+                now=self._clock(),
+                operator=operator,
+                reason=reason,
+                report=checked if report is not None else None,
+                prepared=prepared,
+            )
+
+        for queue_id in selection.queue_ids:
+            self._prefetched.pop(queue_id, None)
+        return await self._write(op)
+
+    async def journal(self, after: int, limit: int = 500) -> list[JournalEntry]:
+        """Journal entries above id `after`, oldest first."""
+        return await self._read(lambda conn: admin_sql.read_journal(conn, after, limit))
+
+    async def journal_logged(self) -> int:
+        """The id of the last journal entry a relay logged."""
+        return await self._read(admin_sql.journal_logged)
+
+    async def mark_journal_logged(self, upto: int) -> None:
+        await self._write(lambda conn: admin_sql.mark_journal_logged(conn, upto, self._clock()))
+
+
+_PROBE_BYTES = 64 * 1024  # a typical message: a probe write needs this much fresh space
+
+
+def _probe_write(conn: sqlite3.Connection) -> None:
+    """A write that needs fresh pages (as storing a message does), undone before commit."""
+    conn.execute(
+        "INSERT INTO queue_meta (key, value) VALUES ('write_probe', zeroblob(?))", (_PROBE_BYTES,)
+    )
+    conn.execute("DELETE FROM queue_meta WHERE key = 'write_probe'")
 
 
 def _check_envelope(msg: NewMessage) -> None:

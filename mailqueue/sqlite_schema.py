@@ -10,6 +10,8 @@ Version history:
      `queue_recipients.delay_notified` (a "delayed" DSN was sent for the recipient).
   3: `queue_receipts`: what each recent `record` did, so a retried call gets the same
      answer (sqlite_leases.py).
+  4: `queue_admin_journal`: each change made by an operator, for the running relay to log
+     (sqlite_admin.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from mailqueue.model import DsnRequest
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS queue_messages (
@@ -64,7 +66,17 @@ CREATE TABLE IF NOT EXISTS queue_receipts (
     dsn_queue_id TEXT,
     PRIMARY KEY (queue_id, domain, lease_owner, lease_until)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS queue_receipts_age ON queue_receipts(recorded_at)
+CREATE INDEX IF NOT EXISTS queue_receipts_age ON queue_receipts(recorded_at);
+CREATE TABLE IF NOT EXISTS queue_admin_journal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: the relay's cursor only grows
+    at REAL NOT NULL,
+    action TEXT NOT NULL,
+    queue_id TEXT,
+    selection TEXT NOT NULL,
+    matched INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    operator TEXT NOT NULL
+)
 """
 
 # Each entry takes a store from version N (its index + 1) to N + 1.
@@ -74,6 +86,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE queue_recipients ADD COLUMN delay_notified INTEGER NOT NULL DEFAULT 0",
     ),
     (),  # 2 -> 3: only a new table, which _TABLES creates
+    (),  # 3 -> 4: likewise
 )
 
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from mailqueue.admin import AdminAction, AdminResult, BounceReport, JournalEntry, Selection
 from mailqueue.model import Lease, MessageRecord, NewMessage, RecipientResult, Recorded
 
 
@@ -113,3 +114,31 @@ class QueueStore(Protocol):
 
     async def counts(self) -> dict[str, int]:
         """Recipient counts per state, plus "held" and "set_aside"."""
+
+    # Bulk administration (mailqueue/admin.py): one transaction per call, whatever the
+    # selection's size, with a journal entry for the running relay to log.
+
+    async def select(self, selection: Selection) -> list[MessageRecord]:
+        """The messages of `selection`, oldest first."""
+
+    async def administer(
+        self,
+        action: AdminAction,
+        selection: Selection,
+        *,
+        operator: str,
+        reason: str = "",
+        report: BounceReport | None = None,
+    ) -> AdminResult:
+        """Apply `action` to `selection` (see mailqueue/admin.py for what each touches) and,
+        when something changed, journal it in the same commit. For a bounce, `reason` is
+        the recipients' last error and `report` builds the report owed to each sender."""
+
+    async def journal(self, after: int, limit: int = 500) -> list[JournalEntry]:
+        """Journal entries with an id above `after`, oldest first."""
+
+    async def journal_logged(self) -> int:
+        """The id of the last journal entry a relay has logged (0: none)."""
+
+    async def mark_journal_logged(self, upto: int) -> None:
+        """Entries up to `upto` are logged (old logged entries are dropped meanwhile)."""

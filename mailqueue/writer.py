@@ -9,17 +9,25 @@ before the commit that contains its work returned.
 
 If a batch fails, it is rolled back and each operation is retried alone, so one bad
 operation (or a disk that filled up mid-batch) fails only the operations it must.
+
+Before committing a batch that changed anything, the writer checks (one os.stat per file)
+that the database and WAL paths still name the files its connection opened: a file
+deleted or replaced under the running process would take the commit with it at the next
+restart, so the batch is rolled back and fails (StoreFileChanged) instead of being
+acknowledged. `failure` says whether the last write failed, for readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from mailqueue.store import StoreUnavailable
@@ -62,20 +70,68 @@ def as_unavailable(exc: BaseException) -> BaseException:
     return exc
 
 
+# Errors of one operation's own making: the store itself took writes.
+_OPERATION_ERRORS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.DataError)
+
+
+class StoreFileChanged(StoreUnavailable):
+    """The database or WAL file at the store's path is no longer the one the writer's
+    connection has open (deleted or replaced under the running process)."""
+
+
+class FileWatch:
+    """Which files (st_dev, st_ino) a connection opened, and whether their paths still
+    name them."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self._paths = tuple(paths)
+        self._opened: dict[Path, tuple[int, int]] = {}
+
+    def remember(self) -> None:
+        """Take the files now at the paths as the opened ones (right after opening)."""
+        self._opened = {}
+        for path in self._paths:
+            with contextlib.suppress(OSError):  # not there (yet): nothing to compare
+                st = os.stat(path)
+                self._opened[path] = (st.st_dev, st.st_ino)
+
+    def changed(self) -> tuple[Path, str] | None:
+        """The first path that no longer names its opened file, and how; else None."""
+        for path, opened in self._opened.items():
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return path, f"{path.name} was deleted under the running process"
+            except OSError as exc:
+                return path, f"{path.name}: {exc.strerror}"
+            if (st.st_dev, st.st_ino) != opened:
+                return path, f"{path.name} was replaced under the running process"
+        return None
+
+
 class GroupCommitWriter:
     """A dedicated thread running submitted write operations in batched transactions."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], *, watch: Sequence[Path] = ()
+    ) -> None:
+        """`watch`: the files behind the connection, the database first, then its WAL;
+        checked before every commit that changes something."""
         self._connect = connect
         self._conn: sqlite3.Connection | None = None
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
         self.commits = 0  # committed transactions: tests and metrics see batching here
+        self.files = FileWatch(watch)
+        # Why the last write failed for want of storage (None: it committed). Written by
+        # the writer thread only; one reference assignment, read from the event loop.
+        self.failure: str | None = None
 
     def start(self, conn: sqlite3.Connection) -> None:
         """Start the thread with an already configured connection (it takes ownership)."""
         self._conn = conn
+        self.files.remember()
         self._thread = threading.Thread(target=self._run, name="mailqueue-writer", daemon=True)
         self._thread.start()
 
@@ -131,9 +187,16 @@ class GroupCommitWriter:
     def _run_batch(self, batch: list[_Job]) -> None:
         try:
             results = self._transaction([job.op for job in batch])
+        except StoreFileChanged as exc:  # no use retrying each alone: fail them all
+            self.failure = str(exc)
+            self._settle(batch, [(None, exc)] * len(batch))
+            return
         except Exception as exc:  # noqa: BLE001 (retried alone, then handed to the caller)
             if len(batch) == 1:
-                self._settle(batch, [(None, as_unavailable(exc))])
+                error = as_unavailable(exc)
+                if isinstance(exc, sqlite3.Error) and not isinstance(exc, _OPERATION_ERRORS):
+                    self.failure = str(error)
+                self._settle(batch, [(None, error)])
                 return
             for job in batch:
                 self._run_batch([job])
@@ -144,17 +207,41 @@ class GroupCommitWriter:
         conn = self._connection()
         try:
             self._begin(conn)
+            before = conn.total_changes
             results = [op(conn) for op in ops]
+            changed = conn.total_changes != before
+            if changed:
+                self._check_files(conn)
             self._commit(conn)
         except BaseException:
             self._rollback(conn)
             raise
         self.commits += 1
+        if changed:
+            self.failure = None
         return results
+
+    def _check_files(self, conn: sqlite3.Connection) -> None:
+        """Raise StoreFileChanged when the database or WAL file is not the one opened.
+
+        A WAL deleted or replaced under a database still in place holds commits no restart
+        would find: they are copied into the database now (a checkpoint reads them through
+        the file we still have open), so mail acknowledged before the damage survives.
+        """
+        change = self.files.changed()
+        if change is None:
+            return
+        path, text = change
+        if path.name.endswith("-wal"):  # the database comes first in `watch`: it is fine
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        raise StoreFileChanged(f"queue store: {text}; restore it, or restart")
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             self._conn = self._connect()
+            self.files.remember()  # a fresh connection opens what the paths name now
         return self._conn
 
     def _rollback(self, conn: sqlite3.Connection) -> None:

@@ -12,6 +12,13 @@ on the event loop). Writes go through to SQLite first; a remembered entry is tru
 `revalidate_after` seconds, then read again, so a change made by another process (the
 `sts-relay policy forget` command) is seen within that time. SQLite stays the truth: a
 restart starts with an empty memory and reads the persisted policies.
+
+History (`sts_policy_history`, `sts-relay policy history`): each stored policy that differs
+from the last one known for its domain (the cached row, else the newest history entry) in
+id, mode, mx patterns or max_age is recorded in the same transaction as the store, and
+reported to `on_change` once committed (the relay logs `policy_changed`). The first policy
+seen for a domain is recorded too (without a predecessor, and not reported). Bounded: the
+newest HISTORY_PER_DOMAIN entries per domain, none older than HISTORY_DAYS.
 """
 
 from __future__ import annotations
@@ -37,6 +44,15 @@ CREATE TABLE IF NOT EXISTS sts_policies (
     last_used_at REAL NOT NULL
 )
 """
+_HISTORY_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS sts_policy_history ("
+    " id INTEGER PRIMARY KEY, domain TEXT NOT NULL, changed_at REAL NOT NULL,"
+    " old_id TEXT, old_text TEXT,"  # NULL: the first policy seen for the domain
+    " new_id TEXT NOT NULL, new_text TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS sts_policy_history_domain ON sts_policy_history(domain, id)",
+)
+HISTORY_PER_DOMAIN = 50
+HISTORY_DAYS = 400
 _BUSY_TIMEOUT_MS = 10_000
 REVALIDATE_AFTER_S = 5.0  # how stale a remembered entry may be (another process's change)
 _MEMORY_LIMIT = 4096  # remembered domains; past it the stale ones are dropped
@@ -55,6 +71,32 @@ class CachedPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyChange:
+    """A policy of `domain` that differs from the one known before (`old`, None when it is
+    the first seen), as stored at `changed_at` (the new policy's fetch time)."""
+
+    domain: str
+    changed_at: float
+    old_id: str | None
+    old: Policy | None
+    new_id: str
+    new: Policy
+
+    @property
+    def changed(self) -> tuple[str, ...]:
+        """Which of policy_id, mode, mx and max_age differ (none for a first policy)."""
+        if self.old is None:
+            return ()
+        pairs = (
+            ("policy_id", self.old_id, self.new_id),
+            ("mode", self.old.mode, self.new.mode),
+            ("mx", self.old.mx, self.new.mx),
+            ("max_age", self.old.max_age, self.new.max_age),
+        )
+        return tuple(name for name, old, new in pairs if old != new)
+
+
+@dataclass(frozen=True, slots=True)
 class Remembered:
     """What SQLite held for a domain (`entry`, None: nothing) when this process last looked."""
 
@@ -70,7 +112,10 @@ class PolicyCache:
         *,
         revalidate_after: float = REVALIDATE_AFTER_S,
         monotonic: Callable[[], float] = time.monotonic,
+        on_change: Callable[[PolicyChange], None] | None = None,
     ) -> None:
+        # Told of each committed change of a domain's policy (not of a first policy).
+        self.on_change = on_change
         self._revalidate_after = revalidate_after
         self._monotonic = monotonic
         # domain -> (what SQLite held, when we saw it); changed only under _lock, together
@@ -89,6 +134,8 @@ class PolicyCache:
             # A cached policy must survive a power loss as well as a restart (§10.2).
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute(_SCHEMA)
+            for statement in _HISTORY_SCHEMA:
+                self._db.execute(statement)
         except sqlite3.Error:
             self._db.close()
             raise
@@ -115,23 +162,92 @@ class PolicyCache:
         return entry
 
     def put(self, entry: CachedPolicy) -> None:
-        """Store `entry`, replacing the domain's previous policy.
+        """Store `entry`, replacing the domain's previous policy, and record it in the
+        history when it differs from the last one known (one transaction).
 
         A policy with max_age 0 applies only to the delivery at hand (STS-68): it is not
         stored, and since it supersedes the previous policy, that one is removed.
         """
-        if entry.policy.max_age == 0:
-            self.forget(entry.domain)
-            return
         key = _key(entry.domain)
         with self._lock:
             self._memory.pop(key, None)  # if the write fails, SQLite is asked next time
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                change = self._record_change(key, entry)
+                if entry.policy.max_age == 0:
+                    self._db.execute("DELETE FROM sts_policies WHERE domain = ?", (key,))
+                else:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO sts_policies (domain, policy_id, policy_text,"
+                        " fetched_at, expires_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
+                        _row_of(key, entry),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            stored = None if entry.policy.max_age == 0 else _from_row(_row_of(key, entry))
+            self._remember(key, stored)
+        if change is not None and change.old is not None and self.on_change is not None:
+            self.on_change(change)
+
+    def _record_change(self, key: str, entry: CachedPolicy) -> PolicyChange | None:
+        """Inside put's transaction: the change `entry` makes, recorded (None: none)."""
+        row = (
             self._db.execute(
-                "INSERT OR REPLACE INTO sts_policies (domain, policy_id, policy_text, fetched_at,"
-                " expires_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
-                _row_of(key, entry),
-            )
-            self._remember(key, _from_row(_row_of(key, entry)))
+                "SELECT policy_id, policy_text FROM sts_policies WHERE domain = ?", (key,)
+            ).fetchone()
+            or self._db.execute(
+                "SELECT new_id, new_text FROM sts_policy_history WHERE domain = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (key,),
+            ).fetchone()
+        )
+        old_id = row[0] if row is not None and isinstance(row[0], str) else None
+        old = _parse_stored(row[1]) if row is not None and isinstance(row[1], str) else None
+        change = PolicyChange(key, entry.fetched_at, old_id, old, entry.policy_id, entry.policy)
+        if old is not None and not change.changed:
+            return None
+        self._db.execute(
+            "INSERT INTO sts_policy_history (domain, changed_at, old_id, old_text, new_id,"
+            " new_text) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                key,
+                entry.fetched_at,
+                old_id,
+                old.text if old else None,
+                entry.policy_id,
+                entry.policy.text,
+            ),
+        )
+        self._db.execute(
+            "DELETE FROM sts_policy_history WHERE domain = ? AND id NOT IN (SELECT id FROM"
+            " sts_policy_history WHERE domain = ? ORDER BY id DESC LIMIT ?)",
+            (key, key, HISTORY_PER_DOMAIN),
+        )
+        self._db.execute(
+            "DELETE FROM sts_policy_history WHERE changed_at < ?",
+            (entry.fetched_at - HISTORY_DAYS * 86400.0,),
+        )
+        return change
+
+    def history(self, domain: str) -> list[PolicyChange]:
+        """The recorded policies of `domain`, oldest first (unreadable entries skipped)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT domain, changed_at, old_id, old_text, new_id, new_text"
+                " FROM sts_policy_history WHERE domain = ? ORDER BY id",
+                (_key(domain),),
+            ).fetchall()
+        changes = []
+        for name, changed_at, old_id, old_text, new_id, new_text in rows:
+            new = _parse_stored(new_text) if isinstance(new_text, str) else None
+            old = _parse_stored(old_text) if isinstance(old_text, str) else None
+            if new is None or not isinstance(changed_at, int | float):
+                continue
+            changes.append(PolicyChange(name, float(changed_at), old_id, old, new_id, new))
+        return changes
 
     def touch(self, domain: str, now: float) -> None:
         """Record that `domain`'s policy was used at `now` (drives proactive refresh)."""

@@ -35,6 +35,8 @@ _TOUCH_INTERVAL: Final = 60.0  # write last_used_at at most once a minute per do
 _REFRESH_PERIOD_CAP: Final = 86_400.0  # RFC 8461 §3.3: "suggested ... once per day"
 _REFRESH_CONCURRENCY: Final = 8
 _DETAIL_LIMIT: Final = 200  # characters of a library error kept in a lookup's detail
+# The back-off key of "a refresh found no usable TXT record" (a record id is never empty).
+_NO_RECORD: Final = ""
 
 
 class PolicyCacheUnavailable(Exception):
@@ -199,19 +201,30 @@ class PolicyResolver:
         live = cached if cached is not None and cached.expires_at > now else None
         if kind is _Kind.RECHECK:  # §5.1 step 3: the record as published now, not cached
             forget_record(name, self._dns)
+        no_record = self._backoff.get((name, _NO_RECORD))
+        if kind is _Kind.REFRESH and no_record is not None and no_record.until > now:
+            # Backing off after a refresh found no record, as after a failed fetch: no
+            # query and no new warning until failure_backoff has passed.
+            return await self._use_cached(name, live, now, kind, no_record.detail)
         found = await discover(name, self._dns, self._dns_timeout)
         if not isinstance(found, Found):
             # §3.3: "absence of a usable TXT record is not by itself sufficient to remove
             # a sender's previously cached policy" (STS-64 to STS-66).
             if kind is _Kind.REFRESH and live is not None:
                 # §3.3, §10.2: a refresh that cannot even find the record must still alert
-                # the operator before the cached policy quietly expires (STS-71).
+                # the operator before the cached policy quietly expires (STS-71), once per
+                # failure_backoff (the policy stays due, so every refresh_interval would).
                 detail = f"refresh: no usable _mta-sts TXT record ({found.detail})"
                 result = TlsRptResult.STS_POLICY_FETCH_ERROR
+                self._prune_backoff(now)
+                self._backoff[(name, _NO_RECORD)] = _Backoff(
+                    now + self._failure_backoff, result, found.detail
+                )
                 self._observer.policy_fetch_failed(name, live.policy_id, result, detail, live)
             if unreadable is not None:
                 return _unavailable(name, unreadable, None)
             return await self._use_cached(name, live, now, kind, found.detail)
+        self._backoff.pop((name, _NO_RECORD), None)
         record_id = found.record.id
         if live is not None and live.policy_id == record_id and kind is not _Kind.REFRESH:
             return await self._use_cached(name, live, now, kind, None)

@@ -1,13 +1,15 @@
 """The TLS client contexts and the mapping of certificate errors to RFC 8460 result types.
 
 Owns the security parameters of every outgoing TLS connection (policy fetches and MX
-connections): trusted roots, minimum version, name checks. Knows nothing about HTTP, SMTP
-or policies; the relay's delivery code uses these same functions for MX certificates.
+connections): trusted roots, minimum version (TLS 1.2 whenever anything is verified, TLS
+1.0 for opportunistic encryption), name checks. Knows nothing about HTTP, SMTP or
+policies; the relay's delivery code uses these same functions for MX certificates.
 """
 
 from __future__ import annotations
 
 import ssl
+import warnings
 from typing import Final
 
 from policy.model import TlsRptResult
@@ -57,11 +59,22 @@ def client_context(ca_file: str | None) -> ssl.SSLContext:
 
 
 def unverified_context() -> ssl.SSLContext:
-    """Encryption without authentication, for opportunistic STARTTLS (no policy, testing)."""
+    """Encryption without authentication, for opportunistic STARTTLS (no policy, testing).
+
+    Any encryption beats none: this context also speaks TLS 1.0 and 1.1 (which OpenSSL 3
+    offers only at security level 0), so an old MX gets TLS rather than plaintext. It
+    never authenticates anything; verified delivery uses `client_context` (TLS 1.2 or
+    newer, RFC 8461 §7.2, RFC 8996).
+    """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    _harden(context)
+    context.options |= ssl.OP_NO_COMPRESSION
+    with warnings.catch_warnings():
+        # Python flags the constant as deprecated; here it is the point (RFC 7435 §1).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        context.minimum_version = ssl.TLSVersion.TLSv1
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
     return context
 
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -31,23 +32,28 @@ from mailqueue.model import Lease
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
-from policy.cache import CachedPolicy, PolicyCache
+from policy.cache import CachedPolicy, PolicyCache, PolicyChange
 from policy.model import Policy, PolicyLookup, TlsRptResult
 from policy.resolver import PolicyCacheUnavailable, PolicyResolver
 from policy.webpki import client_context, unverified_context
 from relay import __version__
-from relay.config import Config, ConfigError, parse_hostport
+from relay.config import Config, ConfigError, config_warnings, parse_hostport
 from relay.delivery.attempt import AttemptSettings
 from relay.delivery.bounce import BounceSettings
-from relay.delivery.dns_cache import TtlCache
-from relay.delivery.overrides import TlsOverrides
+from relay.delivery.dane import dane_lookup
+from relay.delivery.dns_cache import DEFAULT_MAX_TTL, TtlCache
+from relay.delivery.dnssec import dnssec_in_force
+from relay.delivery.overrides import TlsOverrides, parse_overrides
 from relay.delivery.pipeline import Pipeline
 from relay.delivery.pool import ConnectionPool
 from relay.delivery.scheduler import Scheduler, SchedulerSettings
 from relay.events import EventLog
 from relay.inbound.listener import Listener
 from relay.metrics import Metrics, MetricsServer
+from relay.posture import PostureFeed, build_posture
 from relay.reporting import Reporting, build_reporting
+from relay.state import DB_NAME as DB_NAME  # re-exported: tests and tools use it
+from relay.state import ServeLock
 
 # Proactive policy refresh (RFC 8461 §3.3, §10.2): which domains count as "still being
 # mailed" (how often to look is `policy.refresh_interval`).
@@ -57,16 +63,20 @@ _RECENTLY_USED_S = 7 * 86400.0
 _FIRST_RETRY_S = 1.0
 _MAX_RETRY_S = 60.0
 
-DB_NAME = "relay.sqlite3"
+# The store's file name (DB_NAME) lives with the state directory's rules: relay/state.py.
+# How often `serve` looks for queue changes made by `sts-relay queue ...` (the journal).
+_ADMIN_JOURNAL_POLL_S = 0.5
 
 
 def database_path(cfg: Config) -> Path:
     return Path(cfg.state.path) / DB_NAME
 
 
-def make_resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncresolver.Resolver:
+def make_resolver(
+    nameservers: tuple[str, ...], timeout: float, *, max_ttl: float = DEFAULT_MAX_TTL
+) -> dns.asyncresolver.Resolver:
     """A dnspython resolver for the configured servers, or the system's when none are set,
-    with a TTL-honouring answer cache."""
+    with a TTL-honouring answer cache that keeps nothing longer than `max_ttl` seconds."""
     if nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
         servers: list[str | dns.nameserver.Nameserver] = []
@@ -80,7 +90,7 @@ def make_resolver(nameservers: tuple[str, ...], timeout: float) -> dns.asyncreso
     resolver.lifetime = timeout
     # Answers reused for their TTL (relay/delivery/dns_cache.py); the check for a newer
     # policy before a bounce bypasses it (policy/discover.py, RFC 8461 §5.1).
-    resolver.cache = TtlCache()
+    resolver.cache = TtlCache(max_ttl=max_ttl)
     return resolver
 
 
@@ -128,10 +138,27 @@ def open_policy_cache(cfg: Config) -> PolicyCache:
 
 
 class _PolicyEvents:
-    """Turns the policy resolver's observations into log events."""
+    """Turns the policy resolver's observations, and the cache's changes, into log events."""
 
     def __init__(self, events: EventLog) -> None:
         self._events = events
+
+    def policy_changed(self, change: PolicyChange) -> None:
+        old, new = change.old, change.new
+        if old is None:
+            return  # a first policy: policy_fetched says it
+        self._events.policy_changed(
+            domain=change.domain,
+            changed=change.changed,
+            old_policy_id=change.old_id or "",
+            old_mode=old.mode.value,
+            old_mx=old.mx,
+            old_max_age=old.max_age,
+            policy_id=change.new_id,
+            mode=new.mode.value,
+            mx=new.mx,
+            max_age=new.max_age,
+        )
 
     def policy_fetched(self, domain: str, policy_id: str, policy: Policy) -> None:
         self._events.policy_fetched(
@@ -172,12 +199,14 @@ class Relay:
     overrides: TlsOverrides | None = None
     stopping: bool = False
     reporting: Reporting | None = None
+    posture: PostureFeed | None = None  # the TLS posture counters (relay/posture.py)
 
 
 def build(cfg: Config, events: EventLog) -> Relay:
-    resolver = make_resolver(tuple(cfg.dns.nameservers), cfg.dns.timeout)
+    resolver = make_resolver(tuple(cfg.dns.nameservers), cfg.dns.timeout, max_ttl=cfg.dns.max_ttl)
     verified = client_context(cfg.tls.ca_file)
     cache = open_policy_cache(cfg)
+    cache.on_change = _PolicyEvents(events).policy_changed  # logs `policy_changed`
     metrics = Metrics()
     events.subscribe(metrics.observe_event)
     overrides = TlsOverrides(cfg.tls.overrides)
@@ -221,6 +250,10 @@ def build(cfg: Config, events: EventLog) -> Relay:
         events=events,
         overrides=overrides.get,
         tls_hook=reporting.session_hook,
+        # DANE (RFC 7672) when dns.dnssec trusts the resolver's AD bit.
+        dane=dane_lookup(
+            dnssec_in_force(cfg.dns.dnssec, cfg.dns.nameservers), resolver, timeout=cfg.dns.timeout
+        ),
     )
     worker = Scheduler(
         store=store,
@@ -239,6 +272,8 @@ def build(cfg: Config, events: EventLog) -> Relay:
         events=events,
     )
     reporting.reporter.on_queued = worker.wake
+    posture = build_posture(cfg, database_path(cfg), metrics=metrics, events=events)
+    worker.on_recorded = posture.record  # counted in memory once committed, flushed below
     listener = Listener(cfg, store=store, events=events, on_queued=worker.wake)
     return Relay(
         store=store,
@@ -249,6 +284,7 @@ def build(cfg: Config, events: EventLog) -> Relay:
         metrics=metrics,
         overrides=overrides,
         reporting=reporting,
+        posture=posture,
     )
 
 
@@ -284,17 +320,24 @@ async def _refresh_policies(
 
 
 async def readiness(relay: Relay) -> str | None:
-    """None when the relay can take mail (listener accepting, store writable), else why not."""
+    """None when the relay can take mail (listener accepting, store writable), else why not.
+
+    "Writable" is what the store has seen, not what permission bits say: its last write
+    failed (then it tries a write of its own, so readiness returns as soon as storage
+    does), or its database or WAL file was deleted or replaced under the process
+    (mailqueue/writer.py: it then refuses to acknowledge anything, 451 to DATA).
+    """
     if relay.stopping:
         return "stopping"
     if not relay.listener.bound_addresses:
         return "listener not accepting"
     try:
         await relay.store.counts()
+        problem = await relay.store.writable()
         await asyncio.to_thread(_probe_write, relay.store.path.parent)
     except (StoreUnavailable, OSError) as exc:
         return f"store not writable: {exc}"
-    return None
+    return None if problem is None else f"store not writable: {problem}"
 
 
 def _probe_write(directory: Path) -> None:
@@ -318,19 +361,66 @@ async def _drain(relay: Relay, grace: float) -> int:
 ConfigLoader = Callable[[], Config]
 
 
+async def _log_admin_journal(
+    relay: Relay,
+    events: EventLog,
+    *,
+    every: float = _ADMIN_JOURNAL_POLL_S,
+    max_retry: float = _MAX_RETRY_S,
+) -> None:
+    """Until cancelled: log each change made with `sts-relay queue ...` (the store's journal,
+    written by the command in the same transaction as the change) once, as `queue_admin`,
+    and wake the worker so that a flush or a release takes effect at once. Entries written
+    while no relay ran are logged at the next start."""
+    logged: int | None = None
+    pause, retry = every, _FIRST_RETRY_S
+    while True:
+        try:
+            if logged is None:
+                logged = await relay.store.journal_logged()
+            entries = await relay.store.journal(logged)
+            for entry in entries:
+                events.queue_admin(
+                    action=entry.action,
+                    queue_id=entry.queue_id,
+                    selection=entry.selection,
+                    matched=entry.matched,
+                    count=entry.count,
+                    operator=entry.operator,
+                    requested_at=_rfc3339(entry.at),
+                )
+            if entries:
+                logged = entries[-1].id
+                await relay.store.mark_journal_logged(logged)
+                relay.worker.wake()
+            pause, retry = (0.0 if entries else every), _FIRST_RETRY_S
+        except StoreUnavailable as exc:
+            pause, retry = retry, min(retry * 2, max_retry)
+            events.store_error(error=f"admin journal: {exc} (retrying in {pause:g} s)")
+        await asyncio.sleep(pause)
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
+
+
 async def _reload_on(
     hangup: asyncio.Event, relay: Relay, events: EventLog, load: ConfigLoader
 ) -> None:
-    """SIGHUP: re-read the configuration and apply what can change while running."""
+    """SIGHUP: re-read the configuration and apply what can change while running.
+
+    All or nothing: whatever can fail (reading the file, parsing the overrides, loading the
+    certificate and key) happens before anything is applied, so `reload_failed` means the
+    previous settings all stay. The listener swaps in a new certificate only once it has
+    loaded; the overrides, parsed beforehand, are installed after it, which cannot fail.
+    """
     while True:
         await hangup.wait()
         hangup.clear()
         try:
             cfg = await asyncio.to_thread(load)
+            overrides = parse_overrides(cfg.tls.overrides)
             parts = []
-            if relay.overrides is not None:
-                relay.overrides.replace(cfg.tls.overrides)
-                parts.append("tls_overrides")
             reload_tls = getattr(relay.listener, "reload_tls", None)
             if callable(reload_tls):
                 reload_tls()
@@ -338,6 +428,9 @@ async def _reload_on(
         except (ConfigError, OSError, ValueError) as exc:
             events.reload_failed(error=str(exc))
             continue
+        if relay.overrides is not None:
+            relay.overrides.install(overrides)
+            parts.insert(0, "tls_overrides")
         events.reloaded(parts=parts)
 
 
@@ -352,14 +445,35 @@ async def serve(
 ) -> None:
     """Run the relay until `stop` is set; mail not yet delivered stays queued.
 
-    When `hangup` is set, `load` is called for a fresh configuration (SIGHUP).
+    When `hangup` is set, `load` is called for a fresh configuration (SIGHUP). The state
+    directory's serve lock is held throughout (relay/state.py): when another process
+    serves it, StateBusy is raised before anything else is opened.
     """
+    with ServeLock(cfg.state.path):
+        await _serve_locked(cfg, events, stop, hangup=hangup, load=load, reason=reason)
+
+
+async def _serve_locked(
+    cfg: Config,
+    events: EventLog,
+    stop: asyncio.Event,
+    *,
+    hangup: asyncio.Event | None,
+    load: ConfigLoader | None,
+    reason: Callable[[], str],
+) -> None:
     relay = build(cfg, events)
     await relay.store.open()
     metrics_server: MetricsServer | None = None
     try:
         await relay.listener.start()
-        events.started(version=__version__, state_path=str(cfg.state.path))
+        dnssec = dnssec_in_force(cfg.dns.dnssec, cfg.dns.nameservers)
+        events.started(
+            version=__version__,
+            state_path=str(cfg.state.path),
+            warnings=[*config_warnings(cfg), *([dnssec.warning] if dnssec.warning else [])],
+            dnssec=dnssec.summary,
+        )
         if cfg.metrics.address:
             metrics_server = MetricsServer(
                 relay.metrics, relay.store.counts, lambda: readiness(relay)
@@ -373,8 +487,11 @@ async def serve(
             background = [tasks.create_task(refresh)]
             if relay.reporting is not None:  # RFC 8460 counters and the daily report job
                 background.append(tasks.create_task(relay.reporting.run()))
+            if relay.posture is not None:  # the TLS posture counters, written every 5 s
+                background.append(tasks.create_task(relay.posture.run()))
             if hangup is not None and load is not None:
                 background.append(tasks.create_task(_reload_on(hangup, relay, events, load)))
+            background.append(tasks.create_task(_log_admin_journal(relay, events)))
             await stop.wait()
             events.stopping(reason=reason())
             relay.stopping = True
@@ -391,6 +508,8 @@ async def serve(
             await metrics_server.stop()
         if relay.reporting is not None:
             await relay.reporting.close()
+        if relay.posture is not None:
+            await relay.posture.close()
         await relay.store.close()
         relay.cache.close()
 

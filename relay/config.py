@@ -4,9 +4,14 @@ Owns the schema (one frozen dataclass per TOML section, each default written onc
 parsing and validation, and the error messages that name the offending key. Knows nothing
 of what the values are used for: `relay/app.py` alone turns a `Config` into objects.
 
-Environment overrides: `STS_RELAY_<SECTION>_<KEY>` (upper case) replaces the file's value;
-lists are comma-separated, booleans are true/false/1/0/yes/no. `STS_RELAY_CONFIG` names
-the file when no path is given.
+Precedence, lowest first: the defaults written here; a defaults file named by
+`STS_RELAY_DEFAULTS` (the Docker image ships one: its container defaults must never win over
+the operator's file); the TOML file (`--config`, else `STS_RELAY_CONFIG`); the environment,
+`STS_RELAY_<SECTION>_<KEY>` (upper case; lists are comma-separated, booleans are
+true/false/1/0/yes/no).
+
+`state.path` comes out absolute: a relative path is taken from the directory of the file
+that set it, else from the working directory, so every command finds the same store.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import dns.exception
+import dns.name
+
 ENV_PREFIX = "STS_RELAY_"
 ENV_CONFIG = "STS_RELAY_CONFIG"
+ENV_DEFAULTS = "STS_RELAY_DEFAULTS"  # a TOML file of defaults, below the operator's file
 
 Parser = Callable[[object], Any]
 
@@ -36,10 +45,11 @@ class ConfigError(Exception):
 class _Invalid(Exception):
     """Raised by a value parser; the loader adds the key to make a ConfigError."""
 
-    def __init__(self, expected: str, got: object = None) -> None:
+    def __init__(self, expected: str, got: object = None, note: str | None = None) -> None:
         super().__init__(expected)
         self.expected = expected
         self.got = got
+        self.note = note  # what exactly is wrong, when "expected ..." alone would not say
 
 
 def _key(default: Any, parse: Parser) -> Any:
@@ -61,7 +71,7 @@ def _int(lo: int, hi: int | None = None) -> Parser:
         else:
             raise _Invalid(expected)
         if value < lo or (hi is not None and value > hi):
-            raise _Invalid(expected)
+            raise _Invalid(expected, None, f"{value} is out of range")
         return value
 
     return parse
@@ -157,17 +167,39 @@ _OVERRIDE_FORMS = (
 )
 
 
+def a_label(name: str) -> str:
+    """`name` in lower-case A-labels without a final dot ("Bücher.example." ->
+    "xn--bcher-kva.example"): IDNA 2008 with the UTS #46 mapping (dnspython's default when
+    the `idna` package is installed, as httpx requires; IDNA 2003 otherwise). An ASCII name
+    is only lower-cased. Raises ValueError for a name that has no A-label form."""
+    text = name.strip().removesuffix(".")
+    if text.isascii():
+        return text.lower()
+    try:
+        return dns.name.from_text(text).to_text(omit_final_dot=True).lower()
+    except (dns.exception.DNSException, UnicodeError):
+        raise ValueError(f"{name!r} has no IDNA A-label form") from None
+
+
+def _a_label_or_raw(name: str) -> str:
+    try:
+        return a_label(name)
+    except ValueError:
+        return name  # refused below, with the entry named
+
+
 def _tls_override(raw: object) -> str:
     """ "domain=action[ match=patterns]": one operator override of one domain's TLS decision.
 
     `require-verified` must name the MX hosts it trusts (`match=mx.example.com:*.example.net`,
     MTA-STS pattern syntax, like Postfix's `secure match=`): names read from unsigned DNS
-    would let whoever spoofs DNS choose them.
+    would let whoever spoofs DNS choose them. Domains and patterns may be written as
+    U-labels (`bücher.example`); they are kept as A-labels, the form DNS and mail use.
     """
     if not isinstance(raw, str):
         raise _Invalid(_OVERRIDE_FORMS)
     domain, sep, rest = raw.strip().partition("=")
-    domain = domain.strip().lower().removesuffix(".")
+    domain = _a_label_or_raw(domain)
     action, _, options = rest.strip().lower().partition(" ")
     if not sep or not _HOSTNAME.fullmatch(domain) or action not in TLS_OVERRIDE_ACTIONS:
         raise _Invalid(_OVERRIDE_FORMS, raw)
@@ -177,7 +209,7 @@ def _tls_override(raw: object) -> str:
             raise _Invalid(f"nothing after opportunistic ({_OVERRIDE_FORMS})", raw)
         return f"{domain}={action}"
     name, eq, value = option.partition("=")
-    patterns = [p.strip().removesuffix(".") for p in value.split(":") if p.strip()]
+    patterns = [_a_label_or_raw(p) for p in value.split(":") if p.strip()]
     if name.strip() != "match" or not eq or not patterns:
         raise _Invalid(
             f"require-verified with its MX patterns, e.g. {domain}=require-verified"
@@ -205,7 +237,7 @@ def _list(item: Parser, *, nonempty: bool = False) -> Parser:
             try:
                 out.append(item(one))
             except _Invalid as exc:
-                raise _Invalid(exc.expected, one) from None
+                raise _Invalid(exc.expected, one, exc.note) from None
         return tuple(out)
 
     return parse
@@ -247,12 +279,20 @@ def format_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _port_note(text: str) -> str | None:
+    """The note for a "host:port" text whose port is too large, else None."""
+    port = text.strip().rpartition(":")[2]
+    if port.isascii() and port.isdigit() and int(port) > 65535:
+        return f"port {int(port)} is out of range: 0 to 65535"
+    return None
+
+
 def _hostport(raw: object) -> str:
     if isinstance(raw, str):
         try:
             return format_hostport(*parse_hostport(raw))
         except ValueError:
-            pass
+            raise _Invalid('"host:port"', raw, _port_note(raw)) from None
     raise _Invalid('"host:port"')
 
 
@@ -261,8 +301,8 @@ def _optional_hostport(raw: object) -> str:
         return ""
     try:
         return _hostport(raw)
-    except _Invalid:
-        raise _Invalid('"host:port" or ""') from None
+    except _Invalid as exc:
+        raise _Invalid('"host:port" or ""', exc.got, exc.note) from None
 
 
 def _network(raw: object) -> str:
@@ -302,6 +342,15 @@ class ListenConfig:
     tls_addresses: tuple[str, ...] = _key((), _list(_hostport))  # implicit TLS (port 465)
     max_sessions_per_client: int = _key(20, _int(1))
     max_errors: int = _key(10, _int(1))
+    # Issue 11: bytes of DATA held in memory by all sessions together (0 = 4 times
+    # max_message_size); past it a new DATA gets 451 4.3.1.
+    max_data_in_flight: int = _key(0, _int(0))
+    # Session slots kept for trusted networks: an untrusted client is admitted only while
+    # more than this many are free. Untrusted sessions that have not authenticated end after
+    # untrusted_session_timeout; every session after max_session_time.
+    reserved_sessions: int = _key(20, _int(0))
+    untrusted_session_timeout: float = _key(30, _seconds)
+    max_session_time: float = _key(3600, _seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,12 +407,24 @@ class AuthConfig:
     required: bool = _key(False, _bool)
     max_failures: int = _key(5, _int(1))  # failed logins per client address ...
     failure_window: float = _key(300, _seconds)  # ... within this many seconds
+    max_failures_per_user: int = _key(20, _int(1))  # ... and per user name
+    # Password hashing (scrypt) runs on threads of its own, never asyncio's default pool
+    # (the store's and the policy cache's); checks beyond threads + queue get 454 4.7.0.
+    hash_threads: int = _key(2, _int(1, 64))
+    hash_queue: int = _key(16, _int(0))
 
 
 @dataclass(frozen=True, slots=True)
 class DnsConfig:
     nameservers: tuple[str, ...] = _key((), _list(_nameserver))  # () = system resolver
     timeout: float = _key(5.0, _seconds)
+    # Seconds an answer stays in the in-process DNS cache at most, whatever its TTL
+    # (relay/delivery/dns_cache.py): a spoofed TTL of 2^31-1 must not live for ever.
+    max_ttl: float = _key(3600, _seconds)
+    # Whose DNSSEC AD bit is believed, and so whether DANE (RFC 7672) applies: "auto" only
+    # from nameservers that are all on loopback, "on" from any (warned), "off" never
+    # (relay/delivery/dnssec.py).
+    dnssec: str = _key("auto", _choice("off", "auto", "on"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,7 +523,7 @@ def _check_file_keys(doc: Mapping[str, Any]) -> None:
 
 def _check_env_keys(environ: Mapping[str, str]) -> None:
     known = {env_name(s, f.name) for s, cls in SECTIONS.items() for f in fields(cls)}
-    known.add(ENV_CONFIG)
+    known.update((ENV_CONFIG, ENV_DEFAULTS))
     for name in environ:
         if name.startswith(ENV_PREFIX) and name not in known:
             raise ConfigError(f"{name}: unknown setting (no such section or key)")
@@ -477,23 +538,98 @@ def _parse_value(parse: Parser, raw: object, where: str) -> Any:
         return parse(raw)
     except _Invalid as exc:
         got = raw if exc.got is None else exc.got
-        raise ConfigError(f"{where}: expected {exc.expected}, got {_show(got)}") from None
+        note = f" ({exc.note})" if exc.note else ""
+        raise ConfigError(f"{where}: expected {exc.expected}, got {_show(got)}{note}") from None
 
 
-def _build_section(name: str, table: Mapping[str, Any], environ: Mapping[str, str]) -> Any:
+# Where an effective value came from (`config check --json`), lowest precedence first.
+SOURCE_DEFAULT = "default"
+SOURCE_DEFAULTS_FILE = "defaults file"
+SOURCE_FILE = "file"
+SOURCE_ENVIRONMENT = "environment"
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    """A TOML document and where it came from."""
+
+    doc: Mapping[str, Any]
+    path: Path | None
+    source: str
+
+
+def config_file(path: str | Path | None, environ: Mapping[str, str]) -> Path | None:
+    """The operator's file: `path`, else $STS_RELAY_CONFIG, else none."""
+    if path is None or str(path) == "":
+        path = environ.get(ENV_CONFIG) or None
+    return None if path is None else Path(path)
+
+
+def _layers(path: str | Path | None, environ: Mapping[str, str]) -> tuple[_Layer, _Layer]:
+    """The defaults file's document and the operator's file's, each checked for unknown keys."""
+    layers = []
+    for file, source in (
+        (environ.get(ENV_DEFAULTS) or None, SOURCE_DEFAULTS_FILE),
+        (config_file(path, environ), SOURCE_FILE),
+    ):
+        doc = _read_toml(Path(file)) if file is not None else {}
+        _check_file_keys(doc)
+        layers.append(_Layer(doc, None if file is None else Path(file), source))
+    return layers[0], layers[1]
+
+
+def _raw_value(
+    section: str, key: str, layers: tuple[_Layer, _Layer], environ: Mapping[str, str]
+) -> tuple[object, str, _Layer | None] | None:
+    """(raw value, where, the file layer it came from) of the highest layer setting it."""
+    var = env_name(section, key)
+    if var in environ:
+        return environ[var], f"{section}.{key} (from {var})", None
+    defaults, file = layers
+    if key in file.doc.get(section, {}):
+        return file.doc[section][key], f"{section}.{key}", file
+    if key in defaults.doc.get(section, {}):
+        return defaults.doc[section][key], f"{section}.{key} (from {defaults.path})", defaults
+    return None
+
+
+def _build_section(name: str, layers: tuple[_Layer, _Layer], environ: Mapping[str, str]) -> Any:
     cls = SECTIONS[name]
     values: dict[str, Any] = {}
     for f in fields(cls):
-        var = env_name(name, f.name)
-        if var in environ:
-            raw: object = environ[var]
-            where = f"{name}.{f.name} (from {var})"
-        elif f.name in table:
-            raw, where = table[f.name], f"{name}.{f.name}"
-        else:
-            continue
-        values[f.name] = _parse_value(f.metadata["parse"], raw, where)
+        found = _raw_value(name, f.name, layers, environ)
+        if found is not None:
+            values[f.name] = _parse_value(f.metadata["parse"], found[0], found[1])
     return cls(**values)
+
+
+def config_sources(
+    path: str | Path | None, environ: Mapping[str, str]
+) -> dict[str, dict[str, str]]:
+    """Where each key's effective value comes from: "default", "defaults file" (the
+    $STS_RELAY_DEFAULTS file), "file" or "environment". Raises ConfigError as load_config."""
+    layers = _layers(path, environ)
+    out: dict[str, dict[str, str]] = {}
+    for name, cls in SECTIONS.items():
+        out[name] = {}
+        for f in fields(cls):
+            found = _raw_value(name, f.name, layers, environ)
+            if found is None:
+                out[name][f.name] = SOURCE_DEFAULT
+            else:
+                out[name][f.name] = SOURCE_ENVIRONMENT if found[2] is None else found[2].source
+    return out
+
+
+def _absolute_state_path(
+    cfg: Config, layers: tuple[_Layer, _Layer], environ: Mapping[str, str], cwd: str
+) -> str:
+    """state.path made absolute: relative to the directory of the file that set it, else to
+    the working directory (a relative default must not mean a new store per directory)."""
+    found = _raw_value("state", "path", layers, environ)
+    layer = found[2] if found is not None else None
+    base = cwd if layer is None or layer.path is None else os.path.dirname(layer.path)
+    return os.path.normpath(os.path.join(os.path.abspath(base), cfg.state.path))
 
 
 def _check_listener_tls(cfg: Config) -> None:
@@ -501,6 +637,19 @@ def _check_listener_tls(cfg: Config) -> None:
         raise ConfigError("tls.cert_file and tls.key_file: set both or neither")
     if cfg.listen.tls_addresses and cfg.tls.cert_file is None:
         raise ConfigError("listen.tls_addresses: needs tls.cert_file and tls.key_file")
+
+
+def _data_in_flight(listen: ListenConfig) -> int:
+    """listen.max_data_in_flight, 0 meaning 4 times listen.max_message_size; never below
+    one message of the maximum size, or such a message could never be accepted."""
+    if listen.max_data_in_flight == 0:
+        return 4 * listen.max_message_size
+    if listen.max_data_in_flight < listen.max_message_size:
+        raise ConfigError(
+            f"listen.max_data_in_flight: must be at least listen.max_message_size"
+            f" ({listen.max_message_size}), got {listen.max_data_in_flight}"
+        )
+    return listen.max_data_in_flight
 
 
 def _check_lease(cfg: Config) -> None:
@@ -522,18 +671,19 @@ def load_config(
     environ: Mapping[str, str],
     *,
     fqdn: Callable[[], str] = socket.getfqdn,
+    cwd: Callable[[], str] = os.getcwd,
 ) -> Config:
-    """Defaults, then the TOML file (`path`, else $STS_RELAY_CONFIG), then the environment.
+    """Defaults, then the $STS_RELAY_DEFAULTS file, then the TOML file (`path`, else
+    $STS_RELAY_CONFIG), then the environment. `state.path` comes out absolute.
 
     Raises ConfigError naming the key for any unknown or invalid setting.
     """
-    if path is None or str(path) == "":
-        path = environ.get(ENV_CONFIG) or None
-    doc = _read_toml(Path(path)) if path is not None else {}
-    _check_file_keys(doc)
+    layers = _layers(path, environ)
     _check_env_keys(environ)
-    sections = {name: _build_section(name, doc.get(name, {}), environ) for name in SECTIONS}
+    sections = {name: _build_section(name, layers, environ) for name in SECTIONS}
     cfg = Config(**sections)
+    state = _absolute_state_path(cfg, layers, environ, cwd())
+    cfg = replace(cfg, state=replace(cfg.state, path=state))
     _check_listener_tls(cfg)
     _check_lease(cfg)
     if cfg.tlsrpt.dkim_key_file is not None and not cfg.tlsrpt.dkim_selector:
@@ -544,8 +694,34 @@ def load_config(
     return replace(
         cfg,
         delivery=replace(cfg.delivery, hostname=delivery_host),
-        listen=replace(cfg.listen, hostname=cfg.listen.hostname or delivery_host),
+        listen=replace(
+            cfg.listen,
+            hostname=cfg.listen.hostname or delivery_host,
+            max_data_in_flight=_data_in_flight(cfg.listen),
+        ),
     )
+
+
+_LOCAL_SUFFIXES = (".localdomain", ".local", ".localhost", ".internal", ".lan")
+
+
+def is_fqdn(name: str) -> bool:
+    """A name other hosts can look up: dotted, not localhost or a private-use suffix."""
+    name = name.lower().removesuffix(".")
+    return "." in name and name != "localhost" and not name.endswith(_LOCAL_SUFFIXES)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that load but are likely mistakes (`config check`, the `started` event)."""
+    warnings = []
+    host = cfg.delivery.hostname
+    if not is_fqdn(host):
+        warnings.append(
+            f"delivery.hostname {host!r} is not a fully qualified domain name (it is the"
+            " EHLO name and the Reporting-MTA of bounces; receiving servers may refuse or"
+            " distrust it): set delivery.hostname to this relay's public DNS name"
+        )
+    return warnings
 
 
 def config_as_dict(cfg: Config) -> dict[str, dict[str, Any]]:

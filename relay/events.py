@@ -21,7 +21,8 @@ from typing import Any, TextIO
 LEVELS = ("debug", "info", "warning", "error")
 
 EVENTS: dict[str, tuple[str, ...]] = {
-    "started": ("version", "state_path"),
+    "started": ("version", "state_path", "warnings", "dnssec"),
+    "start_failed": ("reason",),
     "listening": ("addresses",),
     "stopping": ("reason",),
     "stopped": ("abandoned",),
@@ -42,6 +43,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
         "sts_mode",
         "policy_id",
         "tls_policy",
+        "dane_record",
         "reason",
         "tlsrpt_result",
         "attempt",
@@ -51,8 +53,28 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "policy_fetched": ("domain", "policy_id", "mode", "max_age", "mx"),
     "policy_fetch_failed": ("domain", "policy_id", "result", "reason", "cached_mode"),
     "policy_forgotten": ("domain", "policy_id"),
+    "policy_changed": (
+        "domain",
+        "changed",
+        "old_policy_id",
+        "old_mode",
+        "old_mx",
+        "old_max_age",
+        "policy_id",
+        "mode",
+        "mx",
+        "max_age",
+    ),
     "tls_override": ("queue_id", "domain", "mx", "override", "decision", "reason"),
-    "queue_admin": ("action", "queue_id"),
+    "queue_admin": (
+        "action",
+        "queue_id",
+        "selection",
+        "matched",
+        "count",
+        "operator",
+        "requested_at",
+    ),
     "store_error": ("error",),
     "worker_error": ("queue_id", "domain", "error"),
     "tlsrpt_report": ("domain", "day", "report_id", "uri", "state", "attempts", "error"),
@@ -61,7 +83,16 @@ EVENTS: dict[str, tuple[str, ...]] = {
     "auth_failed": ("client", "user", "mechanism", "reason"),
 }
 
-_BARE = re.compile(r"[^\s\"=\\]+")
+_BARE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# Left raw by json.dumps(ensure_ascii=False), yet str.splitlines() breaks lines at U+0085,
+# U+2028 and U+2029, and DEL and the C1 controls act on terminals: written as \uXXXX (inside
+# a JSON string, where alone they can occur, that is the same text) so that every reader
+# sees one event per line.
+_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def _escape_unsafe(line: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", line)
 
 
 def _utc_now() -> datetime:
@@ -122,14 +153,37 @@ class EventLog:
             parts = [ts, level, event]
             parts += [f"{k}={_text_value(v)}" for k, v in fields.items()]
             line = " ".join(parts)
+        if not line.isascii():
+            line = _escape_unsafe(line)
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()
 
     # --- lifecycle ---
 
-    def started(self, *, version: str, state_path: str) -> None:
-        self._emit("started", "info", {"version": version, "state_path": state_path})
+    def started(
+        self,
+        *,
+        version: str,
+        state_path: str,
+        warnings: Sequence[str],
+        dnssec: str | None = None,
+    ) -> None:
+        """Serving; `state_path` is absolute; `warnings` (e.g. a delivery.hostname that is
+        not a fully qualified name, an AD bit believed from a remote resolver) make it a
+        warning; `dnssec` says what `dns.dnssec` puts in force (DANE on or off, and why)."""
+        fields = {
+            "version": version,
+            "state_path": state_path,
+            "warnings": list(warnings),
+            "dnssec": dnssec,
+        }
+        self._emit("started", "warning" if warnings else "info", fields)
+
+    def start_failed(self, *, reason: str) -> None:
+        """`serve` could not start (port in use, bad certificate, unwritable or already
+        served state, bad configuration); the process exits non-zero after this line."""
+        self._emit("start_failed", "error", {"reason": reason})
 
     def listening(self, *, addresses: Sequence[str]) -> None:
         self._emit("listening", "info", {"addresses": list(addresses)})
@@ -224,6 +278,7 @@ class EventLog:
         sts_mode: str | None,
         policy_id: str | None,
         tls_policy: str | None,
+        dane_record: str | None = None,
         reason: str | None,
         tlsrpt_result: str | None,
         attempt: int,
@@ -245,6 +300,7 @@ class EventLog:
                 "sts_mode": sts_mode,
                 "policy_id": policy_id,
                 "tls_policy": tls_policy,
+                "dane_record": dane_record,
                 "reason": reason,
                 "tlsrpt_result": tlsrpt_result,
                 "attempt": attempt,
@@ -344,6 +400,40 @@ class EventLog:
             },
         )
 
+    def policy_changed(
+        self,
+        *,
+        domain: str,
+        changed: Sequence[str],
+        old_policy_id: str,
+        old_mode: str,
+        old_mx: Sequence[str],
+        old_max_age: int,
+        policy_id: str,
+        mode: str,
+        mx: Sequence[str],
+        max_age: int,
+    ) -> None:
+        """A fetched policy differs from the cached one in `changed` (of policy_id, mode,
+        mx, max_age); a warning when the mode leaves enforce."""
+        weaker = old_mode == "enforce" and mode != "enforce"
+        self._emit(
+            "policy_changed",
+            "warning" if weaker else "info",
+            {
+                "domain": domain,
+                "changed": list(changed),
+                "old_policy_id": old_policy_id,
+                "old_mode": old_mode,
+                "old_mx": list(old_mx),
+                "old_max_age": old_max_age,
+                "policy_id": policy_id,
+                "mode": mode,
+                "mx": list(mx),
+                "max_age": max_age,
+            },
+        )
+
     def policy_forgotten(self, *, domain: str, policy_id: str | None) -> None:
         """An operator removed a cached policy (`sts-relay policy forget`)."""
         self._emit("policy_forgotten", "warning", {"domain": domain, "policy_id": policy_id})
@@ -353,5 +443,30 @@ class EventLog:
     def store_error(self, *, error: str) -> None:
         self._emit("store_error", "error", {"error": error})
 
-    def queue_admin(self, *, action: str, queue_id: str | None) -> None:
-        self._emit("queue_admin", "info", {"action": action, "queue_id": queue_id})
+    def queue_admin(
+        self,
+        *,
+        action: str,
+        queue_id: str | None,
+        selection: str,
+        matched: int,
+        count: int,
+        operator: str,
+        requested_at: str,
+    ) -> None:
+        """A change made with `sts-relay queue ...`: `selection` as given ("id=...",
+        "domain=... state=deferred", "all"), `matched` messages, `count` changed (messages;
+        recipients for flush and bounce), by `operator` (the OS user) at `requested_at`."""
+        self._emit(
+            "queue_admin",
+            "info",
+            {
+                "action": action,
+                "queue_id": queue_id,
+                "selection": selection,
+                "matched": matched,
+                "count": count,
+                "operator": operator,
+                "requested_at": requested_at,
+            },
+        )

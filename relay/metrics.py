@@ -3,9 +3,10 @@
 Owns the metric names, their help text and labels (listed in the README), one
 CollectorRegistry per relay (never the process-global one, so several relays in one test
 process do not collide), and the HTTP endpoint. Counts come from the event catalogue
-(`EventLog.subscribe`) and from policy lookups; the queue gauges are read from the store at
-scrape time. Knows nothing of SMTP, MTA-STS rules or SQLite: readiness and queue counts
-come in as callables from `relay/app.py`.
+(`EventLog.subscribe`), from policy lookups and from the posture figures of committed
+attempts (`observe_posture`, relay/posture.py); the queue gauges are read from the store, the
+policy-waiting gauges from the posture tally, at scrape time. Knows nothing of SMTP, MTA-STS
+rules or SQLite: readiness and queue counts come in as callables from `relay/app.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from prometheus_client import (
 )
 
 from policy.model import PolicyLookup
+from posture.model import Attempt, Status
 from relay.config import format_hostport, parse_hostport
 
 # Seconds from receipt to delivery: from a fast LAN hop to the 4-hour retry steps.
@@ -69,6 +71,15 @@ class Metrics:
             "TLS was up and nothing failed, 'no-tls' for plaintext) and MTA-STS mode "
             "('no-policy' when none applied).",
             ["result", "mode"],
+            registry=r,
+        )
+        self.dane = Counter(
+            "sts_relay_dane_sessions",
+            "Delivery attempts whose MX was held to DANE (RFC 7672), by outcome: 'verified' (a"
+            " TLSA record matched), 'unauthenticated' (only unusable records: TLS without"
+            " authentication), else the RFC 8460 result type (tlsa-invalid, dnssec-invalid,"
+            " starttls-not-supported, certificate-host-mismatch, ...).",
+            ["outcome"],
             registry=r,
         )
         self.bounces = Counter(
@@ -115,6 +126,50 @@ class Metrics:
         self.queue_messages = Gauge(
             "sts_relay_queue_messages", "Messages in the queue (read at scrape time).", registry=r
         )
+        # The TLS posture (README "TLS posture report"), counted as committed.
+        self.delivered = Counter(
+            "sts_relay_delivered_recipients",
+            "Recipients delivered, by mechanism (dane, sts-enforce, sts-testing, override,"
+            " tls-required-no, opportunistic, plaintext), TLS version ('none' in the clear)"
+            " and whether the MX was authenticated.",
+            ["mechanism", "tls_version", "authenticated"],
+            registry=r,
+        )
+        self.delivered_messages = Counter(
+            "sts_relay_delivered_messages",
+            "Messages delivered ((message, domain) transfers), by mechanism.",
+            ["mechanism"],
+            registry=r,
+        )
+        self.delivery_failures = Counter(
+            "sts_relay_delivery_failures",
+            "Recipients deferred or bounced, by cause: policy (a TLS or policy failure) or other.",
+            ["status", "cause"],
+            registry=r,
+        )
+        self.policy_refresh_errors = Counter(
+            "sts_relay_policy_refresh_errors",
+            "Failed policy fetches for a domain that had a policy (one is cached), by the"
+            " cached policy's mode.",
+            ["cached_mode"],
+            registry=r,
+        )
+        self.policy_waiting_recipients = Gauge(
+            "sts_relay_policy_waiting_recipients",
+            "Recipients waiting because their domain's policy cannot be met, by the"
+            " mechanism that requires it (sts-enforce, dane, override); read at scrape time.",
+            ["mechanism"],
+            registry=r,
+        )
+        self.policy_waiting_oldest = Gauge(
+            "sts_relay_policy_waiting_oldest_seconds",
+            "Seconds the longest-waiting mail has waited on a policy it cannot meet (0: none),"
+            " by mechanism; read at scrape time.",
+            ["mechanism"],
+            registry=r,
+        )
+        # Per mechanism: (recipients, oldest wait in s); set by relay/posture.py.
+        self.policy_waiting: Callable[[], Mapping[str, tuple[int, float]]] | None = None
 
     # -- feeding -----------------------------------------------------------------------
 
@@ -133,6 +188,8 @@ class Metrics:
         elif event == "policy_fetch_failed":
             self.policy_fetches.labels(outcome="error").inc()
             self.policy_fetch_errors.labels(result=str(fields.get("result"))).inc()
+            if fields.get("cached_mode") is not None:  # the domain had a policy
+                self.policy_refresh_errors.labels(cached_mode=str(fields["cached_mode"])).inc()
         elif event == "tls_override":
             self.tls_overrides.labels(override=str(fields.get("override"))).inc()
         elif event == "auth_failed":
@@ -148,9 +205,29 @@ class Metrics:
         result = fields.get("tlsrpt_result") or ("success" if fields.get("tls") else "no-tls")
         mode = fields.get("sts_mode") or "no-policy"
         self.tls.labels(result=str(result), mode=str(mode)).inc()
+        if fields.get("tls_policy") == "dane":
+            self.dane.labels(outcome=_dane_outcome(fields)).inc()
 
     def observe_lookup(self, lookup: PolicyLookup) -> None:
         self.policy_lookups.labels(source=lookup.source).inc()
+
+    def observe_posture(self, attempt: Attempt) -> None:
+        """The posture figures of one committed attempt (relay/posture.py)."""
+        delivered: set[str] = set()
+        for r in attempt.recipients:
+            if r.status is Status.DELIVERED:
+                mechanism = r.counted_mechanism.value
+                delivered.add(mechanism)
+                self.delivered.labels(
+                    mechanism=mechanism,
+                    tls_version=r.tls or "none",
+                    authenticated="true" if r.authenticated else "false",
+                ).inc()
+            else:
+                cause = r.cause.value if r.cause is not None else "other"
+                self.delivery_failures.labels(status=r.status.value, cause=cause).inc()
+        for mechanism in delivered:
+            self.delivered_messages.labels(mechanism=mechanism).inc()
 
     async def render(self, queue_counts: QueueCounts) -> bytes:
         """The Prometheus text exposition, with queue gauges read now."""
@@ -160,7 +237,20 @@ class Metrics:
                 self.queue_messages.set(value)
             else:
                 self.queue.labels(state=state).set(value)
+        if self.policy_waiting is not None:
+            for mechanism, (recipients, oldest) in self.policy_waiting().items():
+                self.policy_waiting_recipients.labels(mechanism=mechanism).set(recipients)
+                self.policy_waiting_oldest.labels(mechanism=mechanism).set(round(oldest, 1))
         return generate_latest(self.registry)
+
+
+def _dane_outcome(fields: dict[str, Any]) -> str:
+    """The DANE outcome of a `delivery` event whose MX was held to DANE."""
+    if fields.get("dane_record"):
+        return "verified"
+    if fields.get("tlsrpt_result"):
+        return str(fields["tlsrpt_result"])
+    return "unauthenticated" if fields.get("tls") else "failed"
 
 
 class MetricsServer:

@@ -32,7 +32,7 @@ from tlsrpt import plan
 from tlsrpt.counter import SessionCounter, applied_policy, utc_day
 from tlsrpt.discover import LookupFailed, NoRecord, discover_record, host_addresses
 from tlsrpt.mail import DkimError, DkimKey, ReportMail, build_mail, check_key
-from tlsrpt.model import Delivery, Failure, Session, TlsRptRecord
+from tlsrpt.model import AppliedPolicy, Delivery, Failure, PolicyType, Session, TlsRptRecord
 from tlsrpt.post import Posted, post_report
 from tlsrpt.record import https_target, mailto_address
 from tlsrpt.report import a_label, build_report, compress, report_filename, report_json
@@ -110,8 +110,15 @@ def sessions_of(
     sessions = []
     for tried_mx in tried:
         result = fetch_failed or tried_mx.result
+        applied = policy
+        if tried_mx.tlsa is not None:
+            # Held to DANE (RFC 7672): counted against the MX host's TLSA records
+            # (RFC 8460 §4.4 policy-type `tlsa`), not against the MTA-STS policy.
+            mx_host = tried_mx.mx.lower().removesuffix(".")
+            applied = AppliedPolicy(PolicyType.TLSA, tried_mx.tlsa, (mx_host,))
+            result = tried_mx.result
         failure = None if result is None else _failure(result, tried_mx)
-        sessions.append(Session(domain, day, policy, failure))
+        sessions.append(Session(domain, day, applied, failure))
     return sessions
 
 

@@ -3,8 +3,10 @@
 Owns the users file format (one `name:scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>` line per
 user, parameters stored with each hash so they can be raised later without breaking old
 entries), password hashing and verification (hashlib.scrypt, constant-time comparison), and
-the per-client-address limit on failed logins. Knows nothing of SMTP sessions: the listener
-asks `verify()` (off the event loop: scrypt is deliberately slow) and `FailureLimiter`.
+the limits on failed logins (one FailureLimiter per client address, one per user name; an
+attempt is counted when it starts). Knows nothing of SMTP sessions: the listener asks
+`verify()` (off the event loop, on threads of its own: scrypt is deliberately slow) and the
+limiters.
 """
 
 from __future__ import annotations
@@ -190,8 +192,14 @@ class UsersFile:
 
 
 class FailureLimiter:
-    """Failed logins per client address in a sliding window (RFC 4954 §4: servers may limit
-    attempts). `blocked()` once `limit` failures fall within the last `window` seconds."""
+    """Failed logins per key (a client address, a user name) in a sliding window (RFC 4954
+    §4: servers may limit attempts). `blocked()` once `limit` failures fall within the last
+    `window` seconds.
+
+    An attempt counts from the moment it starts: `reserve()` records it as a failure before
+    the password is checked (so concurrent attempts cannot all pass a check made before any
+    of them failed), and `release()` takes it back when it succeeded or was never checked.
+    """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float]) -> None:
         self.limit = limit
@@ -199,29 +207,52 @@ class FailureLimiter:
         self._clock = clock
         self._failures: dict[str, deque[float]] = {}
 
-    def _recent(self, client: str) -> deque[float]:
-        times = self._failures.get(client)
+    def _recent(self, key: str) -> deque[float]:
+        times = self._failures.get(key)
         if times is None:
             return deque()
         cutoff = self._clock() - self._window
         while times and times[0] <= cutoff:
             times.popleft()
         if not times:
-            del self._failures[client]
+            del self._failures[key]
         return times
 
-    def blocked(self, client: str) -> bool:
-        return len(self._recent(client)) >= self.limit
+    def blocked(self, key: str) -> bool:
+        return len(self._recent(key)) >= self.limit
 
-    def failed(self, client: str) -> int:
-        """Record a failure; the number of failures now in the window."""
-        times = self._recent(client)
-        self._failures[client] = times
-        times.append(self._clock())
-        while len(times) > self.limit:
-            times.popleft()
-        # Bound memory under a spray of addresses: forget the stalest clients.
+    def count(self, key: str) -> int:
+        """Failures (reserved attempts included) now in the window."""
+        return len(self._recent(key))
+
+    def reserve(self, key: str) -> float | None:
+        """Count an attempt as failed now; None (nothing counted) when `key` is blocked.
+        Returns the stamp to give to `release()`."""
+        times = self._recent(key)
+        if len(times) >= self.limit:
+            return None
+        stamp = self._clock()
+        self._failures[key] = times
+        times.append(stamp)
+        # Bound memory under a spray of addresses or names: forget the stalest keys.
         if len(self._failures) > 100_000:
             for stale in list(self._failures)[:10_000]:
                 del self._failures[stale]
-        return len(times)
+        return stamp
+
+    def release(self, key: str, stamp: float) -> None:
+        """Take back an attempt `reserve()` counted (it succeeded, or was never checked)."""
+        times = self._failures.get(key)
+        if times is not None and stamp in times:
+            times.remove(stamp)
+            if not times:
+                del self._failures[key]
+
+    def failed(self, key: str) -> int:
+        """Record a failure (past the limit, the oldest is forgotten); the number now in
+        the window."""
+        if self.reserve(key) is None:
+            times = self._recent(key)
+            times.popleft()
+            times.append(self._clock())
+        return self.count(key)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.dane_lab import DaneWorld
 from tests.support.world import World
 
 # A host that accepts TCP and never greets (SMTP-13): its address, and the connections held.
@@ -18,6 +19,19 @@ SilentHost = tuple[str, list[asyncio.StreamWriter]]
 async def world(tmp_path: Path) -> AsyncIterator[World]:
     """DNS, policy host and MX sinks on loopback, with the bounce sink for `src.test`."""
     lab = World(tmp_path / "lab")
+    await lab.start()
+    try:
+        await lab.add_bounce_sink()
+        yield lab
+    finally:
+        await lab.stop()
+
+
+@pytest.fixture
+async def dane_world(tmp_path: Path) -> AsyncIterator[DaneWorld]:
+    """The lab with `dane.test` DNSSEC-signed and unbound validating in front of the lab DNS
+    (RFC 7672 tests); skips when unbound is not installed (fails under CI)."""
+    lab = DaneWorld(tmp_path / "lab")
     await lab.start()
     try:
         await lab.add_bounce_sink()

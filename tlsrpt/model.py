@@ -12,16 +12,18 @@ from policy.model import TlsRptResult
 
 
 class PolicyType(StrEnum):
-    """RFC 8460 §4.4 policy-type values this relay can apply (no DANE: no `tlsa`)."""
+    """RFC 8460 §4.4 policy-type values this relay can apply."""
 
     STS = "sts"
+    TLSA = "tlsa"  # DANE (RFC 7672): strings are the MX host's TLSA records
     NO_POLICY_FOUND = "no-policy-found"
 
 
 @dataclass(frozen=True, slots=True)
 class AppliedPolicy:
     """The policy a session was held to: `strings` are the policy lines (RFC 8460 §4.5),
-    `mx` the policy's mx patterns; both empty for no-policy-found."""
+    `mx` the policy's mx patterns; for `tlsa`, the TLSA records ("3 1 1 <hex>") and the
+    MX host they belong to; both empty for no-policy-found."""
 
     type: PolicyType
     strings: tuple[str, ...] = ()

@@ -69,11 +69,14 @@ def build_report(
 
 def _policy_entry(domain: str, policy: AppliedPolicy, rows: list[Count]) -> dict[str, Any]:
     described: dict[str, Any] = {"policy-type": policy.type.value}
-    if policy.type is PolicyType.STS:
+    described_policy = policy.type in (PolicyType.STS, PolicyType.TLSA)
+    if described_policy:
+        # RFC 8460 §4.5: the STS policy lines, or one "3 1 1 <hex>" string per TLSA record.
         described["policy-string"] = list(policy.strings)
     described["policy-domain"] = domain
-    if policy.type is PolicyType.STS:
-        # RFC-CHECKLIST RPT-04: an array, as the major reporters emit it.
+    if described_policy:
+        # RFC-CHECKLIST RPT-04: an array, as the major reporters emit it (for tlsa: the MX
+        # host whose TLSA records these are).
         described["mx-host"] = list(policy.mx)
     failures: dict[Failure, int] = {}
     successes = 0

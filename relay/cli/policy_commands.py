@@ -5,8 +5,10 @@ fetches and parses the policy exactly as delivery would (same resolver, trust st
 limits), applies the operator's `tls.overrides`, then for each MX shows whether the policy
 allows it, its addresses, and for each address the connection, STARTTLS, the certificate
 chain, the name match and the TLS version (a probe that sends no mail), and a verdict.
-It changes nothing in the cache. `show` prints the cached policy; `forget` removes it and
-logs `policy_forgotten`.
+It changes nothing in the cache (and creates no store: without one, no cached policy is
+shown). `show` prints the cached policy; `forget` removes it and logs `policy_forgotten`;
+`history` shows the policy changes the cache recorded (policy/cache.py keeps the newest
+HISTORY_PER_DOMAIN per domain, none older than HISTORY_DAYS).
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from typing import Any
 
 import dns.asyncresolver
 
-from policy.cache import CachedPolicy
+from policy.cache import HISTORY_DAYS, HISTORY_PER_DOMAIN, CachedPolicy, PolicyChange
 from policy.discover import Found, NotFound, discover, lookup_addresses
 from policy.fetch import Fetched, fetch_policy
 from policy.match import mx_matches
 from policy.model import Policy, PolicyLookup
 from policy.webpki import client_context, unverified_context
 from relay.app import make_resolver, open_policy_cache
+from relay.cli import dane_report
+from relay.cli.output import fail, print_json
 from relay.config import Config
 from relay.delivery.client import Dialer
 from relay.delivery.decision import TlsDecision, TlsPolicySource, decide_tls
@@ -38,10 +42,11 @@ from relay.delivery.mx import (
     resolve_addresses,
     resolve_mx,
 )
-from relay.delivery.overrides import parse_overrides
+from relay.delivery.overrides import TlsOverrides
 from relay.delivery.probe import Probe, probe_mx
 from relay.delivery.tls import TlsRequirement
 from relay.events import EventLog
+from relay.state import NoState, existing_store
 
 _MAX_ADDRESSES_PER_MX = 4  # a diagnosis, not a scan
 
@@ -133,6 +138,15 @@ def _patterns(decision: TlsDecision) -> tuple[str, ...] | None:
     return policy.mx if policy is not None else None
 
 
+def _host_rule(rule: _Rule, decision: TlsDecision, host: str) -> _Rule:
+    """The domain's rule, unless DANE decides for `host`: then probe it whatever the
+    MTA-STS names say (its verdict comes from relay/cli/dane_report.py)."""
+    mx_rule = decision.for_mx(host)
+    if not mx_rule.dane:
+        return rule
+    return _Rule(mx_rule.requirement.value, False, "DANE (RFC 7672)")
+
+
 def _host_verdict(rule: _Rule, allowed: bool | None, probes: list[Probe]) -> tuple[bool, str]:
     """(usable, why) for one MX under `rule`."""
     verified = [p for p in probes if p.verified]
@@ -200,6 +214,7 @@ async def _probe_host(
         else:
             host["address_error"] = addresses.detail
     host["probes"] = [p.as_dict() for p in probes]
+    host["_probes"] = probes  # for dane_report.annotate, which removes it
     host["usable"], host["verdict"] = _host_verdict(rule, host["allowed"], probes)
 
 
@@ -224,7 +239,7 @@ def _verdict(rule: _Rule, mx: dict[str, Any]) -> tuple[bool, bool, str]:
             return False, False, f"no: {rule.why}, and no MX passes; mail would wait in the queue"
         return False, False, "no: no MX host could be reached"
     first = usable[0]
-    secure = rule.requirement == "verified"
+    secure = bool(first.get("secure", rule.requirement == "verified"))
     how = "securely" if secure else "without authenticated TLS"
     return (
         True,
@@ -236,24 +251,35 @@ def _verdict(rule: _Rule, mx: dict[str, Any]) -> tuple[bool, bool, str]:
 async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
     domain = domain.strip().rstrip(".").lower()
     resolver = make_resolver(tuple(cfg.dns.nameservers), cfg.dns.timeout)
+    dnssec, dane = dane_report.setup(cfg, resolver)  # before any lookup: DO on every query
     txt = await _txt(domain, cfg, resolver)
     policy_info, policy = (
         await _policy(domain, cfg, resolver) if txt["status"] == "found" else ({}, None)
     )
-    cache = open_policy_cache(cfg)
+    cached = None
     try:
-        cached = cache.get(domain)
-    finally:
-        cache.close()
-    override = parse_overrides(cfg.tls.overrides).get(domain)
+        existing_store(cfg.state.path)
+    except NoState as exc:
+        print(f"sts-relay: {exc}: no cached policy to show", file=sys.stderr)
+    else:
+        cache = open_policy_cache(cfg)
+        try:
+            cached = cache.get(domain)
+        finally:
+            cache.close()
+    override = TlsOverrides(cfg.tls.overrides).get(domain)
     published = PolicyLookup(
         domain, policy, txt.get("id") if policy else None, "fetched" if policy else "none"
     )
     decision = decide_tls(published, override, tls_required_no=False)
     rule = _rule(decision)
     mx = await _mx_hosts(domain, cfg, resolver, _patterns(decision))
+    evidence = await dane_report.evidence(dane, domain, mx)
+    if evidence is not None:  # RFC 7672: each MX host is judged by its own TLSA records
+        decision = decide_tls(published, override, tls_required_no=False, dane=evidence)
     for host in mx["hosts"]:
-        await _probe_host(host, rule, cfg, resolver)
+        await _probe_host(host, _host_rule(rule, decision, host["host"]), cfg, resolver)
+        dane_report.annotate(host, decision, evidence)
     deliverable, secure, verdict = _verdict(rule, mx)
     report = {
         "domain": domain,
@@ -263,6 +289,7 @@ async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
         "override": override.action.value if override else None,
         "override_match": list(override.mx) if override and override.mx else None,
         "requirement": rule.requirement,
+        "dnssec": dnssec.summary,
         "mx": mx,
         "deliverable": deliverable,
         "secure": secure,
@@ -304,6 +331,7 @@ def _print_check(report: dict[str, Any]) -> None:
                 f" TLS {p['tls_version'] or '-'}, chain {p['chain']}, name {p['name']}"
                 + (f" ({p['detail']})" if p["detail"] else "")
             )
+        dane_report.print_host(host)
     print(f"verdict:  {report['verdict']}")
 
 
@@ -312,12 +340,15 @@ def _yn(value: bool | None) -> str:
 
 
 async def run_policy_command(cfg: Config, action: str, domain: str, as_json: bool) -> int:
-    """`policy check|show|forget DOMAIN`; exit 1 when the answer is no (none cached, ...)."""
+    """`policy check|show|forget|history DOMAIN`; exit 1 when the answer is no (none
+    cached, ...). Every command but check needs an existing store (the caller checks)."""
     if action == "check":
         return await run_policy_check(cfg, domain, as_json)
     domain = domain.strip().rstrip(".").lower()
     cache = open_policy_cache(cfg)
     try:
+        if action == "history":
+            return _history(domain, cache.history(domain), as_json)
         entry = cache.get(domain)
         if action == "forget" and entry is not None:
             cache.forget(domain)
@@ -326,8 +357,7 @@ async def run_policy_command(cfg: Config, action: str, domain: str, as_json: boo
     finally:
         cache.close()
     if entry is None:
-        print(f"sts-relay: no cached policy for {domain}", file=sys.stderr)
-        return 1
+        return fail(f"no cached policy for {domain}", as_json=as_json, domain=domain)
     if as_json:
         print(json.dumps({"forgotten": action == "forget", **cached_dict(entry)}, indent=2))
     elif action == "forget":
@@ -337,4 +367,63 @@ async def run_policy_command(cfg: Config, action: str, domain: str, as_json: boo
             if key != "text":
                 shown = ", ".join(value) if isinstance(value, list) else value
                 print(f"{key + ':':<14}{shown}")
+    return 0
+
+
+HISTORY_KEPT = (
+    f"the newest {HISTORY_PER_DOMAIN} changes per domain, none older than {HISTORY_DAYS} days"
+)
+
+
+def _version(policy_id: str | None, policy: Policy | None) -> dict[str, Any] | None:
+    if policy is None:
+        return None
+    return {
+        "policy_id": policy_id,
+        "mode": policy.mode.value,
+        "mx": list(policy.mx),
+        "max_age": policy.max_age,
+    }
+
+
+def change_dict(change: PolicyChange) -> dict[str, Any]:
+    return {
+        "changed_at": _iso(change.changed_at),
+        "changed": list(change.changed) if change.old is not None else None,
+        "old": _version(change.old_id, change.old),
+        "new": _version(change.new_id, change.new),
+    }
+
+
+def _history(domain: str, changes: list[PolicyChange], as_json: bool) -> int:
+    """`policy history DOMAIN`: oldest first; exit 1 when nothing was ever recorded."""
+    if not changes:
+        return fail(
+            f"no policy recorded for {domain}",
+            as_json=as_json,
+            domain=domain,
+            kept=HISTORY_KEPT,
+            changes=[],
+        )
+    if as_json:
+        print_json(
+            {"domain": domain, "kept": HISTORY_KEPT, "changes": list(map(change_dict, changes))}
+        )
+        return 0
+    for change in changes:
+        new = change.new
+        now = (
+            f"id={change.new_id} mode={new.mode.value} max_age={new.max_age} mx={','.join(new.mx)}"
+        )
+        if change.old is None:
+            print(f"{_iso(change.changed_at)}  first seen: {now}")
+            continue
+        old = change.old
+        before = (
+            f"id={change.old_id} mode={old.mode.value} max_age={old.max_age} mx={','.join(old.mx)}"
+        )
+        print(f"{_iso(change.changed_at)}  changed {', '.join(change.changed)}")
+        print(f"    was: {before}")
+        print(f"    now: {now}")
+    print(f"-- kept: {HISTORY_KEPT}", file=sys.stderr)
     return 0

@@ -3,7 +3,8 @@
 `show` builds each domain's report from the counters and looks up where it would go,
 changing nothing. `send` builds and sends the day's reports not sent yet, as the daily
 job does (mailto: into the queue, which the running relay delivers; https: POSTed now,
-and retried later by the running relay when that fails).
+and retried later by the running relay when that fails). Both need an existing store (the
+caller checks: they never create one).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 from mailqueue.sqlite import SqliteStore
 from policy.webpki import client_context
 from relay.app import database_path, make_resolver, open_store
+from relay.cli.output import fail
 from relay.config import Config, ConfigError
 from relay.events import EventLog
 from relay.reporting import PlannedReport, Reporting, build_reporting
@@ -109,8 +111,7 @@ async def run_tlsrpt_command(cfg: Config, action: str, day_text: str | None, as_
         day = parse_day(day_text, time.time())
         reporting = _reporting(cfg, None)
     except (ValueError, ConfigError) as exc:
-        print(f"sts-relay: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(str(exc), EXIT_USAGE, as_json=as_json)
     try:
         if action == "show":
             return await _show(reporting, day, as_json)

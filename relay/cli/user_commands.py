@@ -3,7 +3,9 @@
 Owns reading the new password (from a terminal with getpass, asked twice, or one line from
 stdin for scripts; never from the command line, where `ps` and shell history would show it)
 and the one-line outcomes. The file format and hashing are relay/users.py's. A running relay
-picks changes up at the next login: it re-reads the file when it changes.
+picks changes up at the next login: it re-reads the file when it changes. With the users file
+in the state directory (the default), the state must exist: no command but `serve` creates
+it (a user added to a new `./var` of the wrong directory would never log in).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import json
 import sys
 from typing import TextIO
 
+from relay.cli.output import fail
 from relay.config import Config, users_file_path
+from relay.state import NoState, existing_store
 from relay.users import UsersFileError, hash_password, read_users, valid_user_name, write_users
 
 EXIT_OK = 0
@@ -38,10 +42,24 @@ def _read_password(stdin: TextIO) -> str:
     return password
 
 
+def _no_state(cfg: Config, as_json: bool = False) -> int | None:
+    """The failure to report when the users file belongs in a state that does not exist."""
+    if cfg.auth.users_file:
+        return None
+    try:
+        existing_store(cfg.state.path)
+    except NoState as exc:
+        hint = "`sts-relay serve` creates it; check state.path and --config"
+        return fail(f"{exc} ({hint})", as_json=as_json)
+    return None
+
+
 def _add(cfg: Config, name: str, stdin: TextIO) -> int:
     if not valid_user_name(name):
         print(f"sts-relay: bad user name {name!r} (printable ASCII, no ':')", file=sys.stderr)
         return EXIT_USAGE
+    if (failed := _no_state(cfg)) is not None:
+        return failed
     try:
         password = _read_password(stdin)
     except _NoPassword as exc:
@@ -57,6 +75,8 @@ def _add(cfg: Config, name: str, stdin: TextIO) -> int:
 
 
 def _remove(cfg: Config, name: str) -> int:
+    if (failed := _no_state(cfg)) is not None:
+        return failed
     path = users_file_path(cfg)
     users = read_users(path)
     if users.pop(name, None) is None:
@@ -68,12 +88,18 @@ def _remove(cfg: Config, name: str) -> int:
 
 
 def _list(cfg: Config, as_json: bool) -> int:
-    names = sorted(read_users(users_file_path(cfg)))
+    if (failed := _no_state(cfg, as_json)) is not None:
+        return failed
+    path = users_file_path(cfg)
+    names = sorted(read_users(path))
     if as_json:
         print(json.dumps(names, indent=2))
     else:
         for name in names:
             print(name)
+    if not names:
+        why = "" if path.exists() else " (the file does not exist yet)"
+        print(f"no users in {path}{why}: add one with `sts-relay user add NAME`", file=sys.stderr)
     return EXIT_OK
 
 
@@ -89,6 +115,5 @@ def run_user_command(
         if action == "list":
             return _list(cfg, as_json)
     except UsersFileError as exc:
-        print(f"sts-relay: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return fail(str(exc), as_json=as_json)
     return EXIT_USAGE

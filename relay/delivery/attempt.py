@@ -30,7 +30,8 @@ from relay.delivery.client import (
     safe_line,
     transact,
 )
-from relay.delivery.decision import TlsDecision, TlsPolicySource
+from relay.delivery.dane import Tlsa
+from relay.delivery.decision import MxRule, TlsDecision, TlsPolicySource
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import (
     DnsTempFail,
@@ -208,10 +209,15 @@ class MxTlsResult:
     mx: str
     ip: str
     result: TlsRptResult | None
+    tlsa: tuple[str, ...] | None = None  # held to DANE: the TLSA RRset (RFC 8460 `tlsa`)
 
 
 def mx_tls_result(
-    session: ConversationResult, policy_fail: TlsRptResult | None, *, validates: bool = True
+    session: ConversationResult,
+    policy_fail: TlsRptResult | None,
+    *,
+    validates: bool = True,
+    tlsa: tuple[str, ...] | None = None,
 ) -> MxTlsResult | None:
     """`session` as a TLSRPT session, or None when it does not count: it never reached
     TLS (RFC 8460 §4.3.4: transient network failures need not be reported), or it ran
@@ -233,7 +239,19 @@ def mx_tls_result(
         if session.mail_reply is None:
             return None  # ended before the TLS decision (greeting refused, dropped)
         result = TlsRptResult.STARTTLS_NOT_SUPPORTED  # went on in the clear
-    return MxTlsResult(hop.mx, hop.ip or "", result)
+    return MxTlsResult(hop.mx, hop.ip or "", result, tlsa)
+
+
+def _dane_reason(host: str, rule: MxRule) -> Reason:
+    """RFC 7672 §2.2: the host's TLSA lookup failed (bogus, SERVFAIL, timeout): it is not
+    used, and nothing else (MTA-STS, cleartext) stands in for DANE."""
+    text = safe_line(f"DANE: {host} not used: {rule.detail or 'TLSA lookup failed'}")
+    return Reason(text, "4.7.5", hop=Hop(mx=host), tlsrpt=rule.refused)
+
+
+def _tlsa_strings(rule: MxRule) -> tuple[str, ...] | None:
+    """The TLSA RRset as RFC 8460 §4.5 reports a `tlsa` policy, for a host under DANE."""
+    return tuple(r.text for r in rule.records) if rule.dane else None
 
 
 def _policy_reason(domain: str, host: str, decision: TlsDecision) -> Reason:
@@ -317,24 +335,31 @@ async def _walk(
     the published policy would have refused is recorded. Every conversation that counts
     for TLS reporting (against the published policy) goes to `tried`."""
     recipients = envelope.recipients
-    requirement = decision.requirement
-    enforced = requirement is TlsRequirement.VERIFIED
-    validates = decision.published_requires_validation
     failures: list[Reason] = []
     left = max(settings.max_addresses, 2)
     for host in mx.hosts:
-        published_fail = decision.published_verdict(host)
-        if decision.refuses_mx(host) is not None:
+        rule = decision.for_mx(host)  # DANE evidence first, per host (RFC 7672 §2.2)
+        requirement = rule.requirement
+        enforced = requirement not in (TlsRequirement.OPPORTUNISTIC, TlsRequirement.REPORT)
+        validates = rule.dane or decision.published_requires_validation
+        tlsa = _tlsa_strings(rule)
+        # Under DANE the host is held to its TLSA records, not to the MTA-STS names.
+        published_fail = None if rule.dane else decision.published_verdict(host)
+        if rule.refused is not None:
+            if rule.dane:
+                failures.append(_dane_reason(host, rule))
+                tried.append(MxTlsResult(host, "", rule.refused, tlsa))
+                continue
             failures.append(_policy_reason(domain, host, decision))
             if published_fail is not None:
                 tried.append(MxTlsResult(host, "", published_fail))
             continue
         conversations = _conversations(
-            pool, domain, host, requirement, envelope, settings, resolver, failures
+            pool, domain, host, requirement, envelope, settings, resolver, failures, rule.tlsa
         )
         async for conversation in conversations:
             left -= 1
-            counted = mx_tls_result(conversation, published_fail, validates=validates)
+            counted = mx_tls_result(conversation, published_fail, validates=validates, tlsa=tlsa)
             if counted is not None:
                 tried.append(counted)
             if conversation.completed:
@@ -359,6 +384,7 @@ async def _conversations(
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     failures: list[Reason],
+    tlsa: tuple[Tlsa, ...] = (),
 ) -> AsyncGenerator[ConversationResult, None]:
     """The sessions tried at `host`: over an idle pooled connection first (no address
     lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
@@ -378,7 +404,7 @@ async def _conversations(
         return
     for ip in addresses:
         key = (host, ip, requirement)
-        yield await pooled_conversation(pool, key, envelope, settings, domain=domain)
+        yield await pooled_conversation(pool, key, envelope, settings, domain=domain, tlsa=tlsa)
 
 
 async def _over_idle(
@@ -415,11 +441,14 @@ async def pooled_conversation(
     settings: AttemptSettings,
     *,
     domain: str = "",
+    tlsa: tuple[Tlsa, ...] = (),
 ) -> ConversationResult:
     """One transaction to key's (MX, IP) under key's requirement, over an idle pooled
     connection when there is one. A pooled connection found dead is discarded and the
     message sent over a fresh one; that is not a failed attempt (nothing was sent).
-    `domain` is the recipients' policy domain (marks repeats, see `MxTlsResult`)."""
+    `domain` is the recipients' policy domain (marks repeats, see `MxTlsResult`); `tlsa`
+    the usable TLSA records of the MX host under DANE (a pooled DANE connection to that
+    host matched the same RRset: TLSA records belong to the host, not the domain)."""
     host, ip, requirement = key
     while True:
         got = await pool.acquire(key)
@@ -438,7 +467,7 @@ async def pooled_conversation(
             return result
         break
     try:
-        conn = await connect(ip, host, requirement, settings.dialer)
+        conn = await connect(ip, host, requirement, settings.dialer, tlsa)
     except BaseException:
         pool.abandon(None, ip)  # cut off while connecting: the reserved slot goes back
         raise

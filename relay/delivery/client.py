@@ -26,12 +26,14 @@ import asyncio
 import contextlib
 import ssl
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import aiosmtplib
 from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from policy.model import TlsRptResult
 from policy.webpki import classify_certificate_error
+from relay.delivery.dane import DaneMatch, Tlsa, dane_context, peer_chain, verify_chain
 from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
 from relay.delivery.tls import TlsRequirement
@@ -127,6 +129,8 @@ class _Conversation:
         self.stale = False
         self.timed_out = False
         self.dsn = False  # the server advertised DSN (RFC 3461 parameters passed on)
+        self.tlsa: tuple[Tlsa, ...] = ()  # under DANE: the usable records to match
+        self.dane: str | None = None  # the record the chain matched
         self.violation: str | None = None
         self.last = "after EHLO"  # where a stray reply would have come from, for the text
 
@@ -141,6 +145,7 @@ class _Conversation:
             conn.tls_failure,
         )
         conv.dsn = conn.smtp.supports_extension("dsn")
+        conv.dane = conn.dane
         return conv
 
     def result(self) -> ConversationResult:
@@ -152,6 +157,7 @@ class _Conversation:
                 tls=self.tls_version,
                 verified=self.verified,
                 dsn=self.dsn,
+                dane=self.dane,
             ),
             connected=self.connected,
             tls_failure=fail.result if fail else None,
@@ -258,6 +264,18 @@ class _Conversation:
         self.tls_version = version or "TLS"
         return None
 
+    def dane_check(self, smtp: aiosmtplib.SMTP) -> _TlsFail | None:
+        """RFC 7672 §3: the chain the server sent must match a usable TLSA record of the MX
+        host (relay/delivery/dane.py); checked before any mail command. None on a match."""
+        ssl_object = smtp.get_transport_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject):
+            return _TlsFail(TlsRptResult.VALIDATION_FAILURE, "no TLS session to check", False)
+        verdict = verify_chain(peer_chain(ssl_object), self.tlsa, self.sni, datetime.now(UTC))
+        if isinstance(verdict, DaneMatch):
+            self.verified, self.dane = True, verdict.record.text
+            return None
+        return _TlsFail(verdict.result, safe_line(f"DANE: {verdict.detail}"), False)
+
     async def command(self, smtp: aiosmtplib.SMTP, verb: bytes, *args: bytes) -> Reply | None:
         """The reply to one command, None when the session ended (dropped, or a violation:
         something came before the command was written, or with or after its reply)."""
@@ -357,7 +375,18 @@ async def _secure(
     smtp = await conv.open()
     if smtp is None:
         return None
-    if requirement is not TlsRequirement.OPPORTUNISTIC:
+    if requirement in (TlsRequirement.DANE, TlsRequirement.ENCRYPTED):
+        # RFC 7672 §2.2: TLS is mandatory (no plaintext, whatever is offered); the chain
+        # is checked against the TLSA records ourselves, so the handshake is unverified,
+        # TLS 1.2 or newer (dane.dane_context).
+        fail = await conv.starttls(smtp, dane_context())
+        if fail is None and requirement is TlsRequirement.DANE:
+            fail = conv.dane_check(smtp)
+        if fail is not None:
+            conv.tls_failure, conv.error = fail, fail.detail
+            await quit_politely(smtp, conv.command_timeout)
+            return None
+    elif requirement is not TlsRequirement.OPPORTUNISTIC:
         fail = await conv.starttls(smtp, verified_ctx)
         if fail is None:
             conv.verified = True
@@ -432,6 +461,7 @@ class Connection:
     # Policy domains whose mail this connection carried: RFC 8460 counts its TLS session
     # once for each, not once per message (relay/delivery/attempt.py `mx_tls_result`).
     domains: set[str] = field(default_factory=set)
+    dane: str | None = None  # under DANE: the TLSA record the chain matched
 
     @property
     def alive(self) -> bool:
@@ -442,16 +472,22 @@ class Connection:
 
 
 async def connect(
-    ip: str, mx_host: str, requirement: TlsRequirement, dialer: Dialer
+    ip: str,
+    mx_host: str,
+    requirement: TlsRequirement,
+    dialer: Dialer,
+    tlsa: tuple[Tlsa, ...] = (),
 ) -> Connection | ConversationResult:
     """A connection ready for MAIL, or the (incomplete) ConversationResult saying why not.
 
     Up to three TCP connections under REPORT/OPPORTUNISTIC when a TLS handshake fails.
+    Under DANE, `tlsa` holds the usable TLSA records the chain must match.
     Never raises for network, TLS or SMTP errors.
     """
     sni = mx_host.rstrip(".").lower()
     timeouts = (dialer.connect_timeout, dialer.command_timeout)
     conv = _Conversation(ip, sni, dialer.port, dialer.helo, timeouts)
+    conv.tlsa = tlsa
     # Each step is bounded by aiosmtplib's timeouts; this bounds the whole: up to three
     # connections, each greeting + EHLO, STARTTLS, EHLO.
     budget = 3 * (dialer.connect_timeout + dialer.command_timeout * 4)
@@ -470,7 +506,21 @@ async def connect(
     if smtp is None:
         return conv.result()
     listen(smtp)  # a reply sent before MAIL is a violation (`transact`)
-    return Connection(smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure)
+    return Connection(
+        smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure,
+        dane=conv.dane,
+    )  # fmt: skip
+
+
+# The slowest transfer a deadline leaves time for, on top of the time for replies: a large
+# message to a slow MX must not be cut off mid-body (and resent whole, again and again) by
+# a deadline sized for small ones. 32 KiB/s: 50 MiB in 27 minutes.
+SLOWEST_TRANSFER_BPS = 32 * 1024
+
+
+def transfer_allowance(size: int) -> float:
+    """Seconds a message of `size` bytes is given on the wire (at SLOWEST_TRANSFER_BPS)."""
+    return size / SLOWEST_TRANSFER_BPS
 
 
 async def transact(
@@ -488,6 +538,7 @@ async def transact(
     if reused:
         conv.last = "while idle"
     budget = command_timeout * (6 + len(envelope.recipients))
+    budget += transfer_allowance(len(envelope.data))
     try:
         async with asyncio.timeout(budget):
             reset = (250, "") if not reused else await conv.command(conn.smtp, b"RSET")

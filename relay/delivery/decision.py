@@ -7,17 +7,25 @@ which MX names it may use, which mechanism decided (`tls_policy` of the `deliver
 and why. The inputs are kept on the decision untouched, so events, metrics and TLS reports
 see what was published beside what was decided. No I/O; nothing here knows sockets.
 
-DANE (RFC 7672) will be one more input: per-MX TLSA evidence that, where usable, decides
-before MTA-STS (RFC 8461 §2: MTA-STS never overrides a failing DANE validation).
+DANE (RFC 7672) is one more input: per-MX TLSA evidence with its DNSSEC status
+(`dane.DaneEvidence`), judged host by host (`TlsDecision.for_mx`). Where a host has a secure
+TLSA RRset, DANE decides for that host before MTA-STS or an override's patterns (RFC 8461
+§2: MTA-STS never overrides a failing DANE validation, and never rescues one): usable
+records → the chain must match one (`TlsRequirement.DANE`); only unusable records → TLS
+without authentication, unless MTA-STS asks for more; a bogus or failed TLSA lookup → the
+host is not used (`dnssec-invalid`), never a fallback to MTA-STS or cleartext. A message's
+`TLS-Required: No` and an `opportunistic` override waive DANE as they waive MTA-STS
+(RFC 8689 §5). Hosts without DANE evidence follow the domain-wide decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from policy.match import is_valid_hostname, mx_matches
 from policy.model import Mode, PolicyLookup, TlsRptResult
+from relay.delivery.dane import DaneEvidence, DaneState, Tlsa
 from relay.delivery.overrides import OverrideRule, TlsOverride
 from relay.delivery.tls import TlsRequirement
 
@@ -25,11 +33,31 @@ from relay.delivery.tls import TlsRequirement
 class TlsPolicySource(StrEnum):
     """The mechanism that decided (`tls_policy` in the `delivery` event)."""
 
-    DANE = "dane"  # reserved: DANE TLSA records (RFC 7672)
+    DANE = "dane"  # the MX host's DNSSEC-secure TLSA records (RFC 7672)
     STS = "sts"  # the domain's MTA-STS policy (enforce or testing)
     OVERRIDE = "override"  # the operator's tls.overrides entry for the domain
     TLS_REQUIRED_NO = "tls-required-no"  # the message's TLS-Required: No (RFC 8689 §5)
     NONE = "none"  # nothing published applies: opportunistic STARTTLS
+
+
+@dataclass(frozen=True, slots=True)
+class MxRule:
+    """How one MX host may be used under a decision (`TlsDecision.for_mx`).
+
+    `refused`: the host may not receive the mail (never contacted), with the RFC 8460
+    result type; `detail` says why. `tlsa`: under DANE, the usable records to match;
+    `records`: the TLSA RRset as published (what TLS reports show, RFC 8460 §4.5)."""
+
+    requirement: TlsRequirement
+    source: TlsPolicySource
+    tlsa: tuple[Tlsa, ...] = ()
+    records: tuple[Tlsa, ...] = ()
+    refused: TlsRptResult | None = None
+    detail: str | None = None
+
+    @property
+    def dane(self) -> bool:
+        return self.source is TlsPolicySource.DANE
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +78,44 @@ class TlsDecision:
     override: OverrideRule | None = None
     tls_required_no: bool = False
     blocked: str | None = None
+    dane: DaneEvidence | None = None  # None: DANE off (dns.dnssec) or not looked up
+
+    @property
+    def dane_waived(self) -> bool:
+        """`TLS-Required: No` or an `opportunistic` override set DANE aside (RFC 8689 §5)."""
+        opportunistic = self.override is not None and (
+            self.override.action is TlsOverride.OPPORTUNISTIC
+        )
+        return self.tls_required_no or opportunistic
+
+    def for_mx(self, mx_host: str) -> MxRule:
+        """The rule for one MX host: its own DANE evidence first (RFC 7672 §2.2, RFC 8461
+        §2), else the domain-wide decision."""
+        evidence = None
+        if self.dane is not None and not self.dane_waived:
+            evidence = self.dane.host(mx_host)
+        if evidence is not None:
+            dane = TlsPolicySource.DANE
+            match evidence.state:
+                case DaneState.FAILED:
+                    return MxRule(
+                        TlsRequirement.DANE,
+                        dane,
+                        records=evidence.records,
+                        refused=TlsRptResult.DNSSEC_INVALID,
+                        detail=evidence.detail,
+                    )
+                case DaneState.USABLE:
+                    return MxRule(TlsRequirement.DANE, dane, evidence.usable, evidence.records)
+                case DaneState.UNUSABLE if self.requirement is not TlsRequirement.VERIFIED:
+                    return MxRule(TlsRequirement.ENCRYPTED, dane, records=evidence.records)
+                case _:
+                    pass
+        return MxRule(self.requirement, self.source, refused=self.refuses_mx(mx_host))
+
+    def source_for(self, mx_host: str | None) -> TlsPolicySource:
+        """What decided for `mx_host` (`tls_policy` of its `delivery` event)."""
+        return self.source if mx_host is None else self.for_mx(mx_host).source
 
     @property
     def changed_by_request(self) -> bool:
@@ -92,8 +158,23 @@ def decide_tls(
     override: OverrideRule | None,
     *,
     tls_required_no: bool,
+    dane: DaneEvidence | None = None,
 ) -> TlsDecision:
-    """The TLS decision for one attempt (RFC 8461 §5, RFC 8689 §5, the operator's overrides).
+    """The TLS decision for one attempt (RFC 7672, RFC 8461 §5, RFC 8689 §5, overrides).
+
+    `dane` is the DANE evidence of the domain's MX hosts; it decides per host
+    (`TlsDecision.for_mx`) over what the rest of the inputs decide for the domain."""
+    decision = _decide_domain(published, override, tls_required_no=tls_required_no)
+    return decision if dane is None else replace(decision, dane=dane)
+
+
+def _decide_domain(
+    published: PolicyLookup,
+    override: OverrideRule | None,
+    *,
+    tls_required_no: bool,
+) -> TlsDecision:
+    """The domain-wide decision (RFC 8461 §5, RFC 8689 §5, the operator's overrides).
 
     Precedence, first that applies:
     1. The policy cache could not be read: blocked (defer; never fail open).

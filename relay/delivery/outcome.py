@@ -19,8 +19,9 @@ class Hop:
     mx: str
     ip: str | None = None
     tls: str | None = None  # negotiated TLS version ("TLSv1.3"), None when in the clear
-    verified: bool = False  # certificate chained to a trusted root and named `mx`
+    verified: bool = False  # certificate chained to a trusted root and named `mx`, or DANE
     dsn: bool = False  # the MX advertised DSN: RFC 3461 parameters were passed on to it
+    dane: str | None = None  # the TLSA record the certificate matched ("3 1 1 <hex>"), if DANE
 
 
 @dataclass(frozen=True, slots=True)

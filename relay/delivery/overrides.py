@@ -12,6 +12,9 @@ nothing here rewrites a domain's published policy, and nothing here reads DNS.
 - `opportunistic`: the escape hatch for a receiver whose TLS is broken while its policy
   says `enforce`: delivery goes on whatever the certificate, and TLS reports still count
   the failure against the published policy.
+
+Domains are keyed by their A-label form (IDNA): an entry written `bücher.example` applies to
+mail for `xn--bcher-kva.example` and the other way round.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+
+from relay.config import a_label
 
 
 class TlsOverride(StrEnum):
@@ -35,12 +40,13 @@ class OverrideRule:
 
 
 def parse_override(entry: str) -> tuple[str, OverrideRule]:
-    """(domain, rule) from an entry config has validated: "domain=action[ match=P:P]"."""
+    """(domain, rule) from an entry config has validated: "domain=action[ match=P:P]".
+    The domain and the patterns come out as A-labels, whichever form the entry used."""
     domain, _, rest = entry.partition("=")
     action, _, option = rest.strip().partition(" ")
     patterns = option.strip().removeprefix("match=")
-    mx = tuple(p.lower() for p in patterns.split(":") if p) if option else ()
-    return domain.strip().lower().removesuffix("."), OverrideRule(TlsOverride(action.lower()), mx)
+    mx = tuple(_key(p) for p in patterns.split(":") if p) if option else ()
+    return _key(domain), OverrideRule(TlsOverride(action.lower()), mx)
 
 
 def parse_overrides(entries: Sequence[str]) -> dict[str, OverrideRule]:
@@ -55,7 +61,21 @@ class TlsOverrides:
         self._by_domain = parse_overrides(entries)
 
     def replace(self, entries: Sequence[str]) -> None:
-        self._by_domain = parse_overrides(entries)
+        self.install(parse_overrides(entries))
+
+    def install(self, parsed: dict[str, OverrideRule]) -> None:
+        """Put entries parsed beforehand (`parse_overrides`) in force; cannot fail, so a
+        reload can parse everything first and then apply all of it or nothing."""
+        self._by_domain = dict(parsed)
 
     def get(self, domain: str) -> OverrideRule | None:
-        return self._by_domain.get(domain.lower().removesuffix("."))
+        """The entry for `domain`, given as A-labels or U-labels (mail may use either)."""
+        return self._by_domain.get(_key(domain))
+
+
+def _key(name: str) -> str:
+    """The A-label form of a domain or pattern: IDNA is one name in two spellings."""
+    try:
+        return a_label(name)
+    except ValueError:
+        return name.strip().lower().removesuffix(".")  # matches no entry config accepted

@@ -1,7 +1,9 @@
 """One lease's way through delivery: MX lookup, policy, TLS decision, attempt, last chance.
 
 Owns the order of the steps for one (message, domain) lease and nothing that outlives it:
-it looks up the MX hosts and the domain's MTA-STS policy, computes the TLS decision
+it looks up the MX hosts, the domain's MTA-STS policy and, when DANE is on (`dns.dnssec`),
+the DANE evidence of its MX hosts (`dane.DaneLookup`: DNSSEC status, TLSA records, looked
+up for all hosts at once before the walk), computes the TLS decision
 (`decision.decide_tls`, pure), lets `attempt` talk to the MX hosts, and, when the message's
 lifetime is over, checks for a newer policy before turning deferrals into bounces (RFC 8461
 §5.1). It returns the outcomes as a value; it never writes to the queue (the scheduler
@@ -21,6 +23,7 @@ from mailqueue.model import Lease
 from policy.model import PolicyLookup
 from policy.resolver import PolicyResolver
 from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain
+from relay.delivery.dane import DaneEvidence, DaneLookup
 from relay.delivery.decision import TlsDecision, TlsPolicySource, decide_tls
 from relay.delivery.envelope import Envelope
 from relay.delivery.mx import DnsTempFail, MxList, NoSuchDomain, NullMx, resolve_mx
@@ -58,6 +61,7 @@ class Pipeline:
         overrides: Callable[[str], OverrideRule | None] = lambda _domain: None,
         tls_hook: TlsResultHook | None = None,
         rng: random.Random | None = None,
+        dane: DaneLookup | None = None,
     ) -> None:
         self._policies = policies
         self._resolver = resolver
@@ -67,6 +71,7 @@ class Pipeline:
         self._overrides = overrides
         self._tls_hook = tls_hook
         self._rng = rng or random.Random()  # noqa: S311 - MX shuffling, not security
+        self._dane = dane  # None: DANE off (dns.dnssec, relay/delivery/dnssec.py)
 
     async def run(self, lease: Lease, data: bytes, *, expired: bool) -> LeaseResult:
         """Attempt `lease` once (and once more after a §5.1 re-check when `expired`)."""
@@ -75,7 +80,8 @@ class Pipeline:
             lease.domain, self._resolver, timeout=self._attempt.dns_timeout, rng=self._rng
         )
         published = await self._policy_for(lease.domain, mx)
-        decision = self._decide(lease, data, published)
+        dane = await self._dane_for(lease.domain, mx)
+        decision = self._decide(lease, data, published, dane)
         outcomes = await self._attempt_once(lease, data, addresses, decision, mx)
         if expired and any(isinstance(o, Deferred) for o in outcomes.values()):
             decision, outcomes = await self._last_chance(lease, data, decision, outcomes)
@@ -92,11 +98,27 @@ class Pipeline:
             return PolicyLookup(domain=domain, policy=None, policy_id=None, source="none")
         return await self._policies.resolve(domain)
 
-    def _decide(self, lease: Lease, data: bytes, published: PolicyLookup) -> TlsDecision:
+    async def _dane_for(
+        self, domain: str, mx: MxList | NullMx | NoSuchDomain | DnsTempFail
+    ) -> DaneEvidence | None:
+        """RFC 7672 §2.2: the DANE evidence of every MX host (DNSSEC status of the MX, address
+        and TLSA answers), or None when DANE is off or DNS already decided."""
+        if self._dane is None or not isinstance(mx, MxList):
+            return None
+        return await self._dane.gather(domain, mx)
+
+    def _decide(
+        self,
+        lease: Lease,
+        data: bytes,
+        published: PolicyLookup,
+        dane: DaneEvidence | None = None,
+    ) -> TlsDecision:
         decision = decide_tls(
             published,
             self._overrides(lease.domain),
             tls_required_no=tls_required_no(data),
+            dane=dane,
         )
         if decision.changed_by_request:
             rule = decision.override
@@ -155,7 +177,7 @@ class Pipeline:
         if fresh.policy_id == before.policy_id and fresh.policy == before.policy:
             return decision, outcomes
         deferred = [a for a, o in outcomes.items() if isinstance(o, Deferred)]
-        decision = self._decide(lease, data, fresh)
+        decision = self._decide(lease, data, fresh, decision.dane)
         retried = await self._attempt_once(lease, data, deferred, decision)
         return decision, {**outcomes, **retried}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiosmtplib
 from aiosmtplib import SMTPException
@@ -19,6 +19,7 @@ from aiosmtplib import SMTPException
 from policy.model import TlsRptResult
 from policy.webpki import classify_certificate_error
 from relay.delivery.client import Dialer, describe
+from relay.delivery.dane import peer_chain
 
 _ERRORS = (SMTPException, OSError, ValueError)
 
@@ -35,6 +36,7 @@ class Probe:
     verified: bool = False
     result: TlsRptResult | None = None
     detail: str | None = None
+    chain: tuple[bytes, ...] = ()  # the certificates the server sent (DER, leaf first)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -101,10 +103,15 @@ async def _starttls(ip: str, mx: str, ctx: ssl.SSLContext, settings: Dialer) -> 
         return Probe(ip, True, True, result=TlsRptResult.VALIDATION_FAILURE, detail=detail), False
     else:
         ssl_object = smtp.get_transport_info("ssl_object")
-        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+        version: str | None = None
+        chain: tuple[bytes, ...] = ()
+        if isinstance(ssl_object, ssl.SSLObject):
+            version, chain = ssl_object.version(), peer_chain(ssl_object)  # DANE: the chain
+        verified = ctx.verify_mode != ssl.CERT_NONE
         with contextlib.suppress(*_ERRORS):
             await smtp.quit()
-        return Probe(ip, True, True, tls_version=version or "TLS", verified=True), True
+        probe = Probe(ip, True, True, tls_version=version or "TLS", verified=verified)
+        return replace(probe, chain=chain), True
     finally:
         smtp.close()
 
@@ -121,6 +128,6 @@ async def probe_mx(ip: str, mx: str, settings: Dialer) -> Probe:
                 return probe
             plain, ok = await _starttls(ip, sni, settings.unverified_ctx, settings)
             version = plain.tls_version if ok else None
-            return Probe(ip, True, True, version, False, probe.result, probe.detail)
+            return Probe(ip, True, True, version, False, probe.result, probe.detail, plain.chain)
     except TimeoutError:
         return Probe(ip, connected=False, detail="probe timed out")

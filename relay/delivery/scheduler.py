@@ -7,6 +7,8 @@ The guarantees it keeps (DESIGN "The shape of a delivery"):
 - One attempt of a given (message, domain) at a time: the store's lease keeps other
   workers, processes and nodes off it, and every attempt ends (cut off by
   `delivery.attempt_deadline`, a deferral) before its lease (`delivery.lease_time`) does.
+  A large message gets more time (its time on the wire at 32 KiB/s): an attempt that
+  needs it renews its lease before the lease's own deadline, or is cut off there.
   In this process, a lease handed out again for work still running is joined to it.
 - A result is recorded only by the lease's owner: the store applies a result only to rows
   still held by that very lease (`QueueStore.record`).
@@ -29,6 +31,7 @@ from typing import assert_never
 from mailqueue.model import Lease, RcptState, RecipientResult
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from relay.delivery.bounce import Bounce, BounceSettings, bounce_for
+from relay.delivery.client import transfer_allowance
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
 from relay.delivery.pipeline import LeaseResult, Pipeline
 from relay.delivery.pool import ConnectionPool
@@ -39,6 +42,11 @@ from relay.events import EventLog
 _IDLE_POLL_S = 0.5
 # Back-off of recording retries while the store fails (doubling up to the maximum).
 _RECORD_RETRY_S = (0.5, 30.0)
+# A message whose time on the wire (client.transfer_allowance) is under this gets no more
+# than delivery.attempt_deadline: not worth a lease renewal. A renewal is made this long
+# before the lease's own deadline at most (half the recording margin when that is less).
+_MIN_ALLOWANCE_S = 1.0
+_RENEW_HEADROOM_S = 30.0
 
 _Key = tuple[str, str]  # (queue_id, domain): the unit of work a lease covers
 
@@ -63,6 +71,10 @@ class _Unrecorded:
 
 
 class Scheduler:
+    # Told of every committed attempt, after its `delivery` events (the TLS posture
+    # tally, relay/posture.py); in memory only, and it never raises.
+    on_recorded: Callable[[Lease, LeaseResult], None] = staticmethod(lambda _lease, _result: None)
+
     def __init__(
         self,
         *,
@@ -170,20 +182,80 @@ class Scheduler:
                 await self._store.release(lease)
             return None
         expired = self._clock() >= lease.expires_at
-        # The lease was taken lease_time ago at `until`; the attempt must end
-        # attempt_deadline after that, leaving the rest of the lease to record it.
-        slack = self._settings.lease_time - self._settings.attempt_deadline
-        remaining = lease.until - slack - self._clock()
+        granted = _Granted(self._settings.attempt_deadline)
         try:
-            async with asyncio.timeout(max(remaining, 0.0)):
-                return data, await self.pipeline.run(lease, data, expired=expired)
+            return data, await self._run_in_time(lease, data, expired, granted)
         except TimeoutError:
-            deadline = self._settings.attempt_deadline
-            text = f"attempt cut off after {deadline:g} s (delivery.attempt_deadline)"
-            return data, _everyone(lease, text, "4.4.7")
+            return data, _everyone(lease, granted.cut_off_text(len(data)), "4.4.7")
         except Exception as exc:  # noqa: BLE001 - one bad lease must not stop the others
             self._events.worker_error(queue_id=lease.queue_id, domain=lease.domain, error=repr(exc))
             return data, _everyone(lease, f"internal error: {type(exc).__name__}", "4.3.0")
+
+    async def _run_in_time(
+        self, lease: Lease, data: bytes, expired: bool, granted: _Granted
+    ) -> LeaseResult:
+        """The pipeline's attempt of `lease`, cut off (TimeoutError) at its deadline.
+
+        The lease was taken lease_time ago at `until`; the attempt must end
+        attempt_deadline after that, leaving the rest of the lease to record it. A large
+        message is given more: its time on the wire at the slowest rate allowed
+        (`client.transfer_allowance`). An attempt still running shortly before the lease's
+        own deadline renews the lease first, so no other worker or process can take the
+        work while it runs; if renewing fails, the lease's deadline stands.
+        """
+        margin = self._settings.lease_time - self._settings.attempt_deadline
+        in_lease = lease.until - margin
+        allowance = transfer_allowance(len(data))
+        async with asyncio.timeout(max(in_lease - self._clock(), 0.0)) as cutoff:
+            if allowance < _MIN_ALLOWANCE_S:  # not worth a lease renewal
+                return await self.pipeline.run(lease, data, expired=expired)
+            keeper = asyncio.create_task(
+                self._keep_leased(lease, cutoff, allowance, margin, granted)
+            )
+            try:
+                return await self.pipeline.run(lease, data, expired=expired)
+            finally:
+                keeper.cancel()
+                await asyncio.wait({keeper})
+
+    async def _keep_leased(
+        self,
+        lease: Lease,
+        cutoff: asyncio.Timeout,
+        allowance: float,
+        margin: float,
+        granted: _Granted,
+    ) -> None:
+        """Shortly before `cutoff` (the lease's deadline), renew the lease to cover
+        `allowance` seconds more of the attempt plus the margin to record it, then move
+        the cutoff by as much."""
+        in_lease = lease.until - margin
+        ends = in_lease + allowance
+        headroom = min(margin / 2, _RENEW_HEADROOM_S)
+        await asyncio.sleep(max(in_lease - headroom - self._clock(), 0.0))
+        key = (lease.queue_id, lease.domain)
+        renewal = asyncio.ensure_future(self._renew(self._running.get(key, lease), ends + margin))
+        try:
+            await asyncio.shield(renewal)
+        finally:
+            # Even when the attempt ended meanwhile: the store may have renewed, and the
+            # result must be recorded through the lease the store now holds.
+            await asyncio.wait({renewal})
+            renewed = renewal.result()
+            if renewed is not None and key in self._running:
+                self._running[key] = renewed
+        if renewed is not None and not cutoff.expired():
+            granted.extend(allowance)
+            later = max(ends - self._clock(), 0.0)
+            cutoff.reschedule(asyncio.get_running_loop().time() + later)
+
+    async def _renew(self, lease: Lease, until: float) -> Lease | None:
+        """The lease renewed to `until`; None when it is no longer ours or the store fails."""
+        try:
+            return await self._store.renew(lease, until)
+        except StoreUnavailable as exc:
+            self._events.store_error(error=f"renew {lease.queue_id}: {exc}")
+            return None
 
     async def _finish(self, lease: Lease, data: bytes, result: LeaseResult) -> None:
         """Commit the attempt's outcomes and the DSN they owe, then log them: a `delivery`
@@ -200,6 +272,7 @@ class Scheduler:
         def log() -> None:
             for address, outcome in outcomes.items():
                 self._log(lease, address, outcome, result, attempts.get(address, 1), delay)
+            self.on_recorded(lease, result)
 
         await self._commit(_Unrecorded(lease, results, bounce, log))
 
@@ -289,11 +362,35 @@ class Scheduler:
             verified=hop.verified if hop else False,
             sts_mode=policy.mode.value if policy else None,
             policy_id=published.policy_id if published and policy else None,
-            tls_policy=decision.source.value if decision is not None else None,
+            tls_policy=decision.source_for(hop.mx if hop else None).value
+            if decision is not None
+            else None,
+            dane_record=hop.dane if hop else None,
             reason=reason.reply or reason.text,
             tlsrpt_result=tlsrpt.value if tlsrpt else None,
             attempt=attempt,
             delay_s=delay,
+        )
+
+
+@dataclass(slots=True)
+class _Granted:
+    """The time an attempt was given: delivery.attempt_deadline, plus the time on the
+    wire of a large message once the lease was renewed for it."""
+
+    deadline: float
+    allowance: float = 0.0
+
+    def extend(self, allowance: float) -> None:
+        self.allowance = allowance
+
+    def cut_off_text(self, size: int) -> str:
+        if not self.allowance:
+            return f"attempt cut off after {self.deadline:g} s (delivery.attempt_deadline)"
+        total = self.deadline + self.allowance
+        return (
+            f"attempt cut off after {total:.0f} s (delivery.attempt_deadline, plus"
+            f" {self.allowance:.0f} s for a message of {size} bytes)"
         )
 
 

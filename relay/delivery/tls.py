@@ -16,6 +16,12 @@ class TlsRequirement(StrEnum):
     VERIFIED = "verified"  # enforce: STARTTLS, WebPKI-valid cert naming the MX, TLS >= 1.2
     REPORT = "report"  # testing: try VERIFIED, deliver anyway, remember what failed
     OPPORTUNISTIC = "opportunistic"  # none / no policy: STARTTLS if offered, unverified
+    # RFC 7672 (relay/delivery/dane.py): STARTTLS required, the chain must match a usable
+    # TLSA record of the MX host; never plaintext.
+    DANE = "dane"
+    # RFC 7672 §2.2: a secure TLSA RRset with only unusable records: STARTTLS required,
+    # the certificate is not checked; never plaintext.
+    ENCRYPTED = "encrypted"
 
 
 # Headers bigger than this are not searched for TLS-Required (bounds the work per attempt

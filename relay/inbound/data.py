@@ -1,13 +1,16 @@
 """One SMTP DATA section, read into one buffer: the content of a message as it arrives.
 
-Owns what the listener does with DATA lines as they come in: the end of data (only
-CRLF.CRLF, RFC 5321 §4.1.1.4; SMUG-03), dot-unstuffing (§4.5.2), the size limit (§4.5.3.1.7,
-enforced while reading), over-long lines (§4.5.3.1.6), bare CR / bare LF (§2.3.8, SMUG-01/02)
-noticed line by line, and where the header section ends. It keeps a single copy of the
-content (an io.BytesIO: its getvalue() hands its buffer over without copying) and splices
-the listener's header fields into that copy in place, so a 50 MiB message costs about 50 MiB.
-Same results as aiosmtpd 1.4.6's smtp_DATA with decode_data=False, line for line. Knows
-nothing of sockets or sessions (relay/inbound/session.py feeds it) nor of which fields are added.
+Owns what the listener does with DATA as it comes in: the end of data (only CRLF.CRLF,
+RFC 5321 §4.1.1.4; SMUG-03), dot-unstuffing (§4.5.2), the size limit (§4.5.3.1.7, enforced
+while reading), bare CR / bare LF (§2.3.8, SMUG-01/02) noticed chunk by chunk, where the
+header section ends, and the share of the listener's memory budget the content holds.
+Lines of any length are taken (issue 13: HTML mail from many frameworks has lines past
+§4.5.3.1.6's 998 characters, and Postfix accepts them): a long line arrives as several
+chunks and is kept as it came. It keeps a single copy of the content (an io.BytesIO: its
+getvalue() hands its buffer over without copying) and splices the listener's header fields
+into that copy in place, so a 50 MiB message costs about 50 MiB, and `release()` frees it
+at once however the DATA ended. Knows nothing of sockets or sessions
+(relay/inbound/session.py feeds it) nor of which fields are added.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 from enum import Enum
 
 from relay.inbound.headers import is_header_line
+from relay.inbound.slots import DataBudget
 
 _CRLF = b"\r\n"
 _END = b".\r\n"
@@ -27,27 +31,31 @@ class DataOutcome(Enum):
     """How a DATA section went; the first failure wins, as in aiosmtpd."""
 
     OK = "ok"
-    TOO_LONG = "too long"  # a line over the line length limit (500)
     TOO_MUCH = "too much"  # over the message size limit (552)
     BARE_NEWLINE = "bare newline"  # a CR or LF not part of a CRLF (550 5.5.2)
+    NO_ROOM = "no room"  # the listener's DATA memory budget is spent (451 4.3.1)
 
 
 class MessageBuffer:
     """Collects the chunks a StreamReader returns during DATA.
 
-    Feed every chunk that `readuntil(b"\\r\\n")` returned, and call `overrun()` before
-    feeding what `read(consumed)` returned after a LimitOverrunError. Once the outcome is
-    not OK, nothing more is kept (the client's data is still counted and drained).
+    Feed every chunk that `readuntil(b"\\r\\n")` returned, and every chunk that `read(n)`
+    returned after a LimitOverrunError (a piece of a line longer than the reader's buffer:
+    it holds no CRLF, so a CR or LF in it is bare). Once the outcome is not OK nothing more
+    is kept (the client's data is still counted and drained). Call `release()` when done
+    with the buffer, whatever happened: it gives back the budget and the memory.
     """
 
-    def __init__(self, limit: int | None, line_limit: int) -> None:
+    def __init__(self, limit: int | None, budget: DataBudget | None = None) -> None:
         self._limit = limit or sys.maxsize  # 0 or None: no limit, as in aiosmtpd
-        self._line_limit = line_limit
+        self._budget = budget
+        self._charged = 0  # bytes taken from the budget
         self._out: io.BytesIO | None = io.BytesIO()
         self._outcome = DataOutcome.OK
         self._bare = False
         self._received = 0  # bytes fed, as sent (stuffed), for the size limit
         self._partial = False  # the last chunk did not end a line
+        self._line_start = 0  # where the line being read started in the content
         self._in_header = True
         self._header_end = 0
 
@@ -67,10 +75,6 @@ class MessageBuffer:
         """Where the header section ends: relay.inbound.headers.header_end() of the content."""
         return self.size if self._in_header else self._header_end
 
-    def overrun(self) -> None:
-        """The next chunk is part of a line longer than the reader's limit."""
-        self._fail(DataOutcome.TOO_LONG)
-
     def feed(self, chunk: bytes) -> bool:
         """Take one chunk; True if it is the end of data (and not content)."""
         partial = self._partial
@@ -84,23 +88,39 @@ class MessageBuffer:
         out = self._out
         if self._received > self._limit:
             self._fail(DataOutcome.TOO_MUCH)
-        elif partial or not ends_line or len(chunk) > self._line_limit:
-            # A chunk short of a line only follows overrun(); the length check is
-            # aiosmtpd's defence in depth (readuntil may return limit + 2 bytes).
-            self._fail(DataOutcome.TOO_LONG)
         elif out is None:
             pass  # a bare newline was found: only the limits are still watched
-        elif chunk.count(b"\r") != 1 or chunk.count(b"\n") != 1:
+        elif (
+            chunk.count(b"\r") != 1 or chunk.count(b"\n") != 1
+            if ends_line
+            else b"\r" in chunk or b"\n" in chunk
+        ):
             self._bare = True  # the reply is decided: keep nothing more
-            self._out = None
+            self._drop()
         else:
-            line = chunk[1:] if chunk.startswith(b".") else chunk
-            if self._in_header:
-                self._see_header_line(out.tell(), line)
-            out.write(line)
+            line = chunk[1:] if not partial and chunk.startswith(b".") else chunk
+            if self._budget is not None and not self._budget.take(len(line)):
+                self._fail(DataOutcome.NO_ROOM)
+                return False
+            self._charged += len(line)
+            self._keep(out, line, partial=partial, ends_line=ends_line)
         return False
 
-    def _see_header_line(self, pos: int, line: bytes) -> None:
+    def _keep(self, out: io.BytesIO, line: bytes, *, partial: bool, ends_line: bool) -> None:
+        if not self._in_header:
+            out.write(line)
+        elif not partial and ends_line:  # a whole line in one chunk: the common case
+            self._see_header_line(out.tell(), line)
+            out.write(line)
+        else:  # a line in several chunks: seen once it ends, in place (no copy)
+            if not partial:
+                self._line_start = out.tell()
+            out.write(line)
+            if ends_line:
+                with out.getbuffer() as view:
+                    self._see_header_line(self._line_start, view[self._line_start :])
+
+    def _see_header_line(self, pos: int, line: bytes | memoryview) -> None:
         if not is_header_line(line, first=pos == 0):
             self._in_header = False
             self._header_end = pos
@@ -108,7 +128,21 @@ class MessageBuffer:
     def _fail(self, outcome: DataOutcome) -> None:
         if self._outcome is DataOutcome.OK:
             self._outcome = outcome
-        self._out = None  # free what was kept at once
+        self._drop()
+
+    def _drop(self) -> None:
+        """Free what was kept, at once, and give its budget back."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        if self._budget is not None:
+            self._budget.give(self._charged)
+        self._charged = 0
+
+    def release(self) -> None:
+        """Done with this DATA (delivered to the store, refused, or cut off): free the
+        content and give its budget back. Safe to call more than once."""
+        self._drop()
 
     def peek(self, start: int, stop: int) -> bytes:
         """A copy of content[start:stop] (for the header section: small)."""
@@ -120,7 +154,7 @@ class MessageBuffer:
     def finish(self, insertions: Sequence[tuple[int, bytes]] = ()) -> bytes:
         """The content with each (offset, piece) inserted at that offset of the original
         (offsets ascending), as bytes that share the buffer: no copy of the content is
-        made. The buffer is empty afterwards."""
+        made. The buffer is empty afterwards; its budget is held until `release()`."""
         out = self._out
         if out is None or self.outcome is not DataOutcome.OK:
             raise ValueError("no content: DATA did not end well")

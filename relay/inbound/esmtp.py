@@ -60,6 +60,20 @@ def path_ok(arg: str, *, null_ok: bool) -> bool:
     return _path_match(arg.lstrip(" "), null_ok=null_ok) is not None
 
 
+def non_ascii_path(arg: str, *, null_ok: bool) -> bool:
+    """Whether the argument's path is well-formed and holds non-ASCII (RFC 6531 §3.3)."""
+    split = _split(arg, null_ok=null_ok)
+    return split is not None and not split[0].isascii()
+
+
+def has_parameter(arg: str, keyword: str, *, null_ok: bool) -> bool:
+    """Whether the parameters after the argument's path include `keyword` (any case)."""
+    split = _split(arg, null_ok=null_ok)
+    return split is not None and any(
+        p.partition("=")[0].upper() == keyword.upper() for p in split[1]
+    )
+
+
 class ParamError(Exception):
     """A DSN parameter is malformed, repeated or not allowed; `reply` is the SMTP answer."""
 

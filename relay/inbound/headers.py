@@ -45,10 +45,10 @@ def has_bare_cr_or_lf(data: bytes) -> bool:
     return data.count(b"\r") != pairs or data.count(b"\n") != pairs
 
 
-def is_header_line(line: bytes, *, first: bool) -> bool:
+def is_header_line(line: bytes | memoryview, *, first: bool) -> bool:
     """True if `line` (one CRLF-ended line) belongs to the header section: a field, or a
     continuation of the one before (never the first line)."""
-    is_continuation = not first and line[:1] in (b" ", b"\t")
+    is_continuation = not first and bytes(line[:1]) in (b" ", b"\t")
     return is_continuation or _FIELD.match(line) is not None
 
 

@@ -2,7 +2,8 @@
 
 Owns the handler side of receiving SMTP on top of aiosmtpd (relay/inbound/session.py has the
 protocol, and relay/inbound/data.py reads DATA, bare CR/LF refusal included): who may relay
-(trusted networks or SMTP AUTH), loop detection (RFC 5321 §6.3), trace and missing headers
+(trusted networks or SMTP AUTH), which recipients are refused outright (address literals,
+a domainless postmaster), loop detection (RFC 5321 §6.3), trace and missing headers
 (spliced into the one buffer DATA was read into), the RFC 3461
 parameters kept with the message, the rule that 250 is sent only once the store has the
 message, and the listening sockets (plain with STARTTLS, and implicit TLS). Knows nothing
@@ -26,6 +27,7 @@ from mailqueue.model import NewMessage
 from mailqueue.store import StoreUnavailable
 from relay.config import Config, format_hostport, parse_hostport, users_file_path
 from relay.events import EventLog
+from relay.inbound.auth import AuthService, PasswordChecks
 from relay.inbound.data import MessageBuffer
 from relay.inbound.esmtp import path_ok
 from relay.inbound.headers import count_received, missing_headers, received_header
@@ -35,10 +37,10 @@ from relay.inbound.session import (
     RelayEnvelope,
     RelaySMTP,
     SessionSettings,
-    SessionTable,
     peer_ip,
     report_error,
 )
+from relay.inbound.slots import DataBudget, SessionTable
 from relay.inbound.tls import ServerTls
 from relay.users import FailureLimiter, UsersFile
 
@@ -51,6 +53,11 @@ _STOP_GRACE_S = 10.0
 REPLY_LOOP = "554 5.4.6 Too many Received headers (mail loop?)"
 REPLY_TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
 REPLY_ADDRESS_LITERAL = "550 5.1.2 Address literals are not accepted as recipients"
+# RFC 5321 §4.5.1 wants "RCPT TO:<Postmaster>" accepted by a system that delivers mail; this
+# relay has no local mailboxes, and guessing a domain for it could send it anywhere.
+REPLY_POSTMASTER = (
+    "550 5.1.1 No local mailboxes here: this relay only forwards mail, write to postmaster@<domain>"
+)
 REPLY_STORE_FAILED = "451 4.3.0 Temporary storage failure, try again later"
 REPLY_SHUTDOWN = "421 4.3.2 Service shutting down, try again later"
 
@@ -114,6 +121,9 @@ class _Handler:
         if not (session.authenticated or self.is_trusted(peer_ip(session))):
             server.reject("rcpt", REPLY_RELAY_DENIED, "relay access denied", rcpt=address)
             return REPLY_RELAY_DENIED
+        if "@" not in address:  # <postmaster>: the session lets no other domainless path in
+            server.reject("rcpt", REPLY_POSTMASTER, "postmaster without a domain", rcpt=address)
+            return REPLY_POSTMASTER
         if address.rpartition("@")[2].startswith("["):
             # A literal destination has no MX and no MTA-STS policy (RFC 8461 §3.4): it
             # could only go out unprotected, to any address a client names. Refused.
@@ -238,7 +248,10 @@ class Listener:
         self._tls_files = (config.tls.cert_file, config.tls.key_file)
         self._tls: ServerTls | None = None
         self._sessions = SessionTable(
-            config.listen.max_sessions, config.listen.max_sessions_per_client
+            config.listen.max_sessions,
+            config.listen.max_sessions_per_client,
+            reserved=config.listen.reserved_sessions,
+            data=DataBudget(config.listen.max_data_in_flight),
         )
         self._handler = _Handler(
             config=config,
@@ -247,9 +260,16 @@ class Listener:
             on_queued=on_queued,
             sessions=self._sessions,
         )
-        self._users = UsersFile(users_file_path(config))
-        self._limiter = FailureLimiter(
-            config.auth.max_failures, config.auth.failure_window, time.monotonic
+        auth = config.auth
+        self._checks = PasswordChecks(
+            UsersFile(users_file_path(config)), threads=auth.hash_threads, queue=auth.hash_queue
+        )
+        self._auth = AuthService(
+            checks=self._checks,
+            per_client=FailureLimiter(auth.max_failures, auth.failure_window, time.monotonic),
+            per_user=FailureLimiter(
+                auth.max_failures_per_user, auth.failure_window, time.monotonic
+            ),
         )
         self._auth_required = config.auth.required
         self._servers: list[asyncio.Server] = []
@@ -273,8 +293,9 @@ class Listener:
             data_timeout=cfg.data_timeout,
             max_errors=cfg.max_errors,
             auth_required=self._auth_required,
-            users=self._users,
-            limiter=self._limiter,
+            auth=self._auth,
+            untrusted_timeout=cfg.untrusted_session_timeout,
+            max_session_time=cfg.max_session_time,
             implicit_tls=implicit_tls,
         )
         starttls = self._tls.front if self._tls is not None and not implicit_tls else None
@@ -337,3 +358,4 @@ class Listener:
                 transport.close()
         for server in servers:
             await server.wait_closed()
+        self._checks.close()

@@ -1,16 +1,20 @@
 """The SMTP server protocol of the listener: aiosmtpd's SMTP with our rules for one session.
 
-Owns what happens inside one client connection before the handler sees a command: session
-limits (in total, per client address), errors per session, command and data timeouts (each
-answered with 421), command lines that must end in CRLF (RFC 5321 §2.3.8), envelope path
-syntax, the RFC 3461 DSN parameters (taken out before aiosmtpd parses the rest), the rule
-that MAIL needs AUTH when `auth.required`, and replies that carry RFC 3463 codes and never
-internal details or echoed client text, and the DATA phase: it reads DATA into one
-relay/inbound/data.MessageBuffer (no list of lines, no joined copy) and answers 552, 500 and
-550 5.5.2 (bare CR or LF, SMUG-01/02) itself once the client has sent the end of data.
-SMTP AUTH itself is relay/inbound/auth.py's. Knows nothing of relay permission, headers or
-the store: those are the handler's (relay/inbound/listener.py), which gets the buffer as
-`envelope.message`.
+Owns what happens inside one client connection before the handler sees a command: admission
+(relay/inbound/slots.py counts the slots), errors per session, command and data timeouts
+(each answered with 421), the session's lifetime (short for an untrusted client that has
+not authenticated, bounded for every client), command lines that must end in CRLF and stay
+within the command limit (RFC 5321 §2.3.8, §4.5.3.1.4), envelope path syntax, SMTPUTF8 for
+non-ASCII paths (RFC 6531 §3.4), the RFC 3461 DSN parameters (taken out before aiosmtpd
+parses the rest), the rule that MAIL needs AUTH when `auth.required`, and replies that carry
+RFC 3463 codes and never internal details or echoed client text, and the DATA phase: it
+reads DATA into one relay/inbound/data.MessageBuffer (no list of lines, no joined copy),
+within the listener's DATA memory budget, and answers 552, 451 4.3.1 and 550 5.5.2 (bare CR
+or LF, SMUG-01/02) itself once the client has sent the end of data. Whatever way a session
+ends, its DATA buffer is freed at once and its task keeps no exception (whose traceback
+would keep the buffer alive). SMTP AUTH itself is relay/inbound/auth.py's. Knows nothing of
+relay permission, headers or the store: those are the handler's
+(relay/inbound/listener.py), which gets the buffer as `envelope.message`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AnyStr, Protocol, cast
 
 from aiosmtpd import smtp as aiosmtpd_smtp
@@ -29,23 +32,36 @@ from aiosmtpd.smtp import MISSING, Envelope
 from mailqueue.model import DsnRequest
 from relay.events import EventLog
 from relay.inbound.aiosmtpd_setup import FAST_INIT, init_smtp
-from relay.inbound.auth import AuthenticatingSMTP
+from relay.inbound.auth import AuthenticatingSMTP, AuthService
 from relay.inbound.data import DataOutcome, MessageBuffer
-from relay.inbound.esmtp import MailDsn, ParamError, RcptDsn, path_ok, take_mail_dsn, take_rcpt_dsn
-from relay.users import FailureLimiter, UsersFile
+from relay.inbound.esmtp import (
+    MailDsn,
+    ParamError,
+    RcptDsn,
+    has_parameter,
+    non_ascii_path,
+    path_ok,
+    take_mail_dsn,
+    take_rcpt_dsn,
+)
+from relay.inbound.lines import BareLfCommand, CrlfReader, LongCommand
+from relay.inbound.slots import SessionTable
 
 REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied"
-REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many connections, try again later"
-REPLY_TOO_MANY_FROM_CLIENT = "421 4.7.0 Too many connections from your address, try again later"
 REPLY_TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 REPLY_TIMEOUT = "421 4.4.2 Timeout, closing connection"
+REPLY_NOT_AUTHENTICATED_IN_TIME = "421 4.7.0 Not authenticated in time, closing connection"
+REPLY_SESSION_TOO_LONG = "421 4.4.2 Session time limit reached, closing connection"
 REPLY_INTERNAL = "451 4.3.0 Internal error, try again later"
+REPLY_NO_ROOM = "451 4.3.1 Insufficient system storage, try again later"
 REPLY_BAD_ADDRESS = "501 5.1.3 Bad address syntax"
 REPLY_BARE_LF_COMMAND = "500 5.5.2 Syntax error: command lines must end with CRLF"
+REPLY_COMMAND_TOO_LONG = "500 5.5.2 Line too long"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_BARE_CRLF = "550 5.5.2 Message contains bare CR or LF"
-REPLY_LINE_TOO_LONG = "500 5.5.2 Line too long (RFC 5321 section 4.5.3.1.6)"
+# RFC 6531 §3.4, §3.7.4.1: a non-ASCII path needs the SMTPUTF8 parameter on MAIL.
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL"
 
 # aiosmtpd's stock replies that lack an RFC 3463 status, and ours in their place.
 # (REQUIRETLS is not advertised, so it lands in "parameters not recognized": RFC 8689 §2.)
@@ -61,17 +77,21 @@ _STOCK_REPLIES: dict[str, tuple[str, str | None]] = {
     "552 Error: message size exceeds fixed maximum message size": (REPLY_TOO_BIG, "mail"),
     "552 Error: Too much mail data": (REPLY_TOO_BIG, "data"),
     "553 5.1.3 Error: malformed address": (REPLY_BAD_ADDRESS, None),
+    "500 Command line too long": (REPLY_COMMAND_TOO_LONG, None),
 }
 REPLY_UNKNOWN_COMMAND = "500 5.5.2 Command not recognized"
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f]")
 # The common envelope path: <dot-atom@ASCII-domain>, then the end or one space and a
 # parameter. For it aiosmtpd's parser (email's header parser, plus a class it builds on
 # every call: ~15% of ingest CPU) returns exactly (the address, the text after the space);
-# everything else still goes through aiosmtpd.
+# everything else still goes through aiosmtpd. (That parser strips every character
+# str.isspace() knows after the ">", U+0085 among them: so does \s here.)
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(
-    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| (?=[^ \t\r\n(]))"
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:$| (?=[^\s(]))"
 )
+# RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" (any case), with no domain.
+_POSTMASTER = re.compile(r" *<postmaster>(?: .*)?", re.IGNORECASE)
 
 # The aiosmtpd arguments relay/inbound/aiosmtpd_setup.init_smtp handles; any other takes
 # aiosmtpd's path.
@@ -111,43 +131,12 @@ def report_error(events: EventLog, client: str, error: str) -> None:
         events.session_error(client=client, error=error)
 
 
-class HasEvents(Protocol):
+class SessionHandler(Protocol):
+    """What a session needs of its handler (relay/inbound/listener.py has it)."""
+
     events: EventLog
 
-
-@dataclass
-class SessionTable:
-    """The live sessions, for the concurrency limits and for shutdown."""
-
-    limit: int
-    per_client_limit: int
-    live: set[RelaySMTP] = field(default_factory=set)
-    per_client: dict[str, int] = field(default_factory=dict)
-    storing: int = 0
-    quiet: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.quiet.set()
-
-    def admit(self, session: RelaySMTP, client: str) -> str | None:
-        """Count the session in, or the 421 reply that refuses it."""
-        if len(self.live) >= self.limit:
-            return REPLY_TOO_MANY_SESSIONS
-        if self.per_client.get(client, 0) >= self.per_client_limit:
-            return REPLY_TOO_MANY_FROM_CLIENT
-        self.live.add(session)
-        self.per_client[client] = self.per_client.get(client, 0) + 1
-        return None
-
-    def leave(self, session: RelaySMTP, client: str) -> None:
-        if session not in self.live:
-            return
-        self.live.discard(session)
-        left = self.per_client.get(client, 1) - 1
-        if left > 0:
-            self.per_client[client] = left
-        else:
-            self.per_client.pop(client, None)
+    def is_trusted(self, ip: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -155,8 +144,9 @@ class SessionSettings:
     data_timeout: float
     max_errors: int
     auth_required: bool  # every client must AUTH before MAIL, trusted networks included
-    users: UsersFile
-    limiter: FailureLimiter
+    auth: AuthService
+    untrusted_timeout: float = 30.0  # an untrusted client not authenticated by then is closed
+    max_session_time: float = 3600.0  # every session is closed after this many seconds
     implicit_tls: bool = False  # the whole connection is TLS (port 465)
 
 
@@ -178,40 +168,12 @@ class RelayEnvelope(Envelope):
         )
 
 
-class _BareLfCommand(Exception):
-    """A command line ended with LF alone (RFC 5321 §2.3.8: only CRLF ends a line)."""
-
-
-class _CrlfReader:
-    """Wraps the session's StreamReader: refuses bare-LF command lines, and restarts the
-    data timeout on every DATA line (aiosmtpd reads commands up to LF, DATA up to CRLF)."""
-
-    def __init__(self, reader: Any, on_data_line: Callable[[], None]) -> None:
-        object.__setattr__(self, "_reader", reader)
-        object.__setattr__(self, "_on_data_line", on_data_line)
-
-    async def readuntil(self, separator: bytes = b"\n") -> bytes:
-        line: bytes = await self._reader.readuntil(separator)
-        if separator == b"\n":
-            if not line.endswith(b"\r\n"):
-                raise _BareLfCommand
-        else:
-            self._on_data_line()
-        return line
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._reader, name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._reader, name, value)
-
-
 class RelaySMTP(AuthenticatingSMTP):
     """aiosmtpd's SMTP with our limits, syntax checks, AUTH, replies and error handling."""
 
     def __init__(
         self,
-        handler: HasEvents,
+        handler: SessionHandler,
         *,
         sessions: SessionTable,
         settings: SessionSettings,
@@ -238,12 +200,16 @@ class RelaySMTP(AuthenticatingSMTP):
         self._sessions = sessions
         self._settings = settings
         self._events = handler.events
-        self._users = settings.users
-        self._limiter = settings.limiter
+        self._trust = handler.is_trusted
+        self._auth = settings.auth
         self._client = ""
+        self._trusted = False
         self._admitted = False
+        self._started = 0.0
+        self._end_at = float("inf")  # loop time at which the session ends, whatever it does
         self._errors = 0
         self._in_data = False
+        self._storing = False  # the handler has the message, the client awaits its reply
         self._data_timer_at = float("-inf")
         self._deadline = 0.0  # loop time at which the current timeout ends
 
@@ -253,7 +219,8 @@ class RelaySMTP(AuthenticatingSMTP):
         if self.transport is None:  # the TCP connection, not the TLS layer after STARTTLS
             peer = transport.get_extra_info("peername")
             self._client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-            refusal = self._sessions.admit(self, self._client)
+            self._trusted = self._trust(self._client)
+            refusal = self._sessions.admit(self, self._client, trusted=self._trusted)
             if refusal is not None:
                 self._events.rejected(
                     client=self._client, stage="connect", code=refusal[:9], reason=refusal[10:]
@@ -263,6 +230,11 @@ class RelaySMTP(AuthenticatingSMTP):
                 transport.close()
                 return
             self._admitted = True
+            self._started = self.loop.time()
+            lifetime = self._settings.max_session_time
+            if not self._trusted:  # until it authenticates
+                lifetime = min(lifetime, self._settings.untrusted_timeout)
+            self._end_at = self._started + lifetime
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -271,6 +243,21 @@ class RelaySMTP(AuthenticatingSMTP):
         self._sessions.leave(self, self._client)
         super().connection_lost(error)
 
+    async def _handle_client(self) -> None:
+        try:
+            await super()._handle_client()
+        except (asyncio.CancelledError, ConnectionError):
+            # The client is gone (closed, reset, timed out, stopped). The task ends quietly:
+            # a task that keeps its exception keeps its traceback, so this session's frames
+            # and all they held, in a reference cycle (session, task, exception) that only
+            # a full garbage collection breaks (issue 11: 50 MiB DATA buffers stayed).
+            return
+
+    def _authenticated(self) -> None:
+        # An authenticated client keeps its session up to the maximum lifetime.
+        self._end_at = self._started + self._settings.max_session_time
+        self._reset_timeout()
+
     def eof_received(self) -> bool | None:
         if not self._admitted:
             return False
@@ -278,7 +265,7 @@ class RelaySMTP(AuthenticatingSMTP):
         return result
 
     def _cb_client_connected(self, reader: Any, writer: Any) -> None:
-        wrapped = _CrlfReader(reader, self._restart_data_timer)
+        wrapped = CrlfReader(reader, self._restart_data_timer)
         super()._cb_client_connected(cast(asyncio.StreamReader, wrapped), writer)
 
     def _restart_data_timer(self) -> None:
@@ -292,8 +279,9 @@ class RelaySMTP(AuthenticatingSMTP):
     def _reset_timeout(self, duration: float | None = None) -> None:
         # aiosmtpd cancels and schedules a timer on every command. Instead one armed timer
         # is kept while it is due no later than the new deadline: when it fires early it
-        # arms itself again for what is left (_timer_due), so the timeout is exact.
-        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        # arms itself again for what is left (_timer_due), so the timeout is exact. The
+        # session's end caps every deadline: the same timer enforces it.
+        self._deadline = min(self.loop.time() + (duration or self._timeout_duration), self._end_at)
         handle = self._timeout_handle
         if handle is not None:
             if not handle.cancelled() and self.loop.time() < handle.when() <= self._deadline:
@@ -304,19 +292,30 @@ class RelaySMTP(AuthenticatingSMTP):
     def _timer_due(self) -> None:
         if self.loop.time() < self._deadline:
             self._timeout_handle = self.loop.call_at(self._deadline, self._timer_due)
+        elif self._storing:
+            # The whole message is here and being stored: closing now could lose the 250
+            # of a stored message (a duplicate when the client sends it again).
+            self._timeout_handle = self.loop.call_later(1.0, self._timer_due)
         else:
             self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: the server may close after a timeout; tell the client why.
-        stage = "data" if self._in_data else "command"
+        if self._deadline >= self._end_at:  # the session's lifetime is over
+            stage = "session"
+            authenticated = self.session is not None and self.session.authenticated
+            if self._trusted or authenticated:
+                reply, reason = REPLY_SESSION_TOO_LONG, "session time limit"
+            else:
+                reply, reason = REPLY_NOT_AUTHENTICATED_IN_TIME, "untrusted session timeout"
+        else:
+            stage = "data" if self._in_data else "command"
+            reply, reason = REPLY_TIMEOUT, f"{stage} timeout"
         with contextlib.suppress(Exception):
-            self._events.rejected(
-                client=self._client, stage=stage, code="421 4.4.2", reason=f"{stage} timeout"
-            )
+            self._events.rejected(client=self._client, stage=stage, code=reply[:9], reason=reason)
         if isinstance(self.transport, asyncio.WriteTransport):
             with contextlib.suppress(Exception):
-                self.transport.write(REPLY_TIMEOUT.encode() + b"\r\n")
+                self.transport.write(reply.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _create_envelope(self) -> RelayEnvelope:
@@ -372,8 +371,10 @@ class RelaySMTP(AuthenticatingSMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         # aiosmtpd's default answers 500 with the exception's text: never show internals.
-        if isinstance(error, _BareLfCommand):
+        if isinstance(error, BareLfCommand):
             return REPLY_BARE_LF_COMMAND
+        if isinstance(error, LongCommand):
+            return REPLY_COMMAND_TOO_LONG
         report_error(self._events, self._client, repr(error))
         self.envelope = self._create_envelope()  # a half-done transaction is void
         return REPLY_INTERNAL
@@ -407,6 +408,13 @@ class RelaySMTP(AuthenticatingSMTP):
         if rest is not None and not path_ok(rest, null_ok=True):
             await self._refuse("mail", REPLY_BAD_ADDRESS, "bad sender address syntax")
             return
+        if (
+            rest is not None
+            and non_ascii_path(rest, null_ok=True)
+            and not has_parameter(rest, "SMTPUTF8", null_ok=True)
+        ):
+            await self._refuse("mail", REPLY_NEEDS_SMTPUTF8, "non-ASCII sender without SMTPUTF8")
+            return
         envelope = self.relay_envelope
         dsn = MailDsn()
         if rest is not None and self._extended() and envelope.mail_from is None:
@@ -423,8 +431,21 @@ class RelaySMTP(AuthenticatingSMTP):
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         rest = arg[3:] if arg is not None and arg[:3].upper() == "TO:" else None
+        if rest is not None and _POSTMASTER.fullmatch(rest):
+            # RFC 5321 §4.5.1: the one path without a domain; the handler answers it.
+            await super().smtp_RCPT(arg)
+            return
         if rest is not None and not path_ok(rest, null_ok=False):
             await self._refuse("rcpt", REPLY_BAD_ADDRESS, "bad recipient address syntax")
+            return
+        if (
+            rest is not None
+            and self.envelope is not None
+            and self.envelope.mail_from is not None
+            and not self.envelope.smtp_utf8
+            and non_ascii_path(rest, null_ok=False)
+        ):
+            await self._refuse("rcpt", REPLY_NEEDS_SMTPUTF8, "non-ASCII recipient without SMTPUTF8")
             return
         dsn = RcptDsn()
         if rest is not None and self._extended() and self.relay_envelope.mail_from is not None:
@@ -461,16 +482,27 @@ class RelaySMTP(AuthenticatingSMTP):
         if arg:
             await self.push("501 Syntax: DATA")
             return
+        if self._sessions.data.full:
+            # Issue 11: the DATA of all sessions together is bounded; this one waits.
+            await self._refuse("data", REPLY_NO_ROOM, "too much data in flight")
+            return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         message = await self._read_data()
         if message is None:
             return  # the connection went away: nothing is handed over
+        try:
+            await self._end_of_data(envelope, message)
+        finally:
+            envelope.message = None
+            message.release()  # the store has its copy, or there is none to keep
+
+    async def _end_of_data(self, envelope: RelayEnvelope, message: MessageBuffer) -> None:
         outcome = message.outcome
         # RFC 5321 §4.2.5: the reply waits for the end of data, as in aiosmtpd.
         if outcome is DataOutcome.TOO_MUCH:
             await self._refuse("data", REPLY_TOO_BIG, "message too big")
-        elif outcome is DataOutcome.TOO_LONG:
-            await self._refuse("data", REPLY_LINE_TOO_LONG, "line too long")
+        elif outcome is DataOutcome.NO_ROOM:
+            await self._refuse("data", REPLY_NO_ROOM, "too much data in flight")
         elif outcome is DataOutcome.BARE_NEWLINE:
             # RFC 5321 §2.3.8 and the 2023 smuggling attacks: refuse, never forward.
             await self._refuse("data", REPLY_BARE_CRLF, "bare CR or LF in message")
@@ -479,23 +511,36 @@ class RelaySMTP(AuthenticatingSMTP):
             return
         envelope.message = message
         status = MISSING
-        if "DATA" in self._handle_hooks:
-            status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+        self._storing = True
+        try:
+            if "DATA" in self._handle_hooks:
+                status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            self._storing = False
 
     async def _read_data(self) -> MessageBuffer | None:
-        message = MessageBuffer(self.data_size_limit, self.line_length_limit)
-        while self.transport is not None:
-            try:
-                # Only CRLF ends a line (RFC 5321 §2.3.8); the wrapper restarts the timer.
-                line: bytes = await self._reader.readuntil(b"\r\n")
-            except asyncio.CancelledError:
-                self._writer.close()  # connection lost or timed out during DATA
-                raise
-            except asyncio.LimitOverrunError as exc:
-                message.overrun()
-                line = await self._reader.read(exc.consumed)  # drain the long line
-            if message.feed(line):
-                return message
-        return None
+        """The DATA section up to its end; None if the connection went away first. However
+        it ends, the buffer is released here unless it is returned."""
+        message: MessageBuffer | None = MessageBuffer(self.data_size_limit, self._sessions.data)
+        try:
+            while self.transport is not None and message is not None:
+                try:
+                    # Only CRLF ends a line (RFC 5321 §2.3.8); the wrapper restarts the timer.
+                    line: bytes = await self._reader.readuntil(b"\r\n")
+                except asyncio.LimitOverrunError as exc:
+                    # A line longer than the reader's buffer: kept piece by piece (issue 13;
+                    # the piece holds no CRLF, so a CR or LF in it is bare).
+                    line = await self._reader.read(exc.consumed)
+                    self._restart_data_timer()
+                if message.feed(line):
+                    done, message = message, None
+                    return done
+            return None
+        except asyncio.CancelledError:
+            self._writer.close()  # connection lost or timed out during DATA
+            raise
+        finally:
+            if message is not None:
+                message.release()  # not handed over: freed now, not when a GC runs

@@ -228,7 +228,7 @@ async def test_overrides_from_the_environment_are_validated_and_applied(
         ),
     }
     shown = await run_cli(config, "config", "check", "--json", env=good)
-    assert json.loads(shown.stdout)["tls"]["overrides"] == [
+    assert json.loads(shown.stdout)["settings"]["tls"]["overrides"] == [
         "enforce-untrusted.test=opportunistic",
         "b.test=require-verified match=mx.b.test:*.c.test",
     ]

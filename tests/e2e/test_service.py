@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from tests.e2e.conftest import StartRelay
 from tests.e2e.relay_process import RelayProcess, run_cli
 from tests.support.waiting import eventually, read_events
-from tests.support.world import World, to_toml
+from tests.support.world import World, free_port, to_toml
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -242,10 +244,32 @@ def test_dockerfile_shape() -> None:
     assert instruction("VOLUME") == ['["/var/lib/sts-relay"]']
     exposed = {int(p) for line in instruction("EXPOSE") for p in line.split()}
     assert {25, 587, 465, 9025} <= exposed
-    env = " ".join(instruction("ENV"))
-    assert "STS_RELAY_STATE_PATH=/var/lib/sts-relay" in env
-    assert "STS_RELAY_METRICS_ADDRESS=0.0.0.0:9025" in env
+    env = image_env()
+    assert env["STS_RELAY_DEFAULTS"] == str(ROOT / "docker" / "defaults.toml")
+    assert env["STS_RELAY_CONFIG"] == str(ROOT / "docker" / "relay.toml")
+    # No STS_RELAY_<SECTION>_<KEY> in the image: it would override the operator's file.
+    assert not [name for name in env if re.fullmatch(r"STS_RELAY_[A-Z]+_[A-Z_]+", name)]
+    defaults = tomllib.loads(Path(env["STS_RELAY_DEFAULTS"]).read_text(encoding="utf-8"))
+    assert defaults["state"]["path"] == "/var/lib/sts-relay"
+    assert defaults["metrics"]["address"] == "0.0.0.0:9025"
+    assert defaults["listen"]["addresses"] == ["0.0.0.0:25", "0.0.0.0:587"]
+    assert tomllib.loads(Path(env["STS_RELAY_CONFIG"]).read_text(encoding="utf-8")) == {}
     assert "curl" not in " ".join(instruction("HEALTHCHECK"))
+
+
+def image_env() -> dict[str, str]:
+    """The image's ENV, with the files it COPYs into /etc/sts-relay/ read from docker/."""
+    copied = {}
+    for line in instruction("COPY"):
+        *sources, target = line.split()
+        if target == "/etc/sts-relay/":
+            copied.update({target + Path(src).name: str(ROOT / src) for src in sources})
+    env = {}
+    for line in instruction("ENV"):
+        for pair in line.split():
+            name, _, value = pair.partition("=")
+            env[name] = copied.get(value, value)
+    return env
 
 
 def image_command() -> list[str]:
@@ -263,18 +287,22 @@ def healthcheck_command() -> list[str]:
 async def test_the_image_command_serves_mail_and_its_healthcheck_passes(
     world: World, tmp_path: Path
 ) -> None:
-    """`CMD` run as is (config through STS_RELAY_CONFIG), then `HEALTHCHECK` against it."""
+    """`CMD` run as is with the image's environment and the operator's TOML file (its keys
+    win over the image's defaults: listening on 0.0.0.0:25 would fail here), then
+    `HEALTHCHECK` with the metrics address set in that file only."""
     await world.sts_domain("enforce-ok.test")
     config = world.relay_config(tmp_path / "state")
+    config["metrics"]["address"] = f"127.0.0.1:{free_port()}"
     path = tmp_path / "image.toml"
     path.write_text(to_toml(config), encoding="utf-8")
     argv = image_command()
     assert argv == ["sts-relay", "serve"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")}
+    env = {**env, **image_env(), "STS_RELAY_CONFIG": str(path)}
     proc = await asyncio.create_subprocess_exec(
         str(BIN / argv[0]),
         *argv[1:],
-        env={**env, "STS_RELAY_CONFIG": str(path)},
+        env=env,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -285,15 +313,18 @@ async def test_the_image_command_serves_mail_and_its_healthcheck_passes(
             while not any(b'"listening"' in line for line in lines):
                 lines.append(await proc.stdout.readline())
         metrics = next(e for e in read_events(lines) if e["event"] == "metrics_listening")
+        assert metrics["address"] == config["metrics"]["address"]
         await relay.send(["u@enforce-ok.test"])
 
         check = healthcheck_command()
-        assert check[0] == "python"
+        assert check == ["sts-relay", "health"]
         health = await asyncio.create_subprocess_exec(
-            sys.executable, *check[1:], env={**env, "STS_RELAY_METRICS_ADDRESS": metrics["address"]}
+            str(BIN / check[0]), *check[1:], env=env, stdout=asyncio.subprocess.PIPE
         )
         async with asyncio.timeout(20):
-            assert await health.wait() == 0
+            out, _ = await health.communicate()
+        assert health.returncode == 0
+        assert b"healthy" in out
         await eventually(lambda: world.sink("mx1.enforce-ok.test").messages, timeout=15)
     finally:
         if proc.returncode is None:
@@ -305,12 +336,10 @@ async def test_the_image_command_serves_mail_and_its_healthcheck_passes(
 async def test_healthcheck_fails_when_nothing_answers(tmp_path: Path) -> None:
     check = healthcheck_command()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")}
-    from tests.support.world import free_port
-
     health = await asyncio.create_subprocess_exec(
-        sys.executable,
+        str(BIN / check[0]),
         *check[1:],
-        env={**env, "STS_RELAY_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"},
+        env={**env, **image_env(), "STS_RELAY_METRICS_ADDRESS": f"127.0.0.1:{free_port()}"},
         stderr=asyncio.subprocess.DEVNULL,
     )
     async with asyncio.timeout(20):

@@ -280,10 +280,12 @@ async def test_no_policy_uses_opportunistic_tls_with_any_certificate(
     assert sink.messages[0].tls_version is not None
 
 
-async def test_opportunistic_tls_handshake_failure_falls_back_to_plaintext(world: World) -> None:
-    # The sink speaks only TLS 1.1: the handshake fails, a fresh plaintext session delivers.
-    sink = await world.sts_domain("nopolicy-tls11.test", mode=None, cert_kind="tls11")
-    outcome = _only(await _attempt(world, "nopolicy-tls11.test", _lookup("x", None)))
+async def test_opportunistic_starttls_failure_falls_back_to_plaintext(world: World) -> None:
+    # The connection dies at STARTTLS: a fresh plaintext session delivers. (A TLS 1.1-only
+    # MX gets TLS 1.1 now: tests/e2e/test_opportunistic_old_tls.py.)
+    domain = "nopolicy-starttls-dies.test"
+    sink = await world.sts_domain(domain, mode=None, drop_on=frozenset({"STARTTLS"}))
+    outcome = _only(await _attempt(world, domain, _lookup("x", None)))
     assert isinstance(outcome, Delivered), outcome
     assert outcome.reason.hop is not None
     assert outcome.reason.hop.tls is None

@@ -390,7 +390,7 @@ async def test_bare_lf_command_is_not_executed() -> None:
         (b"RCPT TO:<a@d.test\x00>\r\n", "501 5.1.3"),
         (b"RCPT TO:<a b@d.test>\r\n", "501 5.1.3"),
         (b"RCPT TO:<>\r\n", "501 5.1.3"),
-        (b"RCPT TO:<postmaster>\r\n", "501 5.1.3"),
+        (b"RCPT TO:<postmaster>\r\n", "550 5.1.1"),  # RFC 5321 §4.5.1: no local mailbox
         (b"RCPT TO:<a@d.test.>\r\n", "501 5.1.3"),
         (b"RCPT TO:<a@[300.1.1.1]>\r\n", "501 5.1.3"),
         (b"RCPT TO:<a@>\r\n", "501 5.1.3"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import sqlite3
 import ssl
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import pytest
 import trustme
 
 from relay.inbound.tls import ServerTlsError
+from relay.state import DB_NAME
 from relay.users import check_password, hash_password, read_users, write_users
 from tests.integration.test_listener import MESSAGE, Client, Lab, running
 
@@ -310,8 +312,20 @@ def _user_cmd(state: Path, *args: str, stdin: str = "") -> subprocess.CompletedP
     )
 
 
+def _served(state: Path) -> Path:
+    """`state` as `serve` leaves it: the user commands never create a store."""
+    state.mkdir(parents=True, exist_ok=True)
+    sqlite3.connect(state / DB_NAME).close()
+    return state
+
+
 def test_user_add_list_remove(tmp_path: Path) -> None:
     state = tmp_path / "state"
+    refused = _user_cmd(state, "add", "alice", stdin="s3cret\n")
+    assert refused.returncode == 1
+    assert f"no sts-relay state at {state}" in refused.stderr
+    assert not state.exists()
+    _served(state)
     added = _user_cmd(state, "add", "alice", stdin="s3cret\n")
     assert added.returncode == 0, added.stderr
     assert "s3cret" not in added.stdout + added.stderr
@@ -342,7 +356,7 @@ def test_user_add_list_remove(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "stdin"), [("bad:name", "pw\n"), ("alice", "\n")])
 def test_user_add_refuses_bad_input(tmp_path: Path, name: str, stdin: str) -> None:
-    result = _user_cmd(tmp_path, "add", name, stdin=stdin)
+    result = _user_cmd(_served(tmp_path), "add", name, stdin=stdin)
     assert result.returncode == 2
     assert not (tmp_path / "users").exists()
 

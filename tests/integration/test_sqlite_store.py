@@ -23,6 +23,7 @@ from mailqueue.model import (
 )
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
+from mailqueue.sqlite_schema import SCHEMA_VERSION
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from mailqueue.writer import GroupCommitWriter
 
@@ -454,10 +455,10 @@ async def test_version_1_store_is_migrated_and_keeps_its_mail(open_store: Opener
     )
     await store.close()
     reopened = await open_store()
-    assert reopened.migrated_from == 3
+    assert reopened.migrated_from == SCHEMA_VERSION
     with sqlite3.connect(db) as check:
         version = check.execute("SELECT value FROM queue_meta WHERE key = 'schema_version'")
-        assert version.fetchone() == ("3",)
+        assert version.fetchone() == (str(SCHEMA_VERSION),)
     check.close()
 
 

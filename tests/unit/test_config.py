@@ -42,7 +42,7 @@ def test_defaults_without_any_config() -> None:
     assert cfg.listen.max_sessions == 100
     assert cfg.listen.command_timeout == 300
     assert cfg.listen.data_timeout == 600
-    assert cfg.state.path == "./var"
+    assert cfg.state.path == str(Path.cwd() / "var")  # made absolute at load
     assert cfg.delivery.hostname == "relay.example.test"
     assert cfg.listen.hostname == "relay.example.test"
     assert cfg.delivery.port == 25

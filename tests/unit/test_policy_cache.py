@@ -107,7 +107,13 @@ def test_wal_and_own_tables_only(db_path: Path, cache: PolicyCache) -> None:
         cache.put(entry())
         assert cache.forget("d.test")
         tables = {row[0] for row in other.execute("SELECT name FROM sqlite_master")}
-        assert tables == {"queue_messages", "sts_policies", "sqlite_autoindex_sts_policies_1"}
+        assert tables == {
+            "queue_messages",
+            "sts_policies",
+            "sqlite_autoindex_sts_policies_1",
+            "sts_policy_history",
+            "sts_policy_history_domain",
+        }
         assert other.execute("SELECT count(*) FROM queue_messages").fetchone() == (1,)
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:

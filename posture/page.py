@@ -13,6 +13,7 @@ from html import escape
 from typing import Any
 
 from posture.chart import Series, stacked_bars
+from posture.report import recipient_figures
 
 MECHANISM_COLORS = {
     "dane": "#1b7837",
@@ -99,24 +100,7 @@ def _mechanism_rows(totals: Mapping[str, Any]) -> list[list[object]]:
 
 
 def _domain_rows(domains: Sequence[Mapping[str, Any]]) -> list[list[object]]:
-    rows: list[list[object]] = []
-    for d in domains:
-        sec = d["delivered"]["by_security"]
-        rows.append(
-            [
-                d["domain"],
-                d["delivered"]["messages"],
-                d["delivered"]["recipients"],
-                sec["authenticated"]["recipients"],
-                sec["unauthenticated_tls"]["recipients"],
-                sec["plaintext"]["recipients"],
-                d["deferred"]["by_cause"]["policy"]["recipients"],
-                d["deferred"]["by_cause"]["other"]["recipients"],
-                d["bounced"]["by_cause"]["policy"]["recipients"],
-                d["bounced"]["by_cause"]["other"]["recipients"],
-            ]
-        )
-    return rows
+    return [[d["domain"], d["delivered"]["messages"], *recipient_figures(d)] for d in domains]
 
 
 def charts(report: Mapping[str, Any]) -> str:

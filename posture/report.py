@@ -11,7 +11,7 @@ Nothing here names a recipient's local part: the aggregates never held one.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -119,6 +119,24 @@ def weakest(cells: Sequence[tuple[Cell, Figures]], top: int = TOP_WEAKEST) -> li
             }
         )
     return out
+
+
+def recipient_figures(domain: Mapping[str, Any]) -> tuple[int, ...]:
+    """One domain's recipients: sent, authenticated, unauthenticated TLS, plaintext,
+    deferred (policy, other), bounced (policy, other): the per-domain tables of the page
+    and of the command."""
+    security = domain["delivered"]["by_security"]
+    deferred, bounced = domain["deferred"]["by_cause"], domain["bounced"]["by_cause"]
+    return (
+        domain["delivered"]["recipients"],
+        security["authenticated"]["recipients"],
+        security["unauthenticated_tls"]["recipients"],
+        security["plaintext"]["recipients"],
+        deferred["policy"]["recipients"],
+        deferred["other"]["recipients"],
+        bounced["policy"]["recipients"],
+        bounced["other"]["recipients"],
+    )
 
 
 def waiting_domains(waiting: Iterable[Waiting], now: float) -> list[dict[str, Any]]:

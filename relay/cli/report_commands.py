@@ -20,7 +20,7 @@ from typing import Any
 
 from posture.model import utc_day
 from posture.page import render_page
-from posture.report import build_report
+from posture.report import build_report, recipient_figures
 from posture.tally import RETENTION_DAYS
 from relay.app import database_path
 from relay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, print_json
@@ -167,17 +167,7 @@ def format_text(report: dict[str, Any]) -> str:
     head = ("domain", "sent", "auth", "unauth", "plain", "def:pol", "def:oth", "bnc:pol")
     lines.append(f"  {head[0]:<32}" + "".join(f"{h:>8}" for h in (*head[1:], "bnc:oth")))
     for d in report["domains"]:
-        sec = d["delivered"]["by_security"]
-        values = (
-            d["delivered"]["recipients"],
-            sec["authenticated"]["recipients"],
-            sec["unauthenticated_tls"]["recipients"],
-            sec["plaintext"]["recipients"],
-            d["deferred"]["by_cause"]["policy"]["recipients"],
-            d["deferred"]["by_cause"]["other"]["recipients"],
-            d["bounced"]["by_cause"]["policy"]["recipients"],
-            d["bounced"]["by_cause"]["other"]["recipients"],
-        )
+        values = recipient_figures(d)
         lines.append(f"  {d['domain']:<32}" + "".join(f"{v:>8}" for v in values))
     lines += ["", "Most unauthenticated or plaintext deliveries"]
     for w in report["weakest_domains"]:

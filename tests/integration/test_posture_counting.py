@@ -17,16 +17,13 @@ from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from posture.model import Mechanism, Status
 from posture.store import SqlitePostureStore
-from relay.app import build
-from relay.config import load_config
-from relay.delivery.bounce import BounceSettings
 from relay.delivery.pipeline import LeaseResult
-from relay.delivery.scheduler import Scheduler, SchedulerSettings
 from relay.events import EventLog
 from relay.metrics import Metrics
 from relay.posture import PostureFeed
+from tests.support.scheduler_lab import SchedulerLab, scheduler_over
 from tests.support.waiting import eventually
-from tests.support.world import World, to_toml
+from tests.support.world import World
 
 
 class FlakyStore(SqliteStore):
@@ -45,50 +42,27 @@ class FlakyStore(SqliteStore):
 
 async def test_an_attempt_is_counted_once_after_its_commit(world: World, tmp_path: Path) -> None:
     await world.sts_domain("count.test")
-    config = tmp_path / "relay.toml"
-    config.write_text(to_toml(world.relay_config(tmp_path / "state")), encoding="utf-8")
-    log = io.StringIO()
-    events = EventLog(log)
-    relay = build(load_config(config, {}), events)
-    assert relay.posture is not None
     store = FlakyStore(tmp_path / "queue.sqlite3", schedule=RetrySchedule((300.0,)), lifetime=86400)
-    await store.open()
-    scheduler = Scheduler(
-        store=store,
-        pipeline=relay.worker.pipeline,
-        pool=relay.worker.pool,
-        settings=SchedulerSettings(
-            concurrency=2,
-            owner="test-node",
-            bounce=BounceSettings(reporting_mta="relay.test", delay_notice_after=0),
-        ),
-        events=events,
-    )
     seen: list[tuple[str, list[str]]] = []
-    feed = relay.posture
 
-    def on_recorded(lease: Lease, result: LeaseResult) -> None:
-        logged = [json.loads(line)["event"] for line in log.getvalue().splitlines()]
-        seen.append((lease.queue_id, logged))
-        feed.record(lease, result)
+    def count_after_logging(lab: SchedulerLab) -> None:
+        feed = lab.relay.posture
+        assert feed is not None
 
-    scheduler.on_recorded = on_recorded
-    task = asyncio.create_task(scheduler.run())
-    try:
+        def on_recorded(lease: Lease, result: LeaseResult) -> None:
+            logged = [json.loads(line)["event"] for line in lab.log.getvalue().splitlines()]
+            seen.append((lease.queue_id, logged))
+            feed.record(lease, result)
+
+        lab.scheduler.on_recorded = on_recorded
+
+    async with scheduler_over(world, tmp_path, store, before_start=count_after_logging) as lab:
         queue_id = await store.put(
             NewMessage("app@src.test", ("a@count.test", "b@count.test"), b"Subject: x\r\n\r\nx\r\n")
         )
-        scheduler.wake()
+        lab.scheduler.wake()
         await eventually(lambda: seen, timeout=15)
         await asyncio.sleep(1.0)  # a second call would come with the retried commit
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        relay.worker.pool.close_all()
-        relay.cache.close()
-        await relay.posture.close()
-        await relay.store.close()
-        await store.close()
 
     ((counted_id, logged_before),) = seen
     assert counted_id == queue_id
@@ -104,7 +78,7 @@ async def test_an_attempt_is_counted_once_after_its_commit(world: World, tmp_pat
         Mechanism.STS_ENFORCE,
     )
     assert (figures.messages, figures.recipients) == (1, 2)
-    sample = relay.metrics.registry.get_sample_value
+    sample = lab.relay.metrics.registry.get_sample_value
     labels = {"mechanism": "sts-enforce", "tls_version": "TLSv1.3", "authenticated": "true"}
     assert sample("sts_relay_delivered_recipients_total", labels) == 2
     assert sample("sts_relay_delivered_messages_total", {"mechanism": "sts-enforce"}) == 1

@@ -11,11 +11,8 @@
 from __future__ import annotations
 
 import asyncio
-import io
-import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -24,13 +21,9 @@ from mailqueue.model import DsnRequest, NewMessage
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.writer import GroupCommitWriter
-from relay.app import build
-from relay.config import load_config
-from relay.delivery.bounce import BounceSettings
-from relay.delivery.scheduler import Scheduler, SchedulerSettings
-from relay.events import EventLog
+from tests.support.scheduler_lab import scheduler_over
 from tests.support.waiting import eventually
-from tests.support.world import World, to_toml
+from tests.support.world import World
 
 MESSAGE = b"From: app@src.test\r\nTo: u@d.test\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -52,56 +45,6 @@ def store_on(disk: Disk, path: Path, retry: float = 300.0) -> SqliteStore:
         writer_class = FullDiskWriter
 
     return FullDiskStore(path, schedule=RetrySchedule((retry,)), lifetime=86400)
-
-
-class Lab:
-    def __init__(self, store: SqliteStore, scheduler: Scheduler, log: io.StringIO) -> None:
-        self.store = store
-        self.scheduler = scheduler
-        self.log = log
-
-    def events(self, name: str, **match: Any) -> list[dict[str, Any]]:
-        lines = (json.loads(line) for line in self.log.getvalue().splitlines())
-        return [
-            e for e in lines if e["event"] == name and all(e.get(k) == v for k, v in match.items())
-        ]
-
-
-@asynccontextmanager
-async def running(
-    world: World, tmp_path: Path, store: SqliteStore, *, lease_time: float, deadline: float
-) -> AsyncIterator[Lab]:
-    """A scheduler over `store`, with the relay's own pipeline built from its config."""
-    config = tmp_path / "relay.toml"
-    config.write_text(to_toml(world.relay_config(tmp_path / "state")), encoding="utf-8")
-    cfg = load_config(config, {})
-    log = io.StringIO()
-    events = EventLog(log)
-    relay = build(cfg, events)
-    await store.open()
-    scheduler = Scheduler(
-        store=store,
-        pipeline=relay.worker.pipeline,
-        pool=relay.worker.pool,
-        settings=SchedulerSettings(
-            concurrency=4,
-            owner="test-node",
-            bounce=BounceSettings(reporting_mta="relay.test", delay_notice_after=0),
-            lease_time=lease_time,
-            attempt_deadline=deadline,
-        ),
-        events=events,
-    )
-    task = asyncio.create_task(scheduler.run())
-    try:
-        yield Lab(store, scheduler, log)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        relay.worker.pool.close_all()
-        relay.cache.close()
-        await relay.store.close()
-        await store.close()
 
 
 class Tarpit:
@@ -155,7 +98,7 @@ async def test_a_tarpit_outlasting_the_lease_gets_one_attempt_cut_off_at_its_dea
         tmp_path / "queue.sqlite3", schedule=RetrySchedule((300.0,)), lifetime=86400
     )
     try:
-        async with running(world, tmp_path, store, lease_time=2.5, deadline=1.0) as lab:
+        async with scheduler_over(world, tmp_path, store, lease_time=2.5, deadline=1.0) as lab:
             await store.put(NewMessage("app@src.test", ("u@tarpit.test",), MESSAGE))
             lab.scheduler.wake()
             await until(lambda: bool(lab.events("delivery", rcpt="u@tarpit.test")))
@@ -192,7 +135,7 @@ async def test_a_store_failure_after_the_mx_accepted_never_delivers_or_bounces_t
     )
     disk = Disk()
     store = store_on(disk, tmp_path / "queue.sqlite3")
-    async with running(world, tmp_path, store, lease_time=1.5, deadline=0.5) as lab:
+    async with scheduler_over(world, tmp_path, store, lease_time=1.5, deadline=0.5) as lab:
         # RET=FULL: the DSN returns the whole 300 KiB message, which a full disk cannot take.
         big = MESSAGE + (b"y" * 78 + b"\r\n") * 4000
         queue_id = await store.put(

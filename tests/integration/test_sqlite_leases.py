@@ -13,10 +13,9 @@ import json
 import random
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,22 +24,11 @@ from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from mailqueue.writer import GroupCommitWriter
+from tests.support.queue_store import T0, Clock, Opener, store_opener
 
 SCHEDULE = RetrySchedule((300.0, 600.0))
 LIFETIME = 86400.0
-T0 = 1_700_000_000.0
 SENDER = "app@src.test"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-Opener = Callable[..., Coroutine[Any, Any, SqliteStore]]
 
 
 @pytest.fixture
@@ -55,18 +43,8 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def open_store(db: Path, clock: Clock) -> AsyncIterator[Opener]:
-    opened: list[SqliteStore] = []
-
-    async def opener(cls: type[SqliteStore] = SqliteStore, **kw: Any) -> SqliteStore:
-        args: dict[str, Any] = {"schedule": SCHEDULE, "lifetime": LIFETIME, "clock": clock}
-        store = cls(db, **(args | kw))
-        await store.open()
-        opened.append(store)
-        return store
-
-    yield opener
-    for store in opened:
-        await store.close()
+    async with store_opener(db, clock, schedule=SCHEDULE, lifetime=LIFETIME) as opener:
+        yield opener
 
 
 @pytest.fixture

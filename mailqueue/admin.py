@@ -138,6 +138,7 @@ class BounceCandidate:
     dsn: DsnRequest
     recipients: tuple[LeasedRecipient, ...]
     read_data: Callable[[], bytes | None]
+    requiretls: bool = False  # submitted with REQUIRETLS (RFC 8689): its report is too
 
 
 # The report a bounce owes the sender (None: none, e.g. a null sender or NOTIFY=NEVER).

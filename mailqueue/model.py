@@ -46,6 +46,8 @@ class NewMessage:
     client: str = ""  # peer address of the submitting client, for the record
     dsn: DsnRequest = field(default_factory=DsnRequest)
     queue_id: str | None = None  # chosen by the submitter (mailqueue.new_queue_id()), else by put
+    # RFC 8689 §2: MAIL FROM carried REQUIRETLS; kept with the message for its whole life.
+    requiretls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,7 @@ class Lease:
     until: float
     dsn: DsnRequest = field(default_factory=DsnRequest)
     owner: str = ""  # who leased it (lease_due's `owner`); a default so notice tests need none
+    requiretls: bool = False  # the message was submitted with REQUIRETLS (RFC 8689)
 
 
 @dataclass(frozen=True, slots=True)

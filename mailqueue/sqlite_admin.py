@@ -249,8 +249,8 @@ def _build_reports(
     out: Prepared = {}
     if not grouped:
         return out
-    for msg_id, queue_id, sender, received_at, dsn in conn.execute(
-        "SELECT id, queue_id, sender, received_at, dsn FROM queue_messages"
+    for msg_id, queue_id, sender, received_at, dsn, requiretls in conn.execute(
+        "SELECT id, queue_id, sender, received_at, dsn, requiretls FROM queue_messages"
         " WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
         (json.dumps(sorted(grouped)),),
     ).fetchall():
@@ -263,6 +263,7 @@ def _build_reports(
             dsn=dsn_from_json(dsn) or DsnRequest(),
             recipients=tuple(r for _, r in grouped[msg_id]),
             read_data=functools.partial(read_data, conn, queue_id),
+            requiretls=requiretls != 0,  # unreadable: treated as REQUIRETLS, never less
         )
         out[msg_id] = (frozenset(row_id for row_id, _ in grouped[msg_id]), report(candidate))
     return out

@@ -100,7 +100,8 @@ def _lease_group(
         (msg_id, domain, now),
     ).fetchall()
     msg = conn.execute(
-        "SELECT queue_id, sender, received_at, typeof(data), dsn FROM queue_messages WHERE id = ?",
+        "SELECT queue_id, sender, received_at, typeof(data), dsn, requiretls FROM queue_messages"
+        " WHERE id = ?",
         (msg_id,),
     ).fetchone()
     dsn = dsn_from_json(msg[4]) if msg is not None else None
@@ -131,18 +132,20 @@ def _lease_group(
         until=until,
         dsn=dsn,
         owner=owner,
+        requiretls=bool(msg[5]),
     )
 
 
 def _leasable_message(msg: Sequence[Any] | None) -> bool:
     if msg is None:
         return False
-    queue_id, sender, received_at, data_type, _ = msg
+    queue_id, sender, received_at, data_type, _, requiretls = msg
     return (
         isinstance(queue_id, str)
         and isinstance(sender, str)
         and isinstance(received_at, int | float)
         and data_type == "blob"
+        and requiretls in (0, 1)
     )
 
 

@@ -20,8 +20,9 @@ from mailqueue.sqlite_schema import dsn_to_json
 HELD, SET_ASIDE = 1, 2
 BLOB_CHUNK = 1 << 20  # larger contents are written and read in pieces of this size
 _INSERT = (
-    "INSERT INTO queue_messages (queue_id, sender, received_at, size, held, client, dsn, data)"
-    " VALUES (?, ?, ?, ?, 0, ?, ?, "
+    "INSERT INTO queue_messages"
+    " (queue_id, sender, received_at, size, held, client, dsn, requiretls, data)"
+    " VALUES (?, ?, ?, ?, 0, ?, ?, ?, "
 )
 _INSERT_SMALL, _INSERT_BIG = _INSERT + "?)", _INSERT + "zeroblob(?))"
 LEASABLE = "state IN ('queued', 'deferred') AND held = 0"  # must match the partial index
@@ -98,7 +99,16 @@ def insert_message(conn: sqlite3.Connection, ids: QueueIds, msg: NewMessage, now
         try:
             cur = conn.execute(
                 sql,
-                (queue_id, msg.sender, now, len(msg.data), msg.client, dsn, content),
+                (
+                    queue_id,
+                    msg.sender,
+                    now,
+                    len(msg.data),
+                    msg.client,
+                    dsn,
+                    int(msg.requiretls),
+                    content,
+                ),
             )
         except sqlite3.IntegrityError:
             if msg.queue_id:

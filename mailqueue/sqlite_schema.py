@@ -12,6 +12,7 @@ Version history:
      answer (sqlite_leases.py).
   4: `queue_admin_journal`: each change made by an operator, for the running relay to log
      (sqlite_admin.py).
+  5: `queue_messages.requiretls` (1: MAIL FROM carried REQUIRETLS, RFC 8689; older rows 0).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from mailqueue.model import DsnRequest
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS queue_messages (
@@ -34,7 +35,8 @@ CREATE TABLE IF NOT EXISTS queue_messages (
     held INTEGER NOT NULL DEFAULT 0,
     client TEXT NOT NULL DEFAULT '',
     data BLOB NOT NULL,
-    dsn TEXT
+    dsn TEXT,
+    requiretls INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS queue_recipients (
     id INTEGER PRIMARY KEY,
@@ -87,6 +89,7 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     ),
     (),  # 2 -> 3: only a new table, which _TABLES creates
     (),  # 3 -> 4: likewise
+    ("ALTER TABLE queue_messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",),
 )
 
 

@@ -42,6 +42,7 @@ def operator_bounce_report(*, reporting_mta: str, lifetime: float, now: float) -
             expires_at=candidate.received_at + lifetime,
             until=now,
             dsn=candidate.dsn,
+            requiretls=candidate.requiretls,
         )
         outcomes: dict[str, Outcome] = {
             r.address: Bounced(OPERATOR_BOUNCE) for r in candidate.recipients

@@ -7,6 +7,9 @@ into per-recipient outcomes (`decide`, pure). The policy lookup comes in from th
 Decision rules (Postfix-like; CONVENTIONS "Outcomes are values"): every unknown is
 temporary; TLS, MTA-STS and DNS-timeout failures defer, never bounce; a bounce needs a
 5xx from an MX that passed the policy, NXDOMAIN, a domain without address, or a null MX.
+A REQUIRETLS message (RFC 8689) that no MX can take (none authenticated by DANE or
+MTA-STS, or none offering REQUIRETLS) defers with 4.7.30; the pipeline turns that into
+5.7.30 when its lifetime ends.
 """
 
 from __future__ import annotations
@@ -152,10 +155,16 @@ def _recipient_outcome(
     return _by_reply(session.data_reply, "end of DATA", hop, would_refuse)
 
 
+def is_tls_refusal(reason: Reason) -> bool:
+    """A TLS, policy or REQUIRETLS failure (RFC 8460 result type, or RFC 8689's X.7.30)."""
+    return reason.tlsrpt is not None or reason.status[1:] == ".7.30"
+
+
 def _most_meaningful(failures: Sequence[Reason]) -> Reason:
-    """The first TLS/policy failure (it names what a fix needs), else the last error."""
+    """The first TLS/policy/REQUIRETLS failure (it names what a fix needs), else the last
+    error."""
     for reason in failures:
-        if reason.tlsrpt is not None:
+        if is_tls_refusal(reason):
             return reason
     if failures:
         return failures[-1]
@@ -185,6 +194,9 @@ def decide(
 def conversation_failure(session: ConversationResult, *, enforced: bool) -> Reason:
     """Why an incomplete session did not decide anything (a transient host failure)."""
     hop = session.hop
+    if session.requiretls_missing:
+        # RFC 8689 §4.2.1: this host cannot take the REQUIRETLS message (5.7.30 at the end).
+        return Reason(session.error or "REQUIRETLS not offered", "4.7.30", hop=hop)
     if enforced and session.tls_failure is not None:
         text = safe_line(f"TLS with {_where(hop)} failed: {session.tls_failure_detail}")
         return Reason(text, "4.7.5", hop=hop, tlsrpt=session.tls_failure)
@@ -247,6 +259,12 @@ def _dane_reason(host: str, rule: MxRule) -> Reason:
     used, and nothing else (MTA-STS, cleartext) stands in for DANE."""
     text = safe_line(f"DANE: {host} not used: {rule.detail or 'TLSA lookup failed'}")
     return Reason(text, "4.7.5", hop=Hop(mx=host), tlsrpt=rule.refused)
+
+
+def _requiretls_reason(host: str, rule: MxRule) -> Reason:
+    """RFC 8689 §4.2.1: nothing authenticates this host; a REQUIRETLS message skips it."""
+    text = safe_line(f"REQUIRETLS: {host} not used: {rule.requiretls_unmet}")
+    return Reason(text, "4.7.30", hop=Hop(mx=host))
 
 
 def _tlsa_strings(rule: MxRule) -> tuple[str, ...] | None:
@@ -345,6 +363,10 @@ async def _walk(
         tlsa = _tlsa_strings(rule)
         # Under DANE the host is held to its TLSA records, not to the MTA-STS names.
         published_fail = None if rule.dane else decision.published_verdict(host)
+        if rule.requiretls_unmet is not None:
+            # Not contacted: no TLS session, nothing for a TLS report (RFC 8460 §4.3).
+            failures.append(_requiretls_reason(host, rule))
+            continue
         if rule.refused is not None:
             if rule.dane:
                 failures.append(_dane_reason(host, rule))
@@ -355,7 +377,7 @@ async def _walk(
                 tried.append(MxTlsResult(host, "", published_fail))
             continue
         conversations = _conversations(
-            pool, domain, host, requirement, envelope, settings, resolver, failures, rule.tlsa
+            pool, domain, host, rule, envelope, settings, resolver, failures
         )
         async for conversation in conversations:
             left -= 1
@@ -379,16 +401,16 @@ async def _conversations(
     pool: ConnectionPool,
     domain: str,
     host: str,
-    requirement: TlsRequirement,
+    rule: MxRule,
     envelope: Envelope,
     settings: AttemptSettings,
     resolver: dns.asyncresolver.Resolver,
     failures: list[Reason],
-    tlsa: tuple[Tlsa, ...] = (),
 ) -> AsyncGenerator[ConversationResult, None]:
-    """The sessions tried at `host`: over an idle pooled connection first (no address
-    lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
-    session = await _over_idle(pool, host, requirement, envelope, settings, domain)
+    """The sessions tried at `host` under `rule`: over an idle pooled connection first (no
+    address lookup), then one per address, IPv6 first (RFC 5321 §5.1: try every address)."""
+    requirement, requiretls = rule.requirement, rule.requiretls
+    session = await _over_idle(pool, host, rule, envelope, settings, domain)
     if session is not None:
         yield session
     addresses = await resolve_addresses(
@@ -403,26 +425,30 @@ async def _conversations(
         failures.append(Reason(safe_line(addresses.detail), status, hop=Hop(mx=host)))
         return
     for ip in addresses:
-        key = (host, ip, requirement)
-        yield await pooled_conversation(pool, key, envelope, settings, domain=domain, tlsa=tlsa)
+        key = PoolKey(host, ip, requirement, requiretls)
+        yield await pooled_conversation(
+            pool, key, envelope, settings, domain=domain, tlsa=rule.tlsa
+        )
 
 
 async def _over_idle(
     pool: ConnectionPool,
     host: str,
-    requirement: TlsRequirement,
+    rule: MxRule,
     envelope: Envelope,
     settings: AttemptSettings,
     domain: str,
 ) -> ConversationResult | None:
-    """A transaction over an idle pooled connection to `host`, if there is a live one."""
-    while (conn := pool.take_idle_for_host(host, requirement)) is not None:
+    """A transaction over an idle pooled connection to `host` opened under `rule`'s
+    requirement (and for REQUIRETLS mail exactly when the rule is), if there is a live one."""
+    requirement, requiretls = rule.requirement, rule.requiretls
+    while (conn := pool.take_idle_for_host(host, requirement, requiretls)) is not None:
         result = await _transact_pooled(pool, conn, envelope, settings, reused=True)
         if result.stale:
             await pool.discard(conn)
             continue
         result = _for_domain(conn, domain, result)
-        await _give_back(pool, (host, conn.ip, requirement), conn, result)
+        await _give_back(pool, PoolKey(host, conn.ip, requirement, requiretls), conn, result)
         return result
     return None
 
@@ -449,7 +475,7 @@ async def pooled_conversation(
     `domain` is the recipients' policy domain (marks repeats, see `MxTlsResult`); `tlsa`
     the usable TLSA records of the MX host under DANE (a pooled DANE connection to that
     host matched the same RRset: TLSA records belong to the host, not the domain)."""
-    host, ip, requirement = key
+    host, ip, requirement, requiretls = key
     while True:
         got = await pool.acquire(key)
         if got is False:
@@ -467,7 +493,7 @@ async def pooled_conversation(
             return result
         break
     try:
-        conn = await connect(ip, host, requirement, settings.dialer, tlsa)
+        conn = await connect(ip, host, requirement, settings.dialer, tlsa, requiretls=requiretls)
     except BaseException:
         pool.abandon(None, ip)  # cut off while connecting: the reserved slot goes back
         raise

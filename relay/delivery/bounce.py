@@ -5,6 +5,11 @@ Owns turning one lease's outcomes into at most one DSN message (RFC 3464, built 
 (never a report about a report: a null-sender message owes none). The scheduler stores
 the DSN in the same transaction as the outcomes it reports, so a recipient is reported
 once however often recording has to be retried.
+
+The report on a REQUIRETLS message (RFC 8689 §5) returns the original's headers only,
+whatever RET asks (the body never travels in a report), and is itself a REQUIRETLS
+message: it goes only to an MX of the sender's domain that DANE or MTA-STS authenticates
+and that offers REQUIRETLS, with the protection the sender asked for the original.
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ def bounce_for(
         now=datetime.fromtimestamp(now, tz=UTC),
         envid=lease.dsn.envid,
         ret=lease.dsn.ret,
+        requiretls=lease.requiretls,
     )
-    message = NewMessage(sender="", recipients=(lease.sender,), data=dsn)
+    message = NewMessage(
+        sender="", recipients=(lease.sender,), data=dsn, requiretls=lease.requiretls
+    )
     return Bounce(message, tuple(e.address for e in owed.entries)), owed.delay_notified

@@ -10,8 +10,11 @@ and we send STARTTLS ourselves with SNI = the MX name without its trailing dot
 (RFC 8461 §7.1, STS-97). Under VERIFIED nothing is ever sent in the clear after a missing
 or failed STARTTLS (RFC 8461 §5, STS-90/91). aiosmtplib discards bytes buffered before
 the TLS handshake and its ESMTP state after it (RFC 3207 §4.2, STS-100); we send EHLO
-again ourselves. The message goes out through `transfer.send_data` (chunked, CRLF
-normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2; SMTP-14/15, SMUG-06).
+again ourselves. A connection for REQUIRETLS mail (RFC 8689 §4.2.1) must be held to
+VERIFIED or DANE, and the server must offer REQUIRETLS in that second EHLO, else it is
+closed before MAIL (`requiretls_missing`). The message goes out through
+`transfer.send_data` (chunked, CRLF normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2;
+SMTP-14/15, SMUG-06).
 
 The recorder trusts only the protocol (issue 10): one reply per command, nothing more.
 Before each command of a transaction (RSET, MAIL, RCPT, DATA) and after each reply, nothing
@@ -78,6 +81,7 @@ class ConversationResult:
     timed_out: bool = False  # the host did not answer in time (connect, greeting, command)
     repeat: bool = False  # over a connection that already carried this policy domain's mail
     violation: str | None = None  # the MX broke the one-reply-per-command sequence
+    requiretls_missing: bool = False  # REQUIRETLS mail, and the MX did not offer it after TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,8 @@ class _Conversation:
         self.tlsa: tuple[Tlsa, ...] = ()  # under DANE: the usable records to match
         self.dane: str | None = None  # the record the chain matched
         self.violation: str | None = None
+        self.requiretls = False  # the session is for REQUIRETLS mail (RFC 8689)
+        self.requiretls_missing = False
         self.last = "after EHLO"  # where a stray reply would have come from, for the text
 
     @classmethod
@@ -171,6 +177,7 @@ class _Conversation:
             stale=self.stale,
             timed_out=self.timed_out,
             violation=self.violation,
+            requiretls_missing=self.requiretls_missing,
         )
 
     def close_all(self) -> None:
@@ -180,6 +187,11 @@ class _Conversation:
     def fail_reply(self, stage: str, code: int, message: str) -> None:
         self.error_reply = (code, message)
         self.error = safe_line(f"{stage} refused: {code} {message}")
+
+    def no_requiretls(self, why: str) -> None:
+        """RFC 8689 §4.2.1: this server may not receive the REQUIRETLS message."""
+        self.requiretls_missing = True
+        self.error = safe_line(f"REQUIRETLS: {self.sni}: {why}")
 
     def dropped(self, stage: str, exc: BaseException) -> None:
         self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
@@ -319,6 +331,11 @@ class _Conversation:
 
 async def _transaction(conv: _Conversation, smtp: aiosmtplib.SMTP, envelope: Envelope) -> None:
     """MAIL, one RCPT per recipient (each reply kept), DATA if any was accepted."""
+    if envelope.requiretls and not smtp.supports_extension("requiretls"):
+        # The pool keeps REQUIRETLS connections apart (`connect` checked this one): never
+        # reached, but a REQUIRETLS message must never go out without the option.
+        conv.no_requiretls("not offered on this connection")
+        return
     utf8 = envelope.needs_utf8 and smtp.supports_extension("smtputf8")
     sender_path = path(envelope.sender, utf8)
     if sender_path is None:
@@ -402,6 +419,11 @@ async def _secure(
         smtp = await _opportunistic(conv, smtp, None, unverified_ctx)
     if smtp is None or (conv.tls_version and not await conv.hello(smtp)):
         return None
+    if conv.requiretls and not smtp.supports_extension("requiretls"):
+        # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS after STARTTLS.
+        conv.no_requiretls("not offered after STARTTLS")
+        await quit_politely(smtp, conv.command_timeout)
+        return None
     return smtp
 
 
@@ -462,6 +484,7 @@ class Connection:
     # once for each, not once per message (relay/delivery/attempt.py `mx_tls_result`).
     domains: set[str] = field(default_factory=set)
     dane: str | None = None  # under DANE: the TLSA record the chain matched
+    requiretls: bool = False  # opened for REQUIRETLS mail: the server offered REQUIRETLS
 
     @property
     def alive(self) -> bool:
@@ -477,17 +500,26 @@ async def connect(
     requirement: TlsRequirement,
     dialer: Dialer,
     tlsa: tuple[Tlsa, ...] = (),
+    *,
+    requiretls: bool = False,
 ) -> Connection | ConversationResult:
     """A connection ready for MAIL, or the (incomplete) ConversationResult saying why not.
 
     Up to three TCP connections under REPORT/OPPORTUNISTIC when a TLS handshake fails.
-    Under DANE, `tlsa` holds the usable TLSA records the chain must match.
+    Under DANE, `tlsa` holds the usable TLSA records the chain must match. `requiretls`:
+    for REQUIRETLS mail (RFC 8689 §4.2.1): only under VERIFIED or DANE, and only when the
+    server offers REQUIRETLS after STARTTLS.
     Never raises for network, TLS or SMTP errors.
     """
     sni = mx_host.rstrip(".").lower()
     timeouts = (dialer.connect_timeout, dialer.command_timeout)
     conv = _Conversation(ip, sni, dialer.port, dialer.helo, timeouts)
     conv.tlsa = tlsa
+    conv.requiretls = requiretls
+    if requiretls and requirement not in (TlsRequirement.VERIFIED, TlsRequirement.DANE):
+        # The decision never asks this; a REQUIRETLS message never goes unauthenticated.
+        conv.no_requiretls(f"needs verified or DANE TLS, not {requirement.value}")
+        return conv.result()
     # Each step is bounded by aiosmtplib's timeouts; this bounds the whole: up to three
     # connections, each greeting + EHLO, STARTTLS, EHLO.
     budget = 3 * (dialer.connect_timeout + dialer.command_timeout * 4)
@@ -508,7 +540,7 @@ async def connect(
     listen(smtp)  # a reply sent before MAIL is a violation (`transact`)
     return Connection(
         smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure,
-        dane=conv.dane,
+        dane=conv.dane, requiretls=requiretls,
     )  # fmt: skip
 
 

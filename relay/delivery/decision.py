@@ -16,6 +16,16 @@ without authentication, unless MTA-STS asks for more; a bogus or failed TLSA loo
 host is not used (`dnssec-invalid`), never a fallback to MTA-STS or cleartext. A message's
 `TLS-Required: No` and an `opportunistic` override waive DANE as they waive MTA-STS
 (RFC 8689 §5). Hosts without DANE evidence follow the domain-wide decision.
+
+REQUIRETLS (RFC 8689 §4.2.1) is one more input, the message's own demand: a host may
+receive such a message only when its name and certificate are authenticated by DANE
+(usable TLSA records) or by an MTA-STS policy in `enforce` or `testing` mode (testing is
+then applied as enforce); every other host is not used (`MxRule.requiretls_unmet`) and the
+mail waits, to bounce with 5.7.30 at the end of its lifetime. Nothing relaxes it:
+`TLS-Required: No` is ignored beside it (RFC 8689 §3), an `opportunistic` override does not
+apply to it, and a `require-verified` override does not qualify a host (its names come from
+the operator, while RFC 8689 §4.2.1 asks for an MX name proven by DNSSEC or MTA-STS). That
+the host offers REQUIRETLS after STARTTLS is checked on the connection (`client`).
 """
 
 from __future__ import annotations
@@ -46,7 +56,10 @@ class MxRule:
 
     `refused`: the host may not receive the mail (never contacted), with the RFC 8460
     result type; `detail` says why. `tlsa`: under DANE, the usable records to match;
-    `records`: the TLSA RRset as published (what TLS reports show, RFC 8460 §4.5)."""
+    `records`: the TLSA RRset as published (what TLS reports show, RFC 8460 §4.5).
+    `requiretls_unmet`: the message demands REQUIRETLS and nothing authenticates this host
+    (neither DANE nor MTA-STS): it is not contacted; no RFC 8460 failure of the domain's.
+    `requiretls`: sessions must pass REQUIRETLS on (the host must offer it)."""
 
     requirement: TlsRequirement
     source: TlsPolicySource
@@ -54,6 +67,8 @@ class MxRule:
     records: tuple[Tlsa, ...] = ()
     refused: TlsRptResult | None = None
     detail: str | None = None
+    requiretls: bool = False
+    requiretls_unmet: str | None = None
 
     @property
     def dane(self) -> bool:
@@ -79,18 +94,24 @@ class TlsDecision:
     tls_required_no: bool = False
     blocked: str | None = None
     dane: DaneEvidence | None = None  # None: DANE off (dns.dnssec) or not looked up
+    requiretls: bool = False  # the message demands REQUIRETLS (RFC 8689)
+    # Under REQUIRETLS, why no host qualifies by the domain-wide inputs ("no MTA-STS policy
+    # in enforce or testing mode"); only DANE can still qualify a host. None otherwise.
+    requiretls_unmet: str | None = None
 
     @property
     def dane_waived(self) -> bool:
-        """`TLS-Required: No` or an `opportunistic` override set DANE aside (RFC 8689 §5)."""
+        """`TLS-Required: No` or an `opportunistic` override set DANE aside (RFC 8689 §5);
+        never for a REQUIRETLS message."""
         opportunistic = self.override is not None and (
             self.override.action is TlsOverride.OPPORTUNISTIC
         )
-        return self.tls_required_no or opportunistic
+        return not self.requiretls and (self.tls_required_no or opportunistic)
 
     def for_mx(self, mx_host: str) -> MxRule:
         """The rule for one MX host: its own DANE evidence first (RFC 7672 §2.2, RFC 8461
-        §2), else the domain-wide decision."""
+        §2), else the domain-wide decision; under REQUIRETLS, only a host authenticated by
+        DANE or MTA-STS (RFC 8689 §4.2.1)."""
         evidence = None
         if self.dane is not None and not self.dane_waived:
             evidence = self.dane.host(mx_host)
@@ -106,12 +127,35 @@ class TlsDecision:
                         detail=evidence.detail,
                     )
                 case DaneState.USABLE:
-                    return MxRule(TlsRequirement.DANE, dane, evidence.usable, evidence.records)
+                    return MxRule(
+                        TlsRequirement.DANE,
+                        dane,
+                        evidence.usable,
+                        evidence.records,
+                        requiretls=self.requiretls,
+                    )
+                case DaneState.UNUSABLE if self.requiretls_unmet is not None:
+                    # RFC 8689 §4.2.1: TLS without authentication does not do.
+                    why = f"its TLSA records are all unusable ({self.requiretls_unmet})"
+                    return MxRule(
+                        TlsRequirement.ENCRYPTED,
+                        dane,
+                        records=evidence.records,
+                        requiretls=True,
+                        requiretls_unmet=why,
+                    )
                 case DaneState.UNUSABLE if self.requirement is not TlsRequirement.VERIFIED:
                     return MxRule(TlsRequirement.ENCRYPTED, dane, records=evidence.records)
                 case _:
                     pass
-        return MxRule(self.requirement, self.source, refused=self.refuses_mx(mx_host))
+        unmet = self.requiretls_unmet
+        return MxRule(
+            self.requirement,
+            self.source,
+            refused=self.refuses_mx(mx_host),
+            requiretls=self.requiretls,
+            requiretls_unmet=None if unmet is None else f"no DANE TLSA records ({unmet})",
+        )
 
     def source_for(self, mx_host: str | None) -> TlsPolicySource:
         """What decided for `mx_host` (`tls_policy` of its `delivery` event)."""
@@ -159,13 +203,58 @@ def decide_tls(
     *,
     tls_required_no: bool,
     dane: DaneEvidence | None = None,
+    requiretls: bool = False,
 ) -> TlsDecision:
-    """The TLS decision for one attempt (RFC 7672, RFC 8461 §5, RFC 8689 §5, overrides).
+    """The TLS decision for one attempt (RFC 7672, RFC 8461 §5, RFC 8689, overrides).
 
     `dane` is the DANE evidence of the domain's MX hosts; it decides per host
-    (`TlsDecision.for_mx`) over what the rest of the inputs decide for the domain."""
-    decision = _decide_domain(published, override, tls_required_no=tls_required_no)
+    (`TlsDecision.for_mx`) over what the rest of the inputs decide for the domain.
+    `requiretls`: the message was submitted with REQUIRETLS (RFC 8689 §4.2.1)."""
+    if requiretls and not published.unavailable:
+        decision = _decide_requiretls(published, override, tls_required_no=tls_required_no)
+    else:
+        decision = _decide_domain(published, override, tls_required_no=tls_required_no)
+        decision = replace(decision, requiretls=requiretls)
     return decision if dane is None else replace(decision, dane=dane)
+
+
+def _decide_requiretls(
+    published: PolicyLookup, override: OverrideRule | None, *, tls_required_no: bool
+) -> TlsDecision:
+    """The domain-wide decision for a REQUIRETLS message (RFC 8689 §4.2.1): verified TLS to
+    the MX hosts an MTA-STS policy in enforce or testing mode names (testing is applied as
+    enforce); without one, no host qualifies by the domain's inputs (DANE may still
+    qualify a host, `TlsDecision.for_mx`). `TLS-Required: No` and the overrides do not
+    weaken it; an override is kept on the decision for the record."""
+    policy = published.policy
+    ignored = " (TLS-Required: No ignored)" if tls_required_no else ""
+    if policy is not None and policy.mode in (Mode.ENFORCE, Mode.TESTING):
+        mode = policy.mode.value
+        applied = " applied as enforce" if policy.mode is Mode.TESTING else ""
+        return TlsDecision(
+            TlsRequirement.VERIFIED,
+            policy.mx,
+            TlsPolicySource.STS,
+            f"REQUIRETLS: policy mode {mode}{applied}{ignored}",
+            published,
+            override,
+            tls_required_no,
+            requiretls=True,
+        )
+    unmet = "no MTA-STS policy in enforce or testing mode"
+    if policy is not None:
+        unmet += f": policy mode {policy.mode.value}"
+    return TlsDecision(
+        TlsRequirement.VERIFIED,
+        None,
+        TlsPolicySource.NONE,
+        f"REQUIRETLS: {unmet}; only DANE can authenticate an MX{ignored}",
+        published,
+        override,
+        tls_required_no,
+        requiretls=True,
+        requiretls_unmet=unmet,
+    )
 
 
 def _decide_domain(

@@ -8,7 +8,8 @@ null sender) is the worker's job; this module only writes one.
 What is returned of the original (RFC 3461 §4.3): the header section (`text/rfc822-headers`)
 by default and for RET=HDRS; the whole message (`message/rfc822`) for RET=FULL in a report
 about failures, unless it is larger than `MAX_RETURNED_MESSAGE`, then the headers and a note.
-Delay and relay reports always return headers only.
+Delay and relay reports always return headers only, and so does every report on a message
+sent with REQUIRETLS (RFC 8689 §5: RET=FULL is disregarded; the body is never returned).
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ def _human_text(entries: Sequence[DsnEntry], reporting_mta: str, returned: str) 
     return "\r\n".join(lines) + "\r\n"
 
 
-def _returned_part(original: bytes, full: bool) -> tuple[bytes, str]:
+def _returned_part(original: bytes, full: bool, requiretls: bool) -> tuple[bytes, str]:
     """The third MIME part (headers and body) and a sentence saying what it holds."""
-    if full and len(original) <= MAX_RETURNED_MESSAGE:
+    if full and not requiretls and len(original) <= MAX_RETURNED_MESSAGE:
         cte = "7bit" if original.isascii() else "8bit"
         head = (
             "Content-Type: message/rfc822\r\n"
@@ -140,7 +141,9 @@ def _returned_part(original: bytes, full: bool) -> tuple[bytes, str]:
         body = original if original.endswith(b"\r\n") else original + b"\r\n"
         return head.encode() + body, "The message is attached below."
     note = "Its headers are attached below."
-    if full:
+    if full and requiretls:
+        note = "It was sent with REQUIRETLS: only its headers are attached."
+    elif full:
         note = f"It is larger than {MAX_RETURNED_MESSAGE} bytes: only its headers are attached."
     head = "Content-Type: text/rfc822-headers\r\nContent-Description: Message Headers\r\n\r\n"
     return head.encode() + header_section(original), note
@@ -156,11 +159,13 @@ def build_dsn(
     now: datetime,
     envid: str | None = None,
     ret: str | None = None,
+    requiretls: bool = False,
 ) -> bytes:
     """Return a complete RFC 3464 report about `entries` for `original_sender`.
 
     `envid` (decoded ENVID) comes back as Original-Envelope-Id; `ret` is "FULL" or
-    "HDRS" (RFC 3461 §4.3), None for the default (headers).
+    "HDRS" (RFC 3461 §4.3), None for the default (headers). `requiretls`: the original
+    was sent with REQUIRETLS, so RET=FULL is disregarded (RFC 8689 §5).
     """
     boundary = f"=_sts-relay_{secrets.token_hex(12)}"
     per_message = [f"Reporting-MTA: dns; {reporting_mta}"]
@@ -172,7 +177,7 @@ def build_dsn(
     delivery_status = "\r\n\r\n".join(status_blocks) + "\r\n"
     action = _main_action(entries)
     full = ret == "FULL" and any(e.action is Action.FAILED for e in entries)
-    returned, note = _returned_part(original, full)
+    returned, note = _returned_part(original, full, requiretls)
     head = "\r\n".join(
         [
             f"From: Mail Delivery System <MAILER-DAEMON@{reporting_mta}>",

@@ -1,9 +1,9 @@
 """What one SMTP transaction carries, and how its ESMTP parameters are spelled on the wire.
 
 Owns the `Envelope` value and the MAIL/RCPT parameter encoding: SIZE (RFC 1870),
-BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531) and the DSN parameters RET, ENVID, NOTIFY,
-ORCPT (RFC 3461 §4, xtext). Pure: it reads the server's advertised extensions through a
-callable and never touches a socket.
+BODY=8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), REQUIRETLS (RFC 8689) and the DSN
+parameters RET, ENVID, NOTIFY, ORCPT (RFC 3461 §4, xtext). Pure: it reads the server's
+advertised extensions through a callable and never touches a socket.
 
 Choices (documented in the README):
 - 8-bit body, server without 8BITMIME: sent as is, without BODY= (what Postfix does with
@@ -11,6 +11,8 @@ Choices (documented in the README):
 - Non-ASCII envelope address, server without SMTPUTF8: the address cannot be sent
   (RFC 6531 §3.2); the caller bounces it with 5.6.7.
 - DSN parameters are passed on only when the next hop advertises DSN (RFC 3461 §5.2).
+- REQUIRETLS is always passed on for a REQUIRETLS message (RFC 8689 §4.2.1); the client
+  never starts such a transaction with a server that did not offer it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Envelope:
     recipients: Sequence[str]
     data: bytes
     dsn: DsnRequest = field(default_factory=DsnRequest)
+    requiretls: bool = False  # submitted with REQUIRETLS (RFC 8689)
 
     @property
     def needs_utf8(self) -> bool:
@@ -66,6 +69,8 @@ def mail_params(envelope: Envelope, supports: Supports, utf8: bool) -> list[byte
         params.append(b"BODY=8BITMIME")
     if utf8:
         params.append(b"SMTPUTF8")
+    if envelope.requiretls:
+        params.append(b"REQUIRETLS")
     if supports("dsn"):
         if envelope.dsn.ret in ("FULL", "HDRS"):
             params.append(b"RET=" + envelope.dsn.ret.encode())

@@ -6,9 +6,10 @@ the DANE evidence of its MX hosts (`dane.DaneLookup`: DNSSEC status, TLSA record
 up for all hosts at once before the walk), computes the TLS decision
 (`decision.decide_tls`, pure), lets `attempt` talk to the MX hosts, and, when the message's
 lifetime is over, checks for a newer policy before turning deferrals into bounces (RFC 8461
-§5.1). It returns the outcomes as a value; it never writes to the queue (the scheduler
-records, `bounce` writes DSNs) and it never decides what a lease may do in time (the
-scheduler's deadline bounds it).
+§5.1; a REQUIRETLS message that no MX could take bounces with 5.7.30, RFC 8689). It
+returns the outcomes as a value; it never writes to the queue (the scheduler records,
+`bounce` writes DSNs) and it never decides what a lease may do in time (the scheduler's
+deadline bounds it).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dns.asyncresolver
 from mailqueue.model import Lease
 from policy.model import PolicyLookup
 from policy.resolver import PolicyResolver
-from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain
+from relay.delivery.attempt import AttemptSettings, MxTlsResult, attempt_domain, is_tls_refusal
 from relay.delivery.dane import DaneEvidence, DaneLookup
 from relay.delivery.decision import TlsDecision, TlsPolicySource, decide_tls
 from relay.delivery.envelope import Envelope
@@ -85,7 +86,9 @@ class Pipeline:
         outcomes = await self._attempt_once(lease, data, addresses, decision, mx)
         if expired and any(isinstance(o, Deferred) for o in outcomes.values()):
             decision, outcomes = await self._last_chance(lease, data, decision, outcomes)
-            outcomes = {address: _expire(o) for address, o in outcomes.items()}
+            outcomes = {
+                address: expire_outcome(o, lease.requiretls) for address, o in outcomes.items()
+            }
         return LeaseResult(outcomes, decision)
 
     async def _policy_for(
@@ -119,6 +122,7 @@ class Pipeline:
             self._overrides(lease.domain),
             tls_required_no=tls_required_no(data),
             dane=dane,
+            requiretls=lease.requiretls,
         )
         if decision.changed_by_request:
             rule = decision.override
@@ -146,7 +150,7 @@ class Pipeline:
         tried: list[MxTlsResult] = []
         outcomes = await attempt_domain(
             lease.domain,
-            Envelope(lease.sender, addresses, data, lease.dsn),
+            Envelope(lease.sender, addresses, data, lease.dsn, requiretls=lease.requiretls),
             decision=decision,
             settings=self._attempt,
             resolver=self._resolver,
@@ -182,10 +186,15 @@ class Pipeline:
         return decision, {**outcomes, **retried}
 
 
-def _expire(outcome: Outcome) -> Outcome:
-    """A deferral at the end of the lifetime becomes a bounce (RFC 3463 4.4.7)."""
+def expire_outcome(outcome: Outcome, requiretls: bool = False) -> Outcome:
+    """A deferral at the end of the lifetime becomes a bounce (RFC 3463 4.4.7); for a
+    REQUIRETLS message that waited because no MX met its TLS demands (not authenticated,
+    TLS failed, REQUIRETLS not offered), RFC 8689's 5.7.30 "REQUIRETLS support required"."""
     if not isinstance(outcome, Deferred):
         return outcome
     last = outcome.reason
     text = f"delivery time expired; last error: {last.text}"
+    if requiretls and is_tls_refusal(last):
+        text = f"REQUIRETLS support required: {text}"
+        return Bounced(replace(last, text=text, status="5.7.30"))
     return Bounced(replace(last, text=text, status="4.4.7"))

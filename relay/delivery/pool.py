@@ -1,12 +1,15 @@
 """Open SMTP connections kept for reuse, and the per-destination connection limit.
 
 Owns which connection may carry which message: a pooled connection is keyed by
-(MX host name, IP address, TLS requirement). A connection opened under VERIFIED has shown
-a WebPKI-valid certificate naming that MX host; the MX name check against a domain's
-MTA-STS policy (`tls.mx_check`) is made per domain before the pool is asked, so a
-verified connection to mx1 may carry mail for any domain whose policy lists mx1 and asks
-no more than verified TLS (RFC 8461 §4.1, §5). Connections are never shared across
-requirements: an opportunistic connection never serves an enforce domain.
+(MX host name, IP address, TLS requirement, REQUIRETLS). A connection opened under
+VERIFIED has shown a WebPKI-valid certificate naming that MX host; the MX name check
+against a domain's MTA-STS policy (`tls.mx_check`) is made per domain before the pool is
+asked, so a verified connection to mx1 may carry mail for any domain whose policy lists
+mx1 and asks no more than verified TLS (RFC 8461 §4.1, §5). Connections are never shared across
+requirements: an opportunistic connection never serves an enforce domain. A connection
+opened for a REQUIRETLS message (RFC 8689: the MX offered REQUIRETLS after STARTTLS) is
+keyed apart too: REQUIRETLS mail never rides a connection opened for other mail, and
+other mail never rides one opened for it.
 
 Limits: at most `max_per_host` open connections (busy or idle) per IP address; at most
 `max_messages` transactions per connection; idle connections are closed after
@@ -20,12 +23,20 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from relay.delivery.client import Connection, quit_politely
 from relay.delivery.tls import TlsRequirement
 
-PoolKey = tuple[str, str, TlsRequirement]
-"""(MX host name without trailing dot, IP address, TLS requirement)."""
+
+class PoolKey(NamedTuple):
+    """Which transactions a pooled connection may carry."""
+
+    host: str  # MX host name without trailing dot
+    ip: str
+    requirement: TlsRequirement
+    requiretls: bool = False  # opened for REQUIRETLS mail (RFC 8689) and for it only
+
 
 _QUIT_WITHIN_S = 2.0
 
@@ -86,11 +97,14 @@ class ConnectionPool:
             return False
         return True
 
-    def take_idle_for_host(self, host: str, requirement: TlsRequirement) -> Connection | None:
-        """An idle connection to any address of `host` under `requirement`: reusing it
-        skips the address lookup (Postfix's connection cache does the same per next hop)."""
+    def take_idle_for_host(
+        self, host: str, requirement: TlsRequirement, requiretls: bool = False
+    ) -> Connection | None:
+        """An idle connection to any address of `host` under `requirement` (and opened for
+        REQUIRETLS mail exactly when `requiretls`): reusing it skips the address lookup
+        (Postfix's connection cache does the same per next hop)."""
         for key in list(self._idle):
-            if key[0] == host and key[2] is requirement:
+            if (key.host, key.requirement, key.requiretls) == (host, requirement, requiretls):
                 conn = self.take_idle(key)
                 if conn is not None:
                     return conn
@@ -101,7 +115,7 @@ class ConnectionPool:
         its IP is reserved (the caller must then `put_back` or `forget` what it opens,
         or `unreserve`), else False when no slot freed up within `slot_wait` or the IP
         is marked down."""
-        ip = key[1]
+        ip = key.ip
         try:
             async with asyncio.timeout(self.limits.slot_wait), self._changed:
                 while True:
@@ -121,7 +135,7 @@ class ConnectionPool:
     def _evict(self, ip: str) -> bool:
         """Close one idle connection to `ip` kept for another key, to make room."""
         for key, idle in self._idle.items():
-            if key[1] == ip and idle:
+            if key.ip == ip and idle:
                 self._forget(idle.pop(0))
                 return True
         return False

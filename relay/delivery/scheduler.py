@@ -366,6 +366,7 @@ class Scheduler:
             if decision is not None
             else None,
             dane_record=hop.dane if hop else None,
+            requiretls=lease.requiretls,
             reason=reason.reply or reason.text,
             tlsrpt_result=tlsrpt.value if tlsrpt else None,
             attempt=attempt,

@@ -1,10 +1,11 @@
-"""Syntax of what a client puts on MAIL and RCPT: envelope paths and the DSN parameters.
+"""Syntax of what a client puts on MAIL and RCPT: envelope paths, DSN and REQUIRETLS.
 
-Owns the envelope path check (RFC 5321 §4.1.2), xtext (RFC 3461 §4), and the RFC 3461
-parameters NOTIFY and ORCPT (RCPT), RET and ENVID (MAIL): parsed case-preserving from the
-raw argument, validated, decoded and taken out of the argument before aiosmtpd sees the
-rest (aiosmtpd upper-cases every parameter, which would corrupt ENVID and ORCPT). Pure
-functions; knows nothing of sessions or the queue.
+Owns the envelope path check (RFC 5321 §4.1.2), xtext (RFC 3461 §4), the RFC 3461
+parameters NOTIFY and ORCPT (RCPT), RET and ENVID (MAIL), and RFC 8689's REQUIRETLS
+(MAIL): parsed case-preserving from the raw argument, validated, decoded and taken out of
+the argument before aiosmtpd sees the rest (aiosmtpd upper-cases every parameter, which
+would corrupt ENVID and ORCPT, and refuses the ones it does not know). Pure functions;
+knows nothing of sessions, TLS or the queue.
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def take_mail_dsn(arg: str) -> tuple[str, MailDsn]:
         if not envid or not _printable(envid):
             raise ParamError("501 5.5.4 Invalid ENVID parameter")
     return rest, MailDsn(ret=ret, envid=envid)
+
+
+def take_requiretls(arg: str) -> tuple[str, bool]:
+    """Take REQUIRETLS (RFC 8689 §2: a keyword without a value) out of a MAIL argument;
+    the rest, and whether it was there."""
+    rest, taken = _take(arg, frozenset({"REQUIRETLS"}), null_ok=True)
+    if "REQUIRETLS" in taken and taken["REQUIRETLS"] is not None:
+        raise ParamError("501 5.5.4 REQUIRETLS takes no value")
+    return rest, "REQUIRETLS" in taken
 
 
 def _notify(raw: str | None) -> tuple[str, ...]:

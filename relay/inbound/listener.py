@@ -4,8 +4,9 @@ Owns the handler side of receiving SMTP on top of aiosmtpd (relay/inbound/sessio
 protocol, and relay/inbound/data.py reads DATA, bare CR/LF refusal included): who may relay
 (trusted networks or SMTP AUTH), which recipients are refused outright (address literals,
 a domainless postmaster), loop detection (RFC 5321 §6.3), trace and missing headers
-(spliced into the one buffer DATA was read into), the RFC 3461
-parameters kept with the message, the rule that 250 is sent only once the store has the
+(spliced into the one buffer DATA was read into), the RFC 3461 parameters and RFC 8689's
+REQUIRETLS (offered in TLS sessions only) kept with the message, the rule that 250 is sent
+only once the store has the
 message, and the listening sockets (plain with STARTTLS, and implicit TLS). Knows nothing
 of delivery, MTA-STS or how the store keeps messages: it calls `put()` and nothing else.
 """
@@ -105,8 +106,11 @@ class _Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname  # this hook's duty (aiosmtpd's new-style EHLO hook)
-        # RFC 3461 §4: DSN advertised; REQUIRETLS (RFC 8689) is not.
-        return [*responses[:-1], "250-DSN", responses[-1]]
+        extra = ["250-DSN"]  # RFC 3461 §4
+        if server.tls_version() is not None:
+            # RFC 8689 §2: REQUIRETLS only inside TLS (after STARTTLS, or implicit TLS).
+            extra.append("250-REQUIRETLS")
+        return [*responses[:-1], *extra, responses[-1]]
 
     async def handle_RCPT(
         self,
@@ -162,6 +166,7 @@ class _Handler:
                     client,
                     dsn=envelope.dsn_request(),
                     queue_id=queue_id,
+                    requiretls=envelope.requiretls,
                 )
             )
         except StoreUnavailable as exc:

@@ -5,8 +5,9 @@ Owns what happens inside one client connection before the handler sees a command
 (each answered with 421), the session's lifetime (short for an untrusted client that has
 not authenticated, bounded for every client), command lines that must end in CRLF and stay
 within the command limit (RFC 5321 §2.3.8, §4.5.3.1.4), envelope path syntax, SMTPUTF8 for
-non-ASCII paths (RFC 6531 §3.4), the RFC 3461 DSN parameters (taken out before aiosmtpd
-parses the rest), the rule that MAIL needs AUTH when `auth.required`, and replies that carry
+non-ASCII paths (RFC 6531 §3.4), the RFC 3461 DSN parameters and RFC 8689's REQUIRETLS
+(taken out before aiosmtpd parses the rest; REQUIRETLS only inside TLS), the rule that MAIL
+needs AUTH when `auth.required`, and replies that carry
 RFC 3463 codes and never internal details or echoed client text, and the DATA phase: it
 reads DATA into one relay/inbound/data.MessageBuffer (no list of lines, no joined copy),
 within the listener's DATA memory budget, and answers 552, 451 4.3.1 and 550 5.5.2 (bare CR
@@ -43,6 +44,7 @@ from relay.inbound.esmtp import (
     path_ok,
     take_mail_dsn,
     take_rcpt_dsn,
+    take_requiretls,
 )
 from relay.inbound.lines import BareLfCommand, CrlfReader, LongCommand
 from relay.inbound.slots import SessionTable
@@ -62,9 +64,11 @@ REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_BARE_CRLF = "550 5.5.2 Message contains bare CR or LF"
 # RFC 6531 §3.4, §3.7.4.1: a non-ASCII path needs the SMTPUTF8 parameter on MAIL.
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL"
+# RFC 8689 §2: REQUIRETLS is offered, and may be used, only in a TLS session; 5.7.10
+# "Encryption needed" (RFC 5248), as mox answers it.
+REPLY_REQUIRETLS_NEEDS_TLS = "530 5.7.10 REQUIRETLS is allowed only over TLS (STARTTLS first)"
 
 # aiosmtpd's stock replies that lack an RFC 3463 status, and ours in their place.
-# (REQUIRETLS is not advertised, so it lands in "parameters not recognized": RFC 8689 §2.)
 _STOCK_REPLIES: dict[str, tuple[str, str | None]] = {
     "555 MAIL FROM parameters not recognized or not implemented": (
         "555 5.5.4 MAIL FROM parameters not recognized or not implemented",
@@ -157,6 +161,7 @@ class RelayEnvelope(Envelope):
         super().__init__()
         self.mail_dsn = MailDsn()
         self.rcpt_dsn: dict[str, RcptDsn] = {}
+        self.requiretls = False  # MAIL FROM carried REQUIRETLS (RFC 8689), in TLS
         # The content once DATA ended well (original_content stays None: no bytes copy).
         self.message: MessageBuffer | None = None
 
@@ -359,7 +364,7 @@ class RelaySMTP(AuthenticatingSMTP):
         self._events.rejected(
             client=self._client or peer_ip(self.session),
             stage=stage,
-            code=reply[:9],
+            code=" ".join(reply.split(" ", 2)[:2]),  # "530 5.7.10" as well as "554 5.7.1"
             reason=reason,
             sender=None if sender is None else ("" if sender == "<>" else sender),
             rcpt=rcpt,
@@ -417,17 +422,24 @@ class RelaySMTP(AuthenticatingSMTP):
             return
         envelope = self.relay_envelope
         dsn = MailDsn()
+        requiretls = False
         if rest is not None and self._extended() and envelope.mail_from is None:
             try:
                 rest, dsn = take_mail_dsn(rest)
+                rest, requiretls = take_requiretls(rest)
             except ParamError as exc:
                 await self._refuse("mail", exc.reply, exc.reply[10:])
+                return
+            if requiretls and self.tls_version() is None:
+                # RFC 8689 §2: only in a session that itself uses TLS (RTLS-02).
+                await self._refuse("mail", REPLY_REQUIRETLS_NEEDS_TLS, "REQUIRETLS without TLS")
                 return
             arg = "FROM:" + rest
         had_sender = envelope.mail_from is not None
         await super().smtp_MAIL(arg)
         if not had_sender and envelope.mail_from is not None:
             envelope.mail_dsn = dsn
+            envelope.requiretls = requiretls
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         rest = arg[3:] if arg is not None and arg[:3].upper() == "TO:" else None

@@ -1,6 +1,6 @@
 """The SMTP listener over real loopback sockets, with a fake of our own store interface.
 
-Covers DESIGN "Listener" and RFC-CHECKLIST SMTP-16/17/19, SMUG-01..04, DSN-01, RTLS-01.
+Covers DESIGN "Listener" and RFC-CHECKLIST SMTP-16/17/19, SMUG-01..04, DSN-01, RTLS-02 (cleartext).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ async def test_trusted_client_is_queued_with_envelope_and_headers() -> None:
         assert ehlo[0] == "250-relay.test"
         assert "250-SIZE 52428800" in ehlo
         assert "250-DSN" in ehlo  # RFC 3461
-        assert not any("REQUIRETLS" in line or "AUTH" in line for line in ehlo)  # RTLS-01
+        assert not any("REQUIRETLS" in line or "AUTH" in line for line in ehlo)  # RTLS-02
         assert ehlo[-1] == "250 HELP"
         reply = await c.send("app@src.test", ["u@d.test", "v@e.test"], MESSAGE)
         assert reply == "250 2.0.0 Ok: queued as Q1"
@@ -420,7 +420,7 @@ async def test_recipient_syntax(line: bytes, reply: str) -> None:
 @pytest.mark.parametrize(
     ("line", "reply"),
     [
-        (b"MAIL FROM:<app@src.test> REQUIRETLS\r\n", "555 5.5.4"),  # RTLS-01
+        (b"MAIL FROM:<app@src.test> REQUIRETLS\r\n", "530 5.7.10"),  # RTLS-02: cleartext
         (b"MAIL FROM:<app@src.test> RET=HDRS\r\n", "250"),  # DSN-01
         (b"MAIL FROM:<app@src.test> ENVID=abc\r\n", "250"),
         (b"MAIL FROM:<app@src.test> RET=ALL\r\n", "501 5.5.4"),

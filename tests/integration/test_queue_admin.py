@@ -93,6 +93,27 @@ async def test_selections_combine_domain_sender_and_state(store: SqliteStore) ->
     assert (again.matched, again.count, again.held) == (1, 0, 1)  # already held: no change
 
 
+async def test_operator_bounce_of_a_requiretls_message_reports_with_requiretls(
+    store: SqliteStore, clock: Clock
+) -> None:
+    # RFC 8689 §5: the report returns headers only (RET=FULL disregarded) and is itself
+    # a REQUIRETLS message, when an operator gives up too.
+    body = b"Subject: secret plans\r\n\r\nthe body stays home\r\n"
+    dsn = DsnRequest(ret="FULL")
+    await store.put(NewMessage("app@src.test", ("u@one.test",), body, dsn=dsn, requiretls=True))
+    await defer_all(store)
+    report = operator_bounce_report(reporting_mta="relay.test", lifetime=86400.0, now=clock.now)
+    bounced = await store.administer(
+        AdminAction.BOUNCE, Selection(domain="one.test"), operator="op", report=report
+    )
+    assert bounced.dsns == 1
+    (leased,) = await store.lease_due("w", 10, 60)  # only the report is left, due now
+    assert (leased.sender, leased.requiretls) == ("", True)
+    data = await store.read_data(leased.queue_id)
+    assert b"Subject: secret plans" in data
+    assert b"the body stays home" not in data
+
+
 async def test_flush_and_bounce_touch_only_the_selected_recipients(
     store: SqliteStore, clock: Clock
 ) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,24 @@ async def test_put_then_lease_groups_by_message_and_domain(store: SqliteStore) -
     # Leased work is not due again until the lease ends.
     assert await store.lease_due("w2", limit=10, lease_seconds=60) == []
     assert await store.next_due_at() == T0 + 60
+
+
+async def test_requiretls_is_kept_with_the_message_across_reopening(
+    open_store: Opener, clock: Clock
+) -> None:
+    # RTLS-08: the REQUIRETLS flag is durable; retries and restarts keep it.
+    store = await open_store()
+    flagged = await store.put(replace(message("a@one.test"), requiretls=True))
+    plain = await store.put(message("b@two.test"))
+    (first, second) = sorted(await store.lease_due("w", 10, 60), key=lambda ls: ls.domain)
+    assert (first.queue_id, first.requiretls) == (flagged, True)
+    assert (second.queue_id, second.requiretls) == (plain, False)
+    await store.record(first, [RecipientResult("a@one.test", RcptState.DEFERRED, "4.7.30")])
+    await store.close()
+    clock.now += 3600
+    reopened = await open_store()
+    leases = {ls.queue_id: ls for ls in await reopened.lease_due("w", 10, 60)}
+    assert leases[flagged].requiretls is True
 
 
 async def test_queue_ids_are_unique_and_sortable(store: SqliteStore, clock: Clock) -> None:
@@ -426,6 +445,7 @@ async def test_version_1_store_is_migrated_and_keeps_its_mail(open_store: Opener
     )
     assert lease.recipients[0].attempts == 2
     assert lease.recipients[0].delay_notified is False
+    assert lease.requiretls is False  # schema 5: older mail was not sent with REQUIRETLS
     assert await store.read_data("OLDMESSAGE01") == b"old\r\n"
     await store.record(
         lease,

@@ -82,11 +82,14 @@ class _Handler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """The EHLO keywords, as the sink's options ask (DSN on, 8BITMIME off)."""
+        """The EHLO keywords, as the sink's options ask (DSN on, 8BITMIME off, REQUIRETLS
+        on: offered inside TLS only, RFC 8689 §2)."""
         session.host_name = hostname
         keep = [r for r in responses if self._sink.eightbitmime or r[4:] != "8BITMIME"]
         if self._sink.dsn:
             keep.insert(len(keep) - 1, "250-DSN")
+        if self._sink.requiretls and session.ssl:
+            keep.insert(len(keep) - 1, "250-REQUIRETLS")
         return keep
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
@@ -160,8 +163,13 @@ class _SinkSMTP(SMTP):
                 self._log.sni = sni_of(ssl_obj)
 
     def _split_dsn(self, arg: str, names: tuple[str, ...]) -> tuple[str, list[str]]:
-        """Take RFC 3461 parameters out of a MAIL/RCPT argument (aiosmtpd refuses them)."""
-        if not self._sink.dsn or not arg:
+        """Take RFC 3461 parameters (and REQUIRETLS, RFC 8689, when offered) out of a
+        MAIL/RCPT argument (aiosmtpd refuses them)."""
+        if self._sink.requiretls and names[0] == "RET=":
+            names = (*names, "REQUIRETLS")
+        elif not self._sink.dsn:
+            return arg, []
+        if not arg:
             return arg, []
         words = arg.split(" ")
         dsn = [w for w in words if w.upper().startswith(names)]
@@ -204,10 +212,12 @@ class MxSink:
         dsn: bool = False,
         eightbitmime: bool = True,
         smtputf8: bool = False,
+        requiretls: bool = False,
         drop_on: frozenset[str] = frozenset(),
         drop_after_data: bool = False,
     ) -> None:
         """`dsn` advertises DSN (RFC 3461 parameters land in the options of the message),
+        `requiretls` REQUIRETLS after STARTTLS (the parameter lands there too),
         `eightbitmime`/`smtputf8` the EHLO keywords; `drop_on` verbs ("RSET", "MAIL")
         abort the connection without a reply; `drop_after_data` aborts after the whole
         message arrived, before the reply to the final dot."""
@@ -226,6 +236,7 @@ class MxSink:
         self.dsn = dsn
         self.eightbitmime = eightbitmime
         self.smtputf8 = smtputf8
+        self.requiretls = requiretls
         self.drop_on = drop_on
         self.drop_after_data = drop_after_data
         self.messages: list[ReceivedMessage] = []

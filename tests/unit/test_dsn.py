@@ -12,6 +12,7 @@ import pytest
 
 from mailqueue.model import DsnRequest, Lease, LeasedRecipient
 from policy.model import TlsRptResult
+from relay.delivery.bounce import BounceSettings, bounce_for
 from relay.delivery.dsn import MAX_RETURNED_MESSAGE, Action, DsnEntry, build_dsn
 from relay.delivery.notify import notices, wants
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Hop, Outcome, Reason
@@ -26,7 +27,11 @@ REJECTED = Reason("550 5.1.1 no such user", "5.1.1", "550 5.1.1 no such user", H
 
 
 def _dsn(
-    *entries: DsnEntry, original: bytes = ORIGINAL, **options: str | None
+    *entries: DsnEntry,
+    original: bytes = ORIGINAL,
+    envid: str | None = None,
+    ret: str | None = None,
+    requiretls: bool = False,
 ) -> email.message.EmailMessage:
     raw = build_dsn(
         reporting_mta="relay.test",
@@ -35,7 +40,9 @@ def _dsn(
         entries=entries,
         arrival=WHEN,
         now=WHEN,
-        **options,
+        envid=envid,
+        ret=ret,
+        requiretls=requiretls,
     )
     assert b"\n" not in raw.replace(b"\r\n", b"")
     msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
@@ -133,6 +140,16 @@ def test_ret_full_over_the_cap_returns_headers_and_says_so() -> None:
     parts = list(msg.iter_parts())
     assert parts[2].get_content_type() == "text/rfc822-headers"
     assert "only its headers" in parts[0].get_payload()
+
+
+def test_report_on_a_requiretls_message_never_returns_the_body() -> None:
+    # RTLS-07, RFC 8689 §5: RET=FULL is disregarded; the headers come back, the body never.
+    msg = _dsn(_failed("u@d.test", REJECTED), ret="FULL", requiretls=True)
+    parts = list(msg.iter_parts())
+    assert parts[2].get_content_type() == "text/rfc822-headers"
+    assert "Subject: hello" in parts[2].as_string()
+    assert "secret body" not in msg.as_string()
+    assert "REQUIRETLS" in parts[0].get_payload()
 
 
 def test_delayed_report_has_will_retry_until_and_headers_only() -> None:
@@ -258,3 +275,16 @@ def test_wants() -> None:
     assert wants((), "DELAY")
     assert not wants(None, "SUCCESS")
     assert not wants(("NEVER",), "FAILURE")
+
+
+def test_the_report_on_a_requiretls_message_is_itself_sent_with_requiretls() -> None:
+    # RFC 8689 §5: headers only (RET=FULL disregarded), and the report asks REQUIRETLS too.
+    settings = BounceSettings(reporting_mta="relay.test", delay_notice_after=0)
+    plain = replace(_lease(None), dsn=DsnRequest(ret="FULL"))
+    for requiretls in (False, True):
+        lease = replace(plain, requiretls=requiretls)
+        bounce, _ = bounce_for(lease, ORIGINAL, {"u@d.test": BOUNCED}, now=T0, settings=settings)
+        assert bounce is not None
+        assert bounce.message.requiretls is requiretls
+        assert bounce.message.sender == ""
+        assert (b"secret body" in bounce.message.data) is not requiretls

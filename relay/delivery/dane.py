@@ -41,7 +41,8 @@ import asyncio
 import functools
 import hashlib
 import ssl
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
@@ -167,34 +168,80 @@ def _records(answer: Answer) -> tuple[Tlsa, ...]:
     )
 
 
-class DaneLookup:
-    """The DNS side of DANE over a resolver whose AD bit is trusted (`dnssec.DnssecSetting`)."""
+# Evidence is remembered per domain for the shortest TTL of the answers it was built from,
+# and never longer than this (the DNS cache caps answers at dns.max_ttl as well).
+_EVIDENCE_MAX_S = 300.0
 
-    def __init__(self, resolver: dns.asyncresolver.Resolver, *, timeout: float) -> None:
+
+class DaneLookup:
+    """The DNS side of DANE over a resolver whose AD bit is trusted (`dnssec.DnssecSetting`).
+
+    A domain's evidence is remembered for the shortest TTL among the answers it came from
+    (what the DNS cache would answer anyway), so a busy domain costs no DNS work per
+    delivery; evidence built on a failed lookup is never remembered (the next attempt asks
+    again)."""
+
+    def __init__(
+        self,
+        resolver: dns.asyncresolver.Resolver,
+        *,
+        timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._resolver = resolver
         self._timeout = timeout
+        self._clock = clock
+        self._remembered: dict[tuple[str, tuple[str, ...]], tuple[float, DaneEvidence]] = {}
 
-    async def _lookup(self, name: str, rdtype: str) -> Answer | Failed:
-        return await lookup(self._resolver, name, rdtype, timeout=self._timeout, trusted=True)
+    async def _lookup(
+        self, name: str, rdtype: str, seen: list[Answer | Failed] | None = None
+    ) -> Answer | Failed:
+        found = await lookup(self._resolver, name, rdtype, timeout=self._timeout, trusted=True)
+        if seen is not None:
+            seen.append(found)
+        return found
 
     async def gather(self, domain: str, mx: MxList) -> DaneEvidence:
+        """The evidence of `domain`'s MX hosts: remembered (see the class), else looked up."""
+        key = (domain.lower(), tuple(mx.hosts))
+        now = self._clock()
+        remembered = self._remembered.get(key)
+        if remembered is not None and remembered[0] > now:
+            return remembered[1]
+        seen: list[Answer | Failed] = []
+        evidence = await self._gather(domain, mx, seen)
+        # Negative answers carry no RRset TTL: the positive ones bound the memory.
+        ttls = [a.ttl for a in seen if isinstance(a, Answer) and a.records]
+        failed = any(isinstance(a, Failed) for a in seen)
+        keep = 0.0 if failed else min(min(ttls, default=0), _EVIDENCE_MAX_S)
+        if keep > 0:
+            if len(self._remembered) > 10_000:
+                self._remembered = {k: v for k, v in self._remembered.items() if v[0] > now}
+            self._remembered[key] = (now + keep, evidence)
+        else:
+            self._remembered.pop(key, None)
+        return evidence
+
+    async def _gather(self, domain: str, mx: MxList, seen: list[Answer | Failed]) -> DaneEvidence:
         """RFC 7672 §2.2.1: DANE applies only below a secure MX RRset (for an implicit MX,
         the secure denial of MX records). A bogus MX lookup never gets here: it fails the
         MX lookup itself (SERVFAIL from the validating resolver) and the mail waits."""
-        answer = await self._lookup(domain, "MX")
+        answer = await self._lookup(domain, "MX", seen)
         if isinstance(answer, Failed) or answer.security is not Security.SECURE:
             status = answer.security
             why = f"MX RRset of {domain} is {status.value}: DANE does not apply"
             hosts = {h: HostDane(h, DaneState.NOT_APPLICABLE, why) for h in mx.hosts}
             return DaneEvidence(domain, status, hosts)
-        found = await asyncio.gather(*(self.host(h) for h in mx.hosts))
+        found = await asyncio.gather(*(self.host(h, seen) for h in mx.hosts))
         return DaneEvidence(domain, Security.SECURE, {h.host: h for h in found})
 
-    async def host(self, host: str) -> HostDane:
+    async def host(self, host: str, seen: list[Answer | Failed] | None = None) -> HostDane:
         """One MX host below a secure MX RRset: its address records (§2.2.2), then its
         TLSA RRset (§2.2.3)."""
         host = normalize_host(host)
-        addresses = await asyncio.gather(self._lookup(host, "AAAA"), self._lookup(host, "A"))
+        addresses = await asyncio.gather(
+            self._lookup(host, "AAAA", seen), self._lookup(host, "A", seen)
+        )
         failed = [a for a in addresses if isinstance(a, Failed)]
         if any(isinstance(a, Failed) and a.bogus for a in addresses):
             detail = f"address records of {host} are bogus: {failed[0].detail}"
@@ -207,11 +254,11 @@ class DaneLookup:
         if any(a.security is not Security.SECURE for a in answered):
             detail = f"address records of {host} are insecure: DANE does not apply"
             return HostDane(host, DaneState.NOT_APPLICABLE, detail, addresses=Security.INSECURE)
-        return await self._tlsa(host)
+        return await self._tlsa(host, seen)
 
-    async def _tlsa(self, host: str) -> HostDane:
+    async def _tlsa(self, host: str, seen: list[Answer | Failed] | None) -> HostDane:
         name = f"_{SMTP_PORT}._tcp.{host}"
-        answer = await self._lookup(name, "TLSA")
+        answer = await self._lookup(name, "TLSA", seen)
         secure = Security.SECURE
         if isinstance(answer, Failed):
             # RFC 7672 §2.2: a failed TLSA lookup is no evidence of absence: never a

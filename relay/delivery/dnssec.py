@@ -147,6 +147,7 @@ class Answer:
     records: tuple[dns.rdata.Rdata, ...]
     security: Security
     exists: bool = True
+    ttl: int = 0  # of the RRset; 0 for NODATA/NXDOMAIN (not worth remembering)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,5 +212,6 @@ async def lookup(
     except (dns.exception.DNSException, OSError, TimeoutError, ValueError) as exc:
         what = " ".join(str(exc).split())[:160] or type(exc).__name__
         return Failed(f"{rdtype} {qname.to_text()}: {type(exc).__name__}: {what}")
-    records = tuple(answer.rrset) if answer.rrset is not None else ()
-    return Answer(records, _ad(answer.response, trusted))
+    rrset = answer.rrset
+    records = tuple(rrset) if rrset is not None else ()
+    return Answer(records, _ad(answer.response, trusted), ttl=rrset.ttl if rrset else 0)

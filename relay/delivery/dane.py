@@ -202,7 +202,13 @@ class DaneLookup:
         return found
 
     async def gather(self, domain: str, mx: MxList) -> DaneEvidence:
-        """The evidence of `domain`'s MX hosts: remembered (see the class), else looked up."""
+        """The evidence of `domain`'s MX hosts: remembered (see the class), else looked up.
+        An MX answer that came without the AD bit (`MxList.authenticated` False, from the
+        same trusted resolver) settles it at once: DANE does not apply (§2.2.1)."""
+        if mx.authenticated is False:
+            why = f"MX RRset of {domain} is insecure: DANE does not apply"
+            hosts = {h: HostDane(h, DaneState.NOT_APPLICABLE, why) for h in mx.hosts}
+            return DaneEvidence(domain, Security.INSECURE, hosts)
         key = (domain.lower(), tuple(mx.hosts))
         now = self._clock()
         remembered = self._remembered.get(key)

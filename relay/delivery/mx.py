@@ -20,10 +20,11 @@ import ipaddress
 import random
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -35,6 +36,9 @@ class MxList:
 
     hosts: tuple[str, ...]
     implicit: bool = False  # no MX records: the domain itself (RFC 5321 §5.1)
+    # The MX answer (or its denial, for an implicit MX) carried the AD bit; None: not known.
+    # Trusted only where dns.dnssec trusts the resolver (relay/delivery/dane.py).
+    authenticated: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,7 @@ async def resolve_mx(
         return NoSuchDomain(f"{normalize_host(domain)}: no such domain (NXDOMAIN)")
     except _DNS_ERRORS as exc:
         return DnsTempFail(f"MX lookup for {normalize_host(domain)} failed: {_describe(exc)}")
+    authenticated = answer.response is not None and bool(answer.response.flags & dns.flags.AD)
     if answer.rrset is not None:
         records = [
             (int(rd.preference), rd.exchange.to_text())
@@ -142,8 +147,14 @@ async def resolve_mx(
             if rd.rdtype == dns.rdatatype.MX
         ]
         if records:
-            return order_mx(records, rng)
-    return await _implicit_mx(domain, resolver, timeout)
+            found = order_mx(records, rng)
+            return (
+                replace(found, authenticated=authenticated) if isinstance(found, MxList) else found
+            )
+    implicit = await _implicit_mx(domain, resolver, timeout)
+    return (
+        replace(implicit, authenticated=authenticated) if isinstance(implicit, MxList) else implicit
+    )
 
 
 async def _implicit_mx(

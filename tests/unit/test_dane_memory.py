@@ -75,3 +75,15 @@ def test_evidence_from_a_failed_lookup_is_not_remembered() -> None:
     gather(lookup)
     gather(lookup)
     assert lookup.queries == 2
+
+
+def test_an_mx_answer_without_the_ad_bit_settles_it_without_any_lookup() -> None:
+    lookup = Scripted(Answer((MX,), Security.SECURE, ttl=60), Clock())
+    insecure = MxList(("mx.d.test",), False, authenticated=False)
+    evidence = asyncio.run(lookup.gather("d.test", insecure))
+    assert evidence.mx is Security.INSECURE
+    assert lookup.queries == 0
+    # Unknown (an MxList not from resolve_mx, e.g. `policy check`): looked up as before.
+    unknown = MxList(("mx.d.test",), False)
+    assert asyncio.run(lookup.gather("d.test", unknown)).mx is Security.SECURE
+    assert lookup.queries > 0

@@ -21,7 +21,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
@@ -47,7 +46,7 @@ from relay.delivery.overrides import TlsOverrides, parse_overrides
 from relay.delivery.pipeline import Pipeline
 from relay.delivery.pool import ConnectionPool
 from relay.delivery.scheduler import Scheduler, SchedulerSettings
-from relay.events import EventLog
+from relay.events import EventLog, timestamp_field
 from relay.inbound.listener import Listener
 from relay.metrics import Metrics, MetricsServer
 from relay.posture import PostureFeed, build_posture
@@ -387,7 +386,7 @@ async def _log_admin_journal(
                     matched=entry.matched,
                     count=entry.count,
                     operator=entry.operator,
-                    requested_at=_rfc3339(entry.at),
+                    requested_at=timestamp_field(entry.at),
                 )
             if entries:
                 logged = entries[-1].id
@@ -398,10 +397,6 @@ async def _log_admin_journal(
             pause, retry = retry, min(retry * 2, max_retry)
             events.store_error(error=f"admin journal: {exc} (retrying in {pause:g} s)")
         await asyncio.sleep(pause)
-
-
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds")
 
 
 async def _reload_on(

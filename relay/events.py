@@ -100,6 +100,12 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def timestamp_field(posix: float) -> str:
+    """A time carried in an event field (not `ts`), e.g. `queue_admin`'s `requested_at`:
+    UTC, milliseconds, with its offset."""
+    return datetime.fromtimestamp(posix, tz=UTC).isoformat(timespec="milliseconds")
+
+
 def _rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 

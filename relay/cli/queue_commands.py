@@ -36,7 +36,7 @@ from mailqueue.store import StoreUnavailable
 from relay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, print_json
 from relay.cli.queue_bounce import last_error, operator_bounce_report
 from relay.config import Config
-from relay.events import EventLog
+from relay.events import EventLog, timestamp_field
 
 STATES = tuple(p.value for p in Pick)
 CHANGES = tuple(a.value for a in AdminAction)
@@ -215,7 +215,7 @@ async def _change(
             matched=result.matched,
             count=result.count,
             operator=operator_name(),
-            requested_at=datetime.fromtimestamp(now, tz=UTC).isoformat(timespec="milliseconds"),
+            requested_at=timestamp_field(now),
         )
     status, problems, notes = _judge(result, selection)
     for line in notes:

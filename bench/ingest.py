@@ -3,6 +3,8 @@
     python -m bench.ingest            # 1, 10, 50 clients x 2 KiB, 100 KiB; ~70 s
     python -m bench.ingest --quick    # shorter runs
     python -m bench.ingest --profile  # also write a cProfile of the relay (50 x 2 KiB)
+    python -m bench.ingest --lab      # the lab's load: CPU per accepted message; ~4 min
+    python -m bench.ingest --lab --processes 1 --delivery idle --compare /tmp/before
 
 Figures, all on loopback, same load generator (asyncio clients in this process, one SMTP
 session each, messages back to back in the session):
@@ -13,6 +15,25 @@ session each, messages back to back in the session):
   domain whose DNS server never answers (a UDP socket of this process that reads nothing),
   and delivery.concurrency is 1.
 Target (issue 3): 50 clients, 2 KiB: relay >= 60% of the store-nothing rate.
+
+`--lab` measures what the lab measures (issue 14; the lab's `bench.py --only ingest`):
+`smtp-source -s 20 -m 5000 -l 2048`, i.e. 20 concurrent clients, ONE NEW CONNECTION PER
+MESSAGE (connect, banner, HELO, MAIL, RCPT, DATA with 2 KiB, QUIT), and prints the server's
+CPU (user + system of all its threads and processes, from /proc) in microseconds per
+accepted message, beside the store-nothing aiosmtpd server of the same run:
+- `relay idle`: delivery kept idle as above: the cost of accepting alone;
+- `relay deferred`: as in the lab, every message is attempted at once and deferred (its
+  domain's MX, on a loopback address, refuses the connection; no MTA-STS record; DNS
+  answers with TTL 0 as the lab's dnsmasq does, from a thread of this process), default
+  delivery settings: what the lab's "ingest, destination deferred" figure counts;
+- each under every event loop of `--loops` (the relay's serve.event_loop);
+- `--compare DIR`: also the relay run from DIR, a copy of the packages (`cp -r relay
+  mailqueue policy tlsrpt posture DIR/` before a change), as `base ...` lines.
+Rounds are interleaved so load from elsewhere hits every server alike; each figure is the
+round with the least CPU per message. The client is smtp-source when installed (Postfix's
+own, in C), else, or with `--client asyncio`, the asyncio client of this file doing the same
+per connection (with EHLO). Ratios are printed, never asserted. Target (issue 14): <= 1000
+us per accepted message.
 """
 
 from __future__ import annotations
@@ -21,10 +42,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,6 +56,9 @@ from pathlib import Path
 _NOTHING_SERVER = """
 import asyncio, sys
 from aiosmtpd.smtp import SMTP
+if sys.argv[2:] == ["uvloop"]:
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 class Handler:
     async def handle_DATA(self, server, session, envelope):
@@ -132,9 +158,28 @@ class Server:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time so far of a process, all its threads and its descendants
+    (live ones, and those it reaped: a relay with serve.processes > 1 forks). Linux /proc."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:  # exited while we looked
+            continue
+        child = int(entry.name)
+        children.setdefault(int(fields[1]), []).append(child)
+        ticks[child] = int(fields[11]) + int(fields[12])
+        if child == pid:
+            ticks[child] += int(fields[13]) + int(fields[14])  # reaped children
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        total += ticks.get(current, 0)
+        todo.extend(children.get(current, []))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def measure_sessions(
@@ -163,6 +208,129 @@ async def measure_sessions(
     return Figure(accepted / seconds, 1000 * used / accepted if accepted else float("nan"))
 
 
+async def _one_connection(port: int, payload: bytes) -> None:
+    """One message on a connection of its own, as smtp-source sends it (EHLO here)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        if not (await _reply(reader)).startswith(b"220"):
+            raise RuntimeError("no banner")
+        for line, code in (
+            (b"EHLO bench.test\r\n", b"250"),
+            (b"MAIL FROM:<app@src.test>\r\n", b"250"),
+            (b"RCPT TO:<u@nowhere.test>\r\n", b"250"),
+            (b"DATA\r\n", b"354"),
+            (payload, b"250"),
+            (b"QUIT\r\n", b"221"),
+        ):
+            writer.write(line)
+            reply = await _reply(reader)
+            if not reply.startswith(code):
+                raise RuntimeError(f"{line[:30]!r} refused: {reply!r}")
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def measure_connections(
+    server: Server, clients: int, size: int, count: int, cpu: Callable[[int], float] = cpu_seconds
+) -> Figure:
+    """`count` messages from `clients` concurrent clients, each message on a new
+    connection; msgs/s and the server's CPU ms per message over the whole run."""
+    payload = message(size) + b".\r\n"
+    left = [count]
+
+    async def client() -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            await _one_connection(server.port, payload)
+
+    cpu_start, start = cpu(server.pid), time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed, used = time.perf_counter() - start, cpu(server.pid) - cpu_start
+    return Figure(count / elapsed, 1000 * used / count)
+
+
+def smtp_source(server: Server, clients: int, size: int, count: int) -> Figure:
+    """`smtp-source -s clients -m count -l size` (one connection per message), timed."""
+    argv = ["smtp-source", "-s", str(clients), "-m", str(count), "-l", str(size)]
+    argv += ["-f", "app@src.test", "-t", "u@nowhere.test", f"127.0.0.1:{server.port}"]
+    cpu_start, start = cpu_seconds(server.pid), time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+    elapsed, used = time.perf_counter() - start, cpu_seconds(server.pid) - cpu_start
+    if done.returncode != 0 or "fatal" in done.stderr or "warning" in done.stderr:
+        raise RuntimeError(f"smtp-source failed: {done.stderr.strip()[-500:]}")
+    return Figure(count / elapsed, 1000 * used / count)
+
+
+def lab_round(server: Server, args: argparse.Namespace, count: int) -> Figure:
+    if args.client == "smtp-source":
+        return smtp_source(server, args.sessions, args.size, count)
+    return asyncio.run(measure_connections(server, args.sessions, args.size, count))
+
+
+def run_lab(args: argparse.Namespace) -> None:
+    """The lab's load against each server; best (least CPU per message) of the rounds."""
+    if args.client is None:
+        args.client = "smtp-source" if shutil.which("smtp-source") else "asyncio"
+    count = 1000 if args.quick else args.messages
+    rounds = 1 if args.quick else args.rounds
+    loops = [loop for loop in args.loops.split(",") if loop]
+    if not set(loops) <= set(LOOPS):
+        raise SystemExit(f"--loops: each of {', '.join(LOOPS)}")
+    print(
+        f"lab ingest: {args.sessions} clients, one connection per message, {args.size} B,"
+        f" {count} messages per round, best of {rounds}, client={args.client},"
+        f" cpus={os.cpu_count()}"
+    )
+    deliveries = [d for d in args.delivery.split(",") if d]
+    if not set(deliveries) <= {"idle", "deferred"}:
+        raise SystemExit("--delivery: idle, deferred or both")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
+        work = Path(tmp)
+        nameserver = stack.enter_context(DeferringDns()) if "deferred" in deliveries else None
+        servers: dict[str, Server] = {}
+        for loop in loops:
+            servers[f"nothing, {loop}"] = stack.enter_context(nothing_server(work, loop))
+        trees: list[tuple[str, Path | None]] = [("relay", None)]
+        if args.compare is not None:
+            trees.insert(0, ("base", Path(args.compare).resolve()))
+        for delivery in deliveries:
+            for loop in loops:
+                for label, tree in trees:
+                    name = f"{label} {delivery}, {loop}"
+                    case = work / name.replace(" ", "-").replace(",", "")
+                    case.mkdir()
+                    profile = work.parent / f"ingest-lab-{delivery}-{loop}.prof"
+                    servers[name] = stack.enter_context(
+                        relay_server(
+                            case,
+                            profile if args.profile and tree is None else None,
+                            loop,
+                            nameserver if delivery == "deferred" else None,
+                            args.processes,
+                            tree,
+                        )
+                    )
+        for server in servers.values():
+            lab_round(server, args, min(200, count))  # warm-up: imports, caches, pages
+        runs: dict[str, list[Figure]] = {name: [] for name in servers}
+        for _ in range(rounds):
+            for name, server in servers.items():
+                runs[name].append(lab_round(server, args, count))
+        best = {name: min(figures, key=lambda f: f.cpu_ms) for name, figures in runs.items()}
+        base = best[f"nothing, {loops[0]}"].cpu_ms
+        print(f"{'server':<26} {'msgs/s':>8} {'cpu us/msg':>11} {'x nothing':>10}")
+        for name, figure in best.items():
+            print(
+                f"{name:<26} {figure.rate:>8,.0f} {1000 * figure.cpu_ms:>11,.0f}"
+                f" {figure.cpu_ms / base if base else 0.0:>10.2f}",
+                flush=True,
+            )
+        if args.profile:
+            print(f"cProfile of each relay: {work.parent}/ingest-lab-<delivery>-<loop>.prof")
+
+
 def load(server: Server, clients: int, size: int, seconds: float, rounds: int) -> Figure:
     """Best of `rounds` runs: other work on a shared machine only ever makes us slower."""
     runs = [asyncio.run(measure_sessions(server, clients, size, seconds)) for _ in range(rounds)]
@@ -181,12 +349,12 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], within: floa
 
 
 @contextlib.contextmanager
-def nothing_server(work: Path) -> Iterator[Server]:
+def nothing_server(work: Path, loop: str = "asyncio") -> Iterator[Server]:
     port = free_port()
-    out = work / "nothing.out"
+    out = work / f"nothing-{loop}.out"
     with out.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-            [sys.executable, "-c", _NOTHING_SERVER, str(port)], stdout=sink, stderr=sink
+            [sys.executable, "-c", _NOTHING_SERVER, str(port), loop], stdout=sink, stderr=sink
         )
     try:
         _wait_for(out, "listening", proc)
@@ -196,10 +364,47 @@ def nothing_server(work: Path) -> Iterator[Server]:
         proc.wait()
 
 
-def relay_config(work: Path, port: int, dns_port: int) -> Path:
+# `sts-relay serve` on the event loop named by its first argument: the relay's own setting
+# (serve.event_loop) decides where it has one; for an older relay this installs the policy.
+_RELAY_ON_LOOP = """
+import asyncio, sys
+if sys.argv[1] == "uvloop":
+    import uvloop
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+from relay.cli.main import main
+sys.exit(main(sys.argv[2:]))
+"""
+LOOPS = ("asyncio", "uvloop")
+
+
+def relay_config(
+    work: Path,
+    port: int,
+    nameserver: str,
+    *,
+    deferring: int | None = None,
+    processes: int | None = None,
+    loop: str | None = None,
+) -> Path:
+    """The bench's relay. Delivery idle (`deferring` None: `nameserver` never answers, one
+    delivery slot), or as in the lab's ingest run (`deferring`: the MX port, where nothing
+    listens; every message is attempted at once with the default concurrency, refused,
+    deferred)."""
+    if deferring is None:
+        delivery = "concurrency = 1\n"
+        dns_timeout = 300
+    else:
+        delivery = f"allow_loopback_mx = true\nport = {deferring}\n"
+        dns_timeout = 5
+    known = _serve_settings()
+    serve = "[serve]\n" if known else ""
+    if processes is not None and "processes" in known:
+        serve += f"processes = {processes}\n"
+    if loop is not None and "event_loop" in known:
+        serve += f'event_loop = "{loop}"\n'
     config = work / "relay.toml"
     config.write_text(
-        f"""
+        f"""{serve}
 [listen]
 addresses = ["127.0.0.1:{port}"]
 hostname = "relay.bench.test"
@@ -211,12 +416,11 @@ path = "{work / "state"}"
 
 [delivery]
 hostname = "relay.bench.test"
-concurrency = 1
 shutdown_grace = 1
-
+{delivery}
 [dns]
-nameservers = ["127.0.0.1:{dns_port}"]
-timeout = 300
+nameservers = ["{nameserver}"]
+timeout = {dns_timeout}
 
 [metrics]
 address = ""
@@ -229,21 +433,82 @@ enabled = false
     return config
 
 
+class DeferringDns:
+    """DNS for the lab's "destination deferred" (z-defer.test there): nowhere.test has an
+    MX on a loopback address where nothing listens (connection refused), no MTA-STS
+    record; TTL 0 as dnsmasq's default local-ttl, so every attempt asks again. Served
+    from a thread of this process (its CPU is not the relay's)."""
+
+    MX_ADDRESS = "127.0.1.99"
+
+    def __init__(self) -> None:
+        from tests.support.dns import DnsServer
+
+        self.server = DnsServer(default_ttl=0)
+        self.server.add("nowhere.test", "MX", "10 mx.nowhere.test.")
+        self.server.add("mx.nowhere.test", "A", self.MX_ADDRESS)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(10)
+        return self.server.nameserver
+
+    def __exit__(self, *_exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def _serve_settings() -> frozenset[str]:
+    """The keys of the relay's [serve] section (none before it had one)."""
+    import dataclasses
+
+    from relay import config
+
+    serve = getattr(config, "ServeConfig", None)
+    return frozenset(f.name for f in dataclasses.fields(serve)) if serve else frozenset()
+
+
 @contextlib.contextmanager
-def relay_server(work: Path, profile: Path | None = None) -> Iterator[Server]:
-    """`sts-relay serve` on a fresh state directory; yields its port."""
+def relay_server(
+    work: Path,
+    profile: Path | None = None,
+    loop: str | None = None,
+    nameserver: str | None = None,
+    processes: int | None = None,
+    tree: Path | None = None,
+) -> Iterator[Server]:
+    """`sts-relay serve` on a fresh state directory and the event loop `loop` (None: the
+    relay's default); yields its port. Delivery is idle, or with `nameserver` (a
+    DeferringDns) attempts and defers every message as in the lab. `tree`: run the relay's
+    code from that copy of the packages instead (a baseline to compare with, in the same
+    run)."""
     port = free_port()
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # DNS that never answers
     blackhole.bind(("127.0.0.1", 0))
-    config = relay_config(work, port, blackhole.getsockname()[1])
+    if nameserver is None:
+        nameserver, deferring = f"127.0.0.1:{blackhole.getsockname()[1]}", None
+    else:
+        deferring = free_port()
+    config = relay_config(
+        work, port, nameserver, deferring=deferring, processes=processes, loop=loop
+    )
     log = work / "relay.log"
     prefix = [sys.executable]
     if profile is not None:
         prefix += ["-m", "cProfile", "-o", str(profile)]
+    wrapper = work / "relay_on_loop.py"  # a script file, which cProfile can run as well
+    wrapper.write_text(_RELAY_ON_LOOP, encoding="utf-8")
+    prefix += [str(wrapper), loop or "default"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("STS_RELAY_")}
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     with log.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: S603 (our own interpreter and arguments)
-            [*prefix, "-m", "relay", "--config", str(config), "serve"],
+            [*prefix, "--config", str(config), "serve"],
             stdout=sink,
             stderr=sink,
             env=env,
@@ -299,12 +564,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 s per figure")
     parser.add_argument("--seconds", type=float, default=3.0, help="measuring time per figure")
-    parser.add_argument("--rounds", type=int, default=2, help="best of this many runs")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="best of this many runs (2; 3 with --lab)"
+    )
     parser.add_argument("--clients", default="1,10,50")
     parser.add_argument("--sizes", default="2048,102400")
     parser.add_argument("--dir", default=None, help="where the state goes (default: $TMPDIR)")
     parser.add_argument("--profile", action="store_true", help="cProfile the relay at 50x2K")
-    run(parser.parse_args())
+    lab = parser.add_argument_group("--lab: the lab's load, CPU per accepted message")
+    lab.add_argument("--lab", action="store_true", help="one connection per message")
+    lab.add_argument("--sessions", type=int, default=20, help="concurrent clients")
+    lab.add_argument("--size", type=int, default=2048, help="message bytes")
+    lab.add_argument("--messages", type=int, default=5000, help="messages per round")
+    lab.add_argument("--loops", default="asyncio,uvloop", help="event loops for the servers")
+    lab.add_argument("--client", choices=("smtp-source", "asyncio"), default=None)
+    lab.add_argument(
+        "--compare",
+        metavar="DIR",
+        help="also run the relay from DIR, a copy of the packages (e.g. before a change)",
+    )
+    lab.add_argument(
+        "--processes", type=int, default=None, help="serve.processes (default: the relay's)"
+    )
+    lab.add_argument(
+        "--delivery",
+        default="idle,deferred",
+        help="relay delivery: idle (ingest alone) and/or deferred (the lab: MX refuses)",
+    )
+    args = parser.parse_args()
+    if args.lab:
+        args.rounds = args.rounds or 3
+        run_lab(args)
+    else:
+        args.rounds = args.rounds or 2
+        run(args)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ from enum import StrEnum
 
 from mailqueue.model import DsnRequest, LeasedRecipient, NewMessage
 
+# Journal entries are kept this long after a relay logged them: a short audit trail in the
+# store itself, whatever its engine.
+JOURNAL_KEEP = 90 * 86400.0
+
 
 class Pick(StrEnum):
     """The `--state` of a selection."""

@@ -102,6 +102,12 @@ class Recorded:
     dsn_queue_id: str | None = None
 
 
+# How long every store keeps what a `record` call did, so that a retry of it gets the same
+# answer (mailqueue/store.py). A caller retries within seconds to minutes (while it keeps
+# the lease renewed); an hour is a wide margin and stays small on a busy relay.
+RECEIPT_KEEP = 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class RecipientRecord:
     address: str

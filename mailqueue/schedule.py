@@ -40,6 +40,16 @@ class RetrySchedule:
             delay *= 1.0 + rng.uniform(-JITTER, JITTER)
         return now + delay
 
+    def retry_at(
+        self, attempts_made: int, now: float, expires_at: float, rng: random.Random | None = None
+    ) -> float:
+        """When a recipient deferred for the `attempts_made`th time at `now` is tried again:
+        the schedule's time, but never after `expires_at` (the message's lifetime) while that
+        is still ahead: one last attempt when the lifetime ends, not up to a whole delay
+        later (the worker turns a deferral after expires_at into a bounce)."""
+        next_at = self.next_attempt_at(attempts_made, now, rng)
+        return min(next_at, expires_at) if now < expires_at else next_at
+
 
 # Two attempts in the first 15 minutes, then growing to every 4 hours (RFC 5321 §4.5.4.1
 # suggests at least 30 minutes between retries once a destination keeps failing).

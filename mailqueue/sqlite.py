@@ -26,6 +26,9 @@ when the delete comes just after `read_data`; `record` then reports its results 
 `record` and `delete` drop what was read ahead for their message, whatever the outcome;
 `renew` keeps it as long as the renewed lease.)
 
+Counts (every metrics scrape and readiness probe) come from counters that triggers keep
+in the transaction of every change, whoever makes it (sqlite_schema.py), not from the rows.
+
 Rows that cannot be decoded are set aside (`held = 2`, reason in `last_error`): never
 leased again, counted as "set_aside", never fatal.
 """
@@ -66,6 +69,7 @@ from mailqueue.model import (
     RecipientResult,
     Recorded,
 )
+from mailqueue.rows import check_envelope as _check_envelope
 from mailqueue.schedule import RetrySchedule
 from mailqueue.store import MessageNotFound, StoreUnavailable
 from mailqueue.writer import GroupCommitWriter, as_unavailable
@@ -104,7 +108,7 @@ class SqliteStore:
         self._busy_ms = int(busy_timeout * 1000)
         self._rng = rng or random.Random()  # noqa: S311 (jitter and id spread, not secrets)
         self._ids = QueueIds(self._rng)
-        self._writer = self.writer_class(self._write_connection, watch=self._files())
+        self._writer = self._new_writer()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -134,6 +138,11 @@ class SqliteStore:
             return str(exc)
         return None
 
+    def _new_writer(self) -> GroupCommitWriter:
+        # The write lock hands the file over promptly between processes (writer.py).
+        lock = Path(f"{self.path}.write-lock")
+        return self.writer_class(self._write_connection, watch=self._files(), write_lock=lock)
+
     def _files(self) -> tuple[Path, Path]:
         return self.path, Path(f"{self.path}-wal")  # the database first (writer.FileWatch)
 
@@ -162,7 +171,7 @@ class SqliteStore:
     async def open(self) -> None:
         """Create or check the queue tables; recover a dead previous process's leases."""
         conn = await asyncio.to_thread(self._open_sync)
-        self._writer = self.writer_class(self._write_connection, watch=self._files())  # reopenable
+        self._writer = self._new_writer()  # reopenable
         self._writer.start(conn)
         self._open = True
 
@@ -485,9 +494,3 @@ def _probe_write(conn: sqlite3.Connection) -> None:
     )
     conn.execute("DELETE FROM queue_meta WHERE key = 'write_probe'")
 
-
-def _check_envelope(msg: NewMessage) -> None:
-    if not msg.recipients:
-        raise ValueError("a message needs at least one recipient")
-    if any("@" not in address for address in msg.recipients):
-        raise ValueError("every recipient needs a domain")

@@ -23,6 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from mailqueue.admin import (
+    JOURNAL_KEEP,
     AdminAction,
     AdminResult,
     BounceCandidate,
@@ -36,7 +37,6 @@ from mailqueue.model import DsnRequest, LeasedRecipient, MessageRecord, NewMessa
 from mailqueue.sqlite_ops import HELD, SET_ASIDE, _message, insert_message, read_data
 from mailqueue.sqlite_schema import dsn_from_json
 
-JOURNAL_KEEP = 90 * 86400.0
 _PENDING = "r.state IN ('queued', 'deferred')"
 _FREE = "(r.lease_until IS NULL OR r.lease_until <= ?)"  # not being delivered right now
 _SELECTED = "SELECT id FROM temp.admin_selection"

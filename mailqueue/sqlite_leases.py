@@ -28,6 +28,7 @@ from typing import Any
 from mailqueue.ids import QueueIds
 from mailqueue.model import (
     FINAL_STATES,
+    RECEIPT_KEEP,
     Lease,
     LeasedRecipient,
     NewMessage,
@@ -39,9 +40,6 @@ from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite_ops import delete_rows, insert_message, message_id, set_aside
 from mailqueue.sqlite_schema import dsn_from_json
 
-# A caller retries a record within seconds to minutes (while it keeps the lease renewed);
-# an hour of receipts is a wide margin and stays small on a busy relay.
-RECEIPT_KEEP = 3600.0
 # Rows still under a lease: bound as (message_id, domain, lease_owner, lease_until, ...).
 # `+lease_owner` keeps SQLite off the lease_owner index (every row leased by this node
 # shares one owner: a scan of all of them per call); the message's rows come by message_id.
@@ -240,11 +238,7 @@ def _apply(
     attempts = (found[2] if type(found[2]) is int else 0) + 1
     next_at: float | None = None
     if result.state is RcptState.DEFERRED:
-        next_at = schedule.next_attempt_at(attempts, now, rng)
-        if now < expires_at:
-            # One last attempt when the lifetime ends, not up to a whole delay later:
-            # the worker turns a deferral after expires_at into a bounce.
-            next_at = min(next_at, expires_at)
+        next_at = schedule.retry_at(attempts, now, expires_at, rng)
     conn.execute(
         "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
         " last_error = ?, lease_owner = NULL, lease_until = NULL,"

@@ -14,10 +14,13 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from mailqueue.ids import QueueIds
-from mailqueue.model import MessageRecord, NewMessage, RcptState, RecipientRecord
+from mailqueue.model import MessageRecord, NewMessage
+from mailqueue.rows import HELD as HELD
+from mailqueue.rows import SET_ASIDE as SET_ASIDE
+from mailqueue.rows import domain_of, tally_counts
+from mailqueue.rows import message_record as _message
 from mailqueue.sqlite_schema import dsn_to_json
 
-HELD, SET_ASIDE = 1, 2
 BLOB_CHUNK = 1 << 20  # larger contents are written and read in pieces of this size
 _INSERT = (
     "INSERT INTO queue_messages"
@@ -26,48 +29,6 @@ _INSERT = (
 )
 _INSERT_SMALL, _INSERT_BIG = _INSERT + "?)", _INSERT + "zeroblob(?))"
 LEASABLE = "state IN ('queued', 'deferred') AND held = 0"  # must match the partial index
-
-
-def domain_of(address: str) -> str:
-    """The part after the last '@', lower-cased (recipients are grouped by it)."""
-    return address.rpartition("@")[2].lower()
-
-
-def _recipient(row: Sequence[Any]) -> RecipientRecord | None:
-    address, domain, state, attempts, next_at, last_error = row
-    try:
-        rcpt_state = RcptState(state)
-    except ValueError:
-        return None
-    if not (isinstance(address, str) and isinstance(domain, str) and type(attempts) is int):
-        return None
-    if next_at is not None and not isinstance(next_at, int | float):
-        return None
-    return RecipientRecord(
-        address=address,
-        domain=domain,
-        state=rcpt_state,
-        attempts=attempts,
-        next_attempt_at=None if next_at is None else float(next_at),
-        last_error=last_error if isinstance(last_error, str) else None,
-    )
-
-
-def _message(row: Sequence[Any], rcpts: Iterable[Sequence[Any]]) -> MessageRecord | None:
-    _, queue_id, sender, received_at, size, held = row
-    if not (isinstance(queue_id, str) and isinstance(sender, str)):
-        return None
-    if not (isinstance(received_at, int | float) and type(size) is int):
-        return None
-    decoded = (_recipient(r) for r in rcpts)
-    return MessageRecord(
-        queue_id=queue_id,
-        sender=sender,
-        received_at=float(received_at),
-        size=size,
-        held=bool(held),
-        recipients=tuple(r for r in decoded if r is not None),
-    )
 
 
 def set_aside(conn: sqlite3.Connection, rcpt_ids: Iterable[int], reason: str) -> None:
@@ -255,16 +216,8 @@ def list_messages(conn: sqlite3.Connection, limit: int | None) -> list[MessageRe
 def counts(conn: sqlite3.Connection) -> dict[str, int]:
     """Recipients per state; "held" (of held messages), "set_aside", and "messages".
 
-    One pass without sorting: this runs on every metrics scrape.
+    Reads the counters the schema's triggers keep (sqlite_schema.py), a few rows however
+    long the queue: this runs on every metrics scrape and readiness probe. Recipients in
+    a state this code does not know count as set aside, as the rows themselves are.
     """
-    states = [state.value for state in RcptState]
-    sums = ", ".join(f"COALESCE(SUM(held <> {SET_ASIDE} AND state = ?), 0)" for _ in states)
-    row = conn.execute(
-        f"SELECT {sums}, COALESCE(SUM(held = {HELD}), 0), COUNT(*) FROM queue_recipients",  # noqa: S608 (constants only)
-        states,
-    ).fetchone()
-    out = dict(zip(states, row[: len(states)], strict=True))
-    out["held"] = row[len(states)]
-    out["set_aside"] = row[len(states) + 1] - sum(out[s] for s in states)
-    out["messages"] = conn.execute("SELECT COUNT(*) FROM queue_messages").fetchone()[0]
-    return out
+    return tally_counts(conn.execute("SELECT kind, state, held, n FROM queue_counts"))

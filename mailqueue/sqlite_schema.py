@@ -1,4 +1,4 @@
-"""Schema of the SQLite queue store: tables, version, migrations, and the DSN column codec.
+"""Schema of the SQLite queue store: tables, version and migrations.
 
 Owns the `queue_*` tables' definitions and `queue_meta.schema_version` (never `PRAGMA
 user_version`, which the file's other tenants may use). Runs inside a write transaction
@@ -13,20 +13,64 @@ Version history:
   4: `queue_admin_journal`: each change made by an operator, for the running relay to log
      (sqlite_admin.py).
   5: `queue_messages.requiretls` (1: MAIL FROM carried REQUIRETLS, RFC 8689; older rows 0).
+  6: `queue_counts` and its triggers: recipients per (state, held) and the number of
+     messages, maintained with every change, so counting a queue of a million recipients
+     (every metrics scrape, every readiness probe) reads a few rows instead of the table.
+     Migrating counts the rows once (about a second per million recipients).
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
-from typing import Any
 
-from mailqueue.model import DsnRequest
+# The DSN column's codec is engine-neutral (mailqueue/rows.py); re-exported for old importers.
+from mailqueue.rows import dsn_from_json as dsn_from_json
+from mailqueue.rows import dsn_to_json as dsn_to_json
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
-_TABLES = """
-CREATE TABLE IF NOT EXISTS queue_messages (
+# Rows per (state, held) of queue_recipients and the number of queue_messages, kept by the
+# triggers below in the transaction of every change, whichever process or statement makes
+# it: a metrics scrape or readiness probe reads a few rows instead of counting the queue.
+_COUNTS = """CREATE TABLE IF NOT EXISTS queue_counts (
+    kind TEXT NOT NULL, -- 'recipients' or 'messages'
+    state TEXT NOT NULL, -- the recipients' state ('' for messages)
+    held INTEGER NOT NULL, -- the recipients' held flag (0 for messages)
+    n INTEGER NOT NULL,
+    PRIMARY KEY (kind, state, held)
+) WITHOUT ROWID"""
+
+
+def _count(kind: str, row: str, delta: str) -> str:
+    """An upsert adding `delta` to the counter of `row` (NEW or OLD); a counter row that a
+    decrement finds missing starts below zero rather than failing the change."""
+    state, held = (f"{row}.state", f"{row}.held") if kind == "recipients" else ("''", "0")
+    return (
+        "INSERT INTO queue_counts (kind, state, held, n)"  # noqa: S608 (constants only)
+        f" VALUES ('{kind}', {state}, {held}, {delta})"
+        f" ON CONFLICT (kind, state, held) DO UPDATE SET n = n + {delta};"
+    )
+
+
+_COUNT_TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS queue_recipients_count_insert AFTER INSERT ON queue_recipients"
+    f" BEGIN {_count('recipients', 'NEW', '1')} END",
+    "CREATE TRIGGER IF NOT EXISTS queue_recipients_count_delete AFTER DELETE ON queue_recipients"
+    f" BEGIN {_count('recipients', 'OLD', '-1')} END",
+    # Leasing, renewing and releasing change neither column: this trigger does not fire.
+    "CREATE TRIGGER IF NOT EXISTS queue_recipients_count_update"
+    " AFTER UPDATE OF state, held ON queue_recipients"
+    " WHEN OLD.state IS NOT NEW.state OR OLD.held IS NOT NEW.held"
+    f" BEGIN {_count('recipients', 'OLD', '-1')} {_count('recipients', 'NEW', '1')} END",
+    "CREATE TRIGGER IF NOT EXISTS queue_messages_count_insert AFTER INSERT ON queue_messages"
+    f" BEGIN {_count('messages', 'NEW', '1')} END",
+    "CREATE TRIGGER IF NOT EXISTS queue_messages_count_delete AFTER DELETE ON queue_messages"
+    f" BEGIN {_count('messages', 'OLD', '-1')} END",
+)
+
+
+_TABLES: tuple[str, ...] = (
+    """CREATE TABLE IF NOT EXISTS queue_messages (
     id INTEGER PRIMARY KEY,
     queue_id TEXT NOT NULL UNIQUE,
     sender TEXT NOT NULL,
@@ -37,8 +81,8 @@ CREATE TABLE IF NOT EXISTS queue_messages (
     data BLOB NOT NULL,
     dsn TEXT,
     requiretls INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS queue_recipients (
+)""",
+    """CREATE TABLE IF NOT EXISTS queue_recipients (
     id INTEGER PRIMARY KEY,
     message_id INTEGER NOT NULL REFERENCES queue_messages(id) ON DELETE CASCADE,
     address TEXT NOT NULL,
@@ -52,12 +96,12 @@ CREATE TABLE IF NOT EXISTS queue_recipients (
     held INTEGER NOT NULL DEFAULT 0, -- copy of the message's flag (2: set aside), for the index
     delay_notified INTEGER NOT NULL DEFAULT 0,
     UNIQUE (message_id, address)
-);
-CREATE INDEX IF NOT EXISTS queue_recipients_due
-    ON queue_recipients(next_attempt_at) WHERE state IN ('queued', 'deferred') AND held = 0;
-CREATE INDEX IF NOT EXISTS queue_recipients_leased
-    ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL;
-CREATE TABLE IF NOT EXISTS queue_receipts (
+)""",
+    "CREATE INDEX IF NOT EXISTS queue_recipients_due"
+    " ON queue_recipients(next_attempt_at) WHERE state IN ('queued', 'deferred') AND held = 0",
+    "CREATE INDEX IF NOT EXISTS queue_recipients_leased"
+    " ON queue_recipients(lease_owner) WHERE lease_owner IS NOT NULL",
+    """CREATE TABLE IF NOT EXISTS queue_receipts (
     queue_id TEXT NOT NULL, -- no foreign key: the message may be deleted by that record
     domain TEXT NOT NULL,
     lease_owner TEXT NOT NULL,
@@ -67,9 +111,9 @@ CREATE TABLE IF NOT EXISTS queue_receipts (
     lost TEXT NOT NULL,
     dsn_queue_id TEXT,
     PRIMARY KEY (queue_id, domain, lease_owner, lease_until)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS queue_receipts_age ON queue_receipts(recorded_at);
-CREATE TABLE IF NOT EXISTS queue_admin_journal (
+) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS queue_receipts_age ON queue_receipts(recorded_at)",
+    """CREATE TABLE IF NOT EXISTS queue_admin_journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT, -- never reused: the relay's cursor only grows
     at REAL NOT NULL,
     action TEXT NOT NULL,
@@ -78,8 +122,10 @@ CREATE TABLE IF NOT EXISTS queue_admin_journal (
     matched INTEGER NOT NULL,
     count INTEGER NOT NULL,
     operator TEXT NOT NULL
+)""",
+    _COUNTS,
+    *_COUNT_TRIGGERS,
 )
-"""
 
 # Each entry takes a store from version N (its index + 1) to N + 1.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -90,6 +136,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (),  # 2 -> 3: only a new table, which _TABLES creates
     (),  # 3 -> 4: likewise
     ("ALTER TABLE queue_messages ADD COLUMN requiretls INTEGER NOT NULL DEFAULT 0",),
+    (  # 5 -> 6: the counters start from one count of the rows (the triggers come after)
+        _COUNTS,
+        "DELETE FROM queue_counts",
+        "INSERT INTO queue_counts (kind, state, held, n)"
+        " SELECT 'recipients', state, held, COUNT(*) FROM queue_recipients WHERE 1"
+        " GROUP BY state, held ON CONFLICT (kind, state, held) DO UPDATE SET n = n + excluded.n",
+        "INSERT INTO queue_counts (kind, state, held, n)"
+        " SELECT 'messages', '', 0, COUNT(*) FROM queue_messages",
+    ),
 )
 
 
@@ -112,58 +167,11 @@ def prepare(conn: sqlite3.Connection) -> int | None:
         for step in _MIGRATIONS[int(found) - 1 :]:
             for statement in step:
                 conn.execute(statement)
-    for statement in _TABLES.split(";"):
-        if statement.strip():
-            conn.execute(statement)
+    for statement in _TABLES:
+        conn.execute(statement)
     conn.execute(
         "INSERT INTO queue_meta (key, value) VALUES ('schema_version', ?)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (str(SCHEMA_VERSION),),
     )
     return None if found is None else int(found)
-
-
-def dsn_to_json(dsn: DsnRequest) -> str | None:
-    """The column value: NULL when the client gave no RFC 3461 parameter at all."""
-    if dsn == DsnRequest():
-        return None
-    value = {
-        "ret": dsn.ret,
-        "envid": dsn.envid,
-        "notify": {rcpt: list(words) for rcpt, words in dsn.notify.items()},
-        "orcpt": dict(dsn.orcpt),
-    }
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-
-
-def dsn_from_json(text: Any) -> DsnRequest | None:
-    """Decode the column; None when it is not what dsn_to_json writes (set the row aside)."""
-    if text is None:
-        return DsnRequest()
-    try:
-        value = json.loads(text) if isinstance(text, str) else None
-    except ValueError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    ret, envid = value.get("ret"), value.get("envid")
-    notify, orcpt = value.get("notify", {}), value.get("orcpt", {})
-    if not (_opt_str(ret) and _opt_str(envid) and isinstance(notify, dict)):
-        return None
-    if not isinstance(orcpt, dict) or not all(isinstance(v, str) for v in orcpt.values()):
-        return None
-    if not all(
-        isinstance(words, list) and all(isinstance(w, str) for w in words)
-        for words in notify.values()
-    ):
-        return None
-    return DsnRequest(
-        ret=ret,
-        envid=envid,
-        notify={str(k): tuple(v) for k, v in notify.items()},
-        orcpt={str(k): v for k, v in orcpt.items()},
-    )
-
-
-def _opt_str(value: Any) -> bool:
-    return value is None or isinstance(value, str)

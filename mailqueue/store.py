@@ -113,7 +113,9 @@ class QueueStore(Protocol):
         """Make deferred recipients (of one message or all) due now; returns how many."""
 
     async def counts(self) -> dict[str, int]:
-        """Recipient counts per state, plus "held" and "set_aside"."""
+        """Recipient counts per state, plus "held", "set_aside" and "messages". Runs on
+        every metrics scrape and readiness probe: it must not count the queue row by row
+        (a million recipients), but read counts kept as the queue changes."""
 
     # Bulk administration (mailqueue/admin.py): one transaction per call, whatever the
     # selection's size, with a journal entry for the running relay to log.

@@ -10,6 +10,15 @@ before the commit that contains its work returned.
 If a batch fails, it is rolled back and each operation is retried alone, so one bad
 operation (or a disk that filled up mid-batch) fails only the operations it must.
 
+Several processes may each run a writer on one database file (serve.processes). SQLite
+makes a writer that finds the file locked sleep in coarse steps (1, 2, 5, 10, ... 100 ms
+of busy_timeout), so two busy writers would spend much of their time asleep while the file
+is free. So every transaction of a writer given `write_lock` (a file beside the database)
+runs under an exclusive flock of that file, taken blocking in the writer thread: a writer
+waiting for another process wakes the moment that one's transaction ends. busy_timeout
+still covers the writers that take no flock (the admin CLI, the policy cache). The lock is
+held for one transaction only, and the kernel drops it if its process dies.
+
 Before committing a batch that changed anything, the writer checks (one os.stat per file)
 that the database and WAL paths still name the files its connection opened: a file
 deleted or replaced under the running process would take the commit with it at the next
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import queue
 import sqlite3
@@ -113,11 +123,18 @@ class GroupCommitWriter:
     """A dedicated thread running submitted write operations in batched transactions."""
 
     def __init__(
-        self, connect: Callable[[], sqlite3.Connection], *, watch: Sequence[Path] = ()
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        *,
+        watch: Sequence[Path] = (),
+        write_lock: Path | None = None,
     ) -> None:
         """`watch`: the files behind the connection, the database first, then its WAL;
-        checked before every commit that changes something."""
+        checked before every commit that changes something. `write_lock`: a file whose
+        flock every transaction holds (shared by every writer of the database)."""
         self._connect = connect
+        self._write_lock = write_lock
+        self._lock_fd: int | None = None  # opened by the writer thread (after any fork)
         self._conn: sqlite3.Connection | None = None
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -166,6 +183,14 @@ class GroupCommitWriter:
         conn.execute("COMMIT")
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _serve(self) -> None:
         stopping = False
         while not stopping:
             batch: list[_Job] = []
@@ -205,6 +230,28 @@ class GroupCommitWriter:
 
     def _transaction(self, ops: list[Op]) -> list[Any]:
         conn = self._connection()
+        locked = self._lock()
+        try:
+            return self._locked_transaction(conn, ops)
+        finally:
+            if locked is not None:
+                fcntl.flock(locked, fcntl.LOCK_UN)
+
+    def _lock(self) -> int | None:
+        """Take the write lock (blocking: the GIL is released while waiting); its fd, or
+        None without one. A lock file that cannot be opened leaves busy_timeout alone to
+        order the writers: slower, never wrong."""
+        if self._write_lock is None:
+            return None
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = os.open(self._write_lock, os.O_RDWR | os.O_CREAT, 0o600)
+            except OSError:
+                return None
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        return self._lock_fd
+
+    def _locked_transaction(self, conn: sqlite3.Connection, ops: list[Op]) -> list[Any]:
         try:
             self._begin(conn)
             before = conn.total_changes

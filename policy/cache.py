@@ -19,19 +19,32 @@ id, mode, mx patterns or max_age is recorded in the same transaction as the stor
 reported to `on_change` once committed (the relay logs `policy_changed`). The first policy
 seen for a domain is recorded too (without a predecessor, and not reported). Bounded: the
 newest HISTORY_PER_DOMAIN entries per domain, none older than HISTORY_DAYS.
+
+Fetch state (`sts_fetch_backoff`), shared by every process on the file: per (domain, TXT
+id) either a failed fetch to back off from until a time (STS-32), or a fetch claimed by one
+process until a time, so that the others wait for its outcome instead of fetching too. The
+rules (who claims, who waits, for how long) are the resolver's (policy/backoff.py); this
+module stores them and reads them from SQLite every time (no memory layer). Rows are
+short-lived: a stored policy clears its id's row, and any write deletes expired rows.
+
+Schema: every table is created if missing when a cache is opened, which is also the whole
+upgrade from an older file (`sts_fetch_backoff` is new; no table has changed columns), so
+the `sts_` tables carry no version number.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
-from policy.model import Policy
+from policy.model import Policy, TlsRptResult
 from policy.parse import InvalidPolicy, parse_policy
 
 _SCHEMA = """
@@ -51,9 +64,25 @@ _HISTORY_SCHEMA = (
     " new_id TEXT NOT NULL, new_text TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS sts_policy_history_domain ON sts_policy_history(domain, id)",
 )
+_FETCH_STATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sts_fetch_backoff (
+    domain    TEXT NOT NULL,
+    policy_id TEXT NOT NULL, -- the TXT record's id; '' after a refresh found no usable record
+    state     TEXT NOT NULL, -- 'failed': back off until `until`; 'fetching': claimed until then
+    until     REAL NOT NULL, -- wall-clock seconds
+    result    TEXT NOT NULL, -- the failure's RFC 8460 result type ('' while fetching)
+    detail    TEXT NOT NULL,
+    PRIMARY KEY (domain, policy_id)
+) WITHOUT ROWID
+"""
+_FAILED = "failed"
+_FETCHING = "fetching"
 HISTORY_PER_DOMAIN = 50
 HISTORY_DAYS = 400
 _BUSY_TIMEOUT_MS = 10_000
+# A claim comes before a fetch, on a delivery's path, and only saves a duplicate request:
+# when the write lock is that busy, the caller fetches unclaimed instead of waiting.
+_CLAIM_BUSY_TIMEOUT_MS = 1_000
 REVALIDATE_AFTER_S = 5.0  # how stale a remembered entry may be (another process's change)
 _MEMORY_LIMIT = 4096  # remembered domains; past it the stale ones are dropped
 
@@ -97,10 +126,71 @@ class PolicyChange:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchBackoff:
+    """A fetch that failed with `result`: no new attempt at the same id before `until`."""
+
+    until: float
+    result: TlsRptResult
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class FetchClaim:
+    """A fetch under way in some process, which gives it up at `until` at the latest."""
+
+    until: float
+
+
+@dataclass(frozen=True, slots=True)
 class Remembered:
     """What SQLite held for a domain (`entry`, None: nothing) when this process last looked."""
 
     entry: CachedPolicy | None
+
+
+class PolicyCacheError(OSError):
+    """The PostgreSQL cache (policy/cache_postgres.py) failed, or its database could not be
+    reached; one line naming the database, never its password. The next call tries again."""
+
+
+# What a cache call raises when its storage fails, whichever the engine.
+CACHE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, PolicyCacheError)
+
+
+class PolicyStore(Protocol):
+    """A policy cache, whichever the engine: PolicyCache (SQLite, one host) or
+    PostgresPolicyCache (policy/cache_postgres.py, shared by several nodes). The semantics
+    are PolicyCache's; storage failures raise one of CACHE_ERRORS."""
+
+    on_change: Callable[[PolicyChange], None] | None
+
+    def remembered(self, domain: str) -> Remembered | None: ...
+
+    def get(self, domain: str) -> CachedPolicy | None: ...
+
+    def put(self, entry: CachedPolicy) -> None: ...
+
+    def history(self, domain: str) -> list[PolicyChange]: ...
+
+    def touch(self, domain: str, now: float) -> None: ...
+
+    def forget(self, domain: str) -> bool: ...
+
+    def all(self) -> list[CachedPolicy]: ...
+
+    def fetch_state(
+        self, domain: str, policy_id: str, now: float
+    ) -> FetchBackoff | FetchClaim | None: ...
+
+    def claim_fetch(
+        self, domain: str, policy_id: str, now: float, until: float
+    ) -> FetchBackoff | FetchClaim | None: ...
+
+    def back_off(self, domain: str, policy_id: str, backoff: FetchBackoff, now: float) -> None: ...
+
+    def clear_fetch_state(self, domain: str, policy_id: str) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class PolicyCache:
@@ -134,7 +224,7 @@ class PolicyCache:
             # A cached policy must survive a power loss as well as a restart (§10.2).
             self._db.execute("PRAGMA synchronous = FULL")
             self._db.execute(_SCHEMA)
-            for statement in _HISTORY_SCHEMA:
+            for statement in (*_HISTORY_SCHEMA, _FETCH_STATE_SCHEMA):
                 self._db.execute(statement)
         except sqlite3.Error:
             self._db.close()
@@ -163,7 +253,8 @@ class PolicyCache:
 
     def put(self, entry: CachedPolicy) -> None:
         """Store `entry`, replacing the domain's previous policy, and record it in the
-        history when it differs from the last one known (one transaction).
+        history when it differs from the last one known, and end the fetch state of
+        its id (one transaction).
 
         A policy with max_age 0 applies only to the delivery at hand (STS-68): it is not
         stored, and since it supersedes the previous policy, that one is removed.
@@ -171,8 +262,7 @@ class PolicyCache:
         key = _key(entry.domain)
         with self._lock:
             self._memory.pop(key, None)  # if the write fails, SQLite is asked next time
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 change = self._record_change(key, entry)
                 if entry.policy.max_age == 0:
                     self._db.execute("DELETE FROM sts_policies WHERE domain = ?", (key,))
@@ -182,11 +272,13 @@ class PolicyCache:
                         " fetched_at, expires_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
                         _row_of(key, entry),
                     )
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+                # A fetch that succeeded ends its id's back-off or claim (waiters in other
+                # processes then find the policy, committed with it) and a refresh's
+                # no-record back-off.
+                self._db.execute(
+                    "DELETE FROM sts_fetch_backoff WHERE domain = ? AND policy_id IN (?, '')",
+                    (key, entry.policy_id),
+                )
             stored = None if entry.policy.max_age == 0 else _from_row(_row_of(key, entry))
             self._remember(key, stored)
         if change is not None and change.old is not None and self.on_change is not None:
@@ -278,6 +370,110 @@ class PolicyCache:
                 " FROM sts_policies ORDER BY domain"
             ).fetchall()
         return [entry for entry in map(_from_row, rows) if entry is not None]
+
+    def fetch_state(
+        self, domain: str, policy_id: str, now: float
+    ) -> FetchBackoff | FetchClaim | None:
+        """The back-off or claim standing at `now` for (domain, policy_id), if any (an
+        unreadable row counts as none: the fetch it would prevent is harmless)."""
+        with self._lock:
+            return self._fetch_state(_key(domain), policy_id, now)
+
+    def claim_fetch(
+        self, domain: str, policy_id: str, now: float, until: float
+    ) -> FetchBackoff | FetchClaim | None:
+        """Claim the fetch of (domain, policy_id) until `until`, unless a back-off or
+        another claim stands at `now`: that one is returned, and None when the claim is
+        the caller's (checked and written in one transaction, so one caller wins).
+        Raises sqlite3.Error, after at most about a second when the write lock is held."""
+        key = _key(domain)
+        with self._lock:
+            # Most calls find nothing standing; the write lock is taken only then.
+            standing = self._fetch_state(key, policy_id, now)
+            if standing is not None:
+                return standing
+            self._db.execute(f"PRAGMA busy_timeout = {_CLAIM_BUSY_TIMEOUT_MS}")
+            try:
+                with self._transaction():
+                    standing = self._fetch_state(key, policy_id, now)
+                    if standing is None:
+                        self._write_fetch_state(key, policy_id, _FETCHING, until, "", "", now)
+            finally:
+                self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        return standing
+
+    def back_off(self, domain: str, policy_id: str, backoff: FetchBackoff, now: float) -> None:
+        """Record a failed fetch of (domain, policy_id), replacing its claim if any."""
+        with self._lock, self._transaction():
+            self._write_fetch_state(
+                _key(domain),
+                policy_id,
+                _FAILED,
+                backoff.until,
+                backoff.result.value,
+                backoff.detail,
+                now,
+            )
+
+    def clear_fetch_state(self, domain: str, policy_id: str) -> None:
+        """End the back-off or claim of (domain, policy_id), if any."""
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM sts_fetch_backoff WHERE domain = ? AND policy_id = ?",
+                (_key(domain), policy_id),
+            )
+
+    def _fetch_state(
+        self, key: str, policy_id: str, now: float
+    ) -> FetchBackoff | FetchClaim | None:
+        row = self._db.execute(
+            "SELECT state, until, result, detail FROM sts_fetch_backoff"
+            " WHERE domain = ? AND policy_id = ?",
+            (key, policy_id),
+        ).fetchone()
+        if row is None:
+            return None
+        state, until, result, detail = row
+        if not isinstance(until, int | float) or until <= now:
+            return None
+        if state == _FETCHING:
+            return FetchClaim(float(until))
+        if state != _FAILED or not isinstance(detail, str):
+            return None
+        try:
+            return FetchBackoff(float(until), TlsRptResult(result), detail)
+        except ValueError:
+            return None
+
+    def _write_fetch_state(
+        self,
+        key: str,
+        policy_id: str,
+        state: str,
+        until: float,
+        result: str,
+        detail: str,
+        now: float,
+    ) -> None:
+        """Inside a transaction: replace the row, and delete every expired one."""
+        self._db.execute("DELETE FROM sts_fetch_backoff WHERE until <= ?", (now,))
+        self._db.execute(
+            "INSERT OR REPLACE INTO sts_fetch_backoff"
+            " (domain, policy_id, state, until, result, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (key, policy_id, state, until, result, detail),
+        )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (under _lock): committed, or rolled back on any error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         with self._lock:

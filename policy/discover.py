@@ -9,6 +9,7 @@ HTTP, the cache or the relay.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 import dns.asyncresolver
@@ -51,6 +52,7 @@ class TempFail:
 Discovery = Found | NotFound | TempFail
 
 
+@functools.lru_cache(maxsize=4096)  # the same domains are looked up for every delivery
 def _absolute(name: str) -> dns.name.Name:
     return dns.name.from_text(name.removesuffix("."), origin=dns.name.root)
 

@@ -1,7 +1,10 @@
 """Which MTA-STS policy applies to a domain now: the RFC 8461 §5.1 control flow.
 
 Owns the decisions between DNS, HTTPS and the cache: when to fetch, when a cached policy
-still applies, back-off after failures, single-flight lookups and proactive refresh.
+still applies, back-off after failures, single-flight lookups and proactive refresh. The
+back-off and single-flight hold across processes on one state database (backoff.py):
+a failure recorded by one is honoured by all, and a fetch under way in one is awaited by
+the others rather than repeated.
 Knows nothing about SMTP or the queue; it reports fetches to a PolicyObserver (the relay
 logs them) and answers with PolicyLookup values. Lookups never raise. A cache that cannot
 be read is our own failure, never taken for "nothing cached": a lookup then answers
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import sqlite3
 import ssl
 import time
 from collections.abc import Callable
@@ -25,7 +27,8 @@ import dns.asyncresolver
 import dns.exception
 import dns.name
 
-from policy.cache import CachedPolicy, PolicyCache
+from policy.backoff import SharedBackoff
+from policy.cache import CACHE_ERRORS, CachedPolicy, FetchBackoff, PolicyStore
 from policy.discover import Found, discover, forget_record, lookup_addresses
 from policy.fetch import Fetched, fetch_policy
 from policy.match import is_valid_hostname
@@ -37,6 +40,13 @@ _REFRESH_CONCURRENCY: Final = 8
 _DETAIL_LIMIT: Final = 200  # characters of a library error kept in a lookup's detail
 # The back-off key of "a refresh found no usable TXT record" (a record id is never empty).
 _NO_RECORD: Final = ""
+# How long a claim outlives the claimant's own deadlines (its writes to the cache): past
+# that, a claimant that died or hung no longer holds the others back.
+_CLAIM_MARGIN: Final = 2.0
+# After waiting for another lookup's fetch that ended without a stored policy, a fetch of
+# our own gets what is left of the deadline, if at least this much (else it would fail, and
+# its failure would hold every process back for failure_backoff).
+_MIN_FETCH_BUDGET: Final = 1.0
 
 
 class PolicyCacheUnavailable(Exception):
@@ -88,19 +98,12 @@ class _Unreadable:
     detail: str  # "policy cache unreadable: ..."
 
 
-@dataclass(frozen=True, slots=True)
-class _Backoff:
-    until: float
-    result: TlsRptResult
-    detail: str
-
-
 class PolicyResolver:
     """Resolve the policy for a recipient domain; see resolve() for the rules."""
 
     def __init__(
         self,
-        cache: PolicyCache,
+        cache: PolicyStore,
         dns_resolver: dns.asyncresolver.Resolver,
         ssl_context: ssl.SSLContext,
         *,
@@ -121,7 +124,7 @@ class PolicyResolver:
         self._observer: PolicyObserver = observer or NullObserver()
         self._clock = clock
         self._inflight: dict[tuple[str, _Kind], asyncio.Task[PolicyLookup]] = {}
-        self._backoff: dict[tuple[str, str], _Backoff] = {}
+        self._backoff = SharedBackoff(cache, clock)
 
     async def resolve(self, domain: str) -> PolicyLookup:
         """The policy for this delivery attempt (RFC 8461 §3.3, §5.1).
@@ -132,8 +135,10 @@ class PolicyResolver:
         cached policy; a missing or failing TXT lookup never erases or weakens one
         (STS-63 to STS-66). With nothing live and nothing unexpired cached, the answer
         has no policy (§3.3 fails open). A failed (domain, id) is not refetched for
-        `failure_backoff` seconds (STS-32); its failure is returned meanwhile.
-        Concurrent calls for one domain share one lookup.
+        `failure_backoff` seconds (STS-32), by any process on the state database; its
+        failure is returned meanwhile. Concurrent calls for one domain share one lookup,
+        and a fetch under way in another process is awaited (within the fetch deadline)
+        instead of repeated.
 
         When the cache cannot be read, §3.3's fail-open does not apply: a cached policy
         may exist, so the answer is source "unavailable" (policy unknown) whenever the
@@ -143,8 +148,9 @@ class PolicyResolver:
         return await self._shared(domain, _Kind.RESOLVE)
 
     async def recheck(self, domain: str) -> PolicyLookup:
-        """Like resolve() but ignoring the failure back-off: the check for a newer policy
-        that must precede a permanent failure (§5.1 step 3, STS-74)."""
+        """Like resolve() but ignoring the failure back-off (and fetches under way in other
+        processes): the check for a newer policy that must precede a permanent failure
+        (§5.1 step 3, STS-74)."""
         return await self._shared(domain, _Kind.RECHECK)
 
     async def refresh_due(self, now: float, recently_used: float) -> int:
@@ -157,7 +163,7 @@ class PolicyResolver:
         """
         try:
             entries = await asyncio.to_thread(self._cache.all)
-        except sqlite3.Error as exc:
+        except CACHE_ERRORS as exc:
             raise PolicyCacheUnavailable(_unreadable(exc).detail) from exc
         due = [
             entry
@@ -201,11 +207,12 @@ class PolicyResolver:
         live = cached if cached is not None and cached.expires_at > now else None
         if kind is _Kind.RECHECK:  # §5.1 step 3: the record as published now, not cached
             forget_record(name, self._dns)
-        no_record = self._backoff.get((name, _NO_RECORD))
-        if kind is _Kind.REFRESH and no_record is not None and no_record.until > now:
-            # Backing off after a refresh found no record, as after a failed fetch: no
-            # query and no new warning until failure_backoff has passed.
-            return await self._use_cached(name, live, now, kind, no_record.detail)
+        if kind is _Kind.REFRESH:
+            no_record = await self._backoff.active(name, _NO_RECORD, now)
+            if no_record is not None:
+                # Backing off after a refresh (here or in another process) found no record,
+                # as after a failed fetch: no query and no new warning until it ends.
+                return await self._use_cached(name, live, now, kind, no_record.detail)
         found = await discover(name, self._dns, self._dns_timeout)
         if not isinstance(found, Found):
             # §3.3: "absence of a usable TXT record is not by itself sufficient to remove
@@ -216,22 +223,85 @@ class PolicyResolver:
                 # failure_backoff (the policy stays due, so every refresh_interval would).
                 detail = f"refresh: no usable _mta-sts TXT record ({found.detail})"
                 result = TlsRptResult.STS_POLICY_FETCH_ERROR
-                self._prune_backoff(now)
-                self._backoff[(name, _NO_RECORD)] = _Backoff(
-                    now + self._failure_backoff, result, found.detail
-                )
+                backoff = FetchBackoff(now + self._failure_backoff, result, found.detail)
+                await self._backoff.record(name, _NO_RECORD, backoff, now)
                 self._observer.policy_fetch_failed(name, live.policy_id, result, detail, live)
             if unreadable is not None:
                 return _unavailable(name, unreadable, None)
             return await self._use_cached(name, live, now, kind, found.detail)
-        self._backoff.pop((name, _NO_RECORD), None)
+        await self._backoff.clear(name, _NO_RECORD)
         record_id = found.record.id
         if live is not None and live.policy_id == record_id and kind is not _Kind.REFRESH:
             return await self._use_cached(name, live, now, kind, None)
-        backoff = self._backoff.get((name, record_id))
-        if backoff is not None and backoff.until > now and kind is not _Kind.RECHECK:
-            return _failed(name, live, backoff.result, backoff.detail, unreadable)
-        return await self._fetch(name, record_id, cached, live, now, kind, unreadable)
+        if kind is _Kind.RECHECK:
+            deadline = self._fetch_deadline
+            return await self._fetch(name, record_id, cached, live, now, kind, unreadable, deadline)
+        return await self._fetch_once(name, record_id, cached, live, now, kind, unreadable)
+
+    async def _fetch_once(
+        self,
+        name: str,
+        record_id: str,
+        cached: CachedPolicy | None,
+        live: CachedPolicy | None,
+        now: float,
+        kind: _Kind,
+        unreadable: _Unreadable | None,
+    ) -> PolicyLookup:
+        """Fetch (name, record_id) unless a back-off stands (STS-32) or another process is
+        fetching it: then that fetch's outcome, awaited within the fetch deadline."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._fetch_deadline
+        waited = False
+        backoff = self._backoff.remembered(name, record_id, now)
+        while backoff is None:
+            # The claim lasts as long as the claimant may take: address lookup, fetch.
+            until = self._clock() + self._dns_timeout + self._fetch_deadline + _CLAIM_MARGIN
+            standing = await self._backoff.claim(name, record_id, now, until)
+            if standing is None:
+                # Ours. Another process may have stored the policy since the cache was read
+                # (or the cache's memory is a few seconds behind): then there is no fetch.
+                fresh = await self._stored_since(name, record_id, cached, now)
+                if fresh is not None:
+                    await self._backoff.release(name, record_id)
+                    return await self._use_cached(name, fresh, now, kind, None)
+                # A wait before it counts against the deadline (never blocked longer).
+                deadline = give_up - loop.time() if waited else self._fetch_deadline
+                return await self._fetch(
+                    name, record_id, cached, live, now, kind, unreadable, deadline
+                )
+            if isinstance(standing, FetchBackoff):
+                backoff = standing
+                break
+            waited = True
+            ended = await self._backoff.wait(name, record_id, standing, give_up)
+            if isinstance(ended, FetchBackoff):
+                backoff = ended
+                break
+            now = self._clock()
+            if ended is None:  # succeeded (or ran out): the policy is in the cache, if stored
+                fresh = await self._stored_since(name, record_id, cached, now)
+                if fresh is not None:
+                    return await self._use_cached(name, fresh, now, kind, None)
+            if ended is not None or give_up - loop.time() < _MIN_FETCH_BUDGET:
+                detail = "another lookup's fetch of this policy did not end within the deadline"
+                result = TlsRptResult.STS_POLICY_FETCH_ERROR
+                return _failed(name, live, result, detail, unreadable)
+        return _failed(name, live, backoff.result, backoff.detail, unreadable)
+
+    async def _stored_since(
+        self, name: str, record_id: str, cached: CachedPolicy | None, now: float
+    ) -> CachedPolicy | None:
+        """The live policy for `record_id` stored since `cached` was read, if any."""
+        try:
+            entry = await asyncio.to_thread(self._cache.get, name)  # the store, not memory
+        except CACHE_ERRORS:
+            return None
+        if entry is None or entry.policy_id != record_id or entry.expires_at <= now:
+            return None
+        if cached is not None and entry.fetched_at <= cached.fetched_at:
+            return None
+        return entry
 
     async def _use_cached(
         self, name: str, live: CachedPolicy | None, now: float, kind: _Kind, detail: str | None
@@ -251,6 +321,7 @@ class PolicyResolver:
         now: float,
         kind: _Kind,
         unreadable: _Unreadable | None,
+        deadline: float,
     ) -> PolicyLookup:
         # The policy host is always mta-sts.<recipient domain>, even when _mta-sts is a
         # CNAME to a provider (§3.1, §8.2).
@@ -260,7 +331,7 @@ class PolicyResolver:
             addresses=addresses,
             ssl_context=self._ssl_context,
             port=self._https_port,
-            deadline=self._fetch_deadline,
+            deadline=deadline,
         )
         if isinstance(outcome, Fetched):
             policy = outcome.policy
@@ -270,20 +341,16 @@ class PolicyResolver:
             entry = CachedPolicy(
                 name, record_id, policy, fetched_at, fetched_at + policy.max_age, used_at
             )
-            await self._cache_call(self._cache.put, entry)
-            self._backoff.pop((name, record_id), None)
+            # The put also ends the back-off or claim in the table (one transaction).
+            if not await self._cache_call(self._cache.put, entry):
+                await self._backoff.release(name, record_id)  # no waiter kept waiting
+            self._backoff.forget(name, record_id)
             self._observer.policy_fetched(name, record_id, policy)
             return PolicyLookup(name, policy, record_id, "fetched")
-        self._prune_backoff(now)
-        self._backoff[(name, record_id)] = _Backoff(
-            now + self._failure_backoff, outcome.result, outcome.detail
-        )
+        backoff = FetchBackoff(now + self._failure_backoff, outcome.result, outcome.detail)
+        await self._backoff.record(name, record_id, backoff, now)  # replaces our claim
         self._observer.policy_fetch_failed(name, record_id, outcome.result, outcome.detail, live)
         return _failed(name, live, outcome.result, outcome.detail, unreadable)
-
-    def _prune_backoff(self, now: float) -> None:
-        for key in [key for key, entry in self._backoff.items() if entry.until <= now]:
-            del self._backoff[key]
 
     async def _cache_get(self, name: str) -> CachedPolicy | _Unreadable | None:
         # Most lookups are answered from the cache's memory: no thread hop per delivery.
@@ -292,17 +359,18 @@ class PolicyResolver:
             return remembered.entry
         try:
             return await asyncio.to_thread(self._cache.get, name)
-        except sqlite3.Error as exc:
+        except CACHE_ERRORS as exc:
             # Not "nothing cached": an enforce policy may sit behind the error, and taking
             # it for absent would deliver that domain's mail opportunistically.
             return _unreadable(exc)
 
-    async def _cache_call(self, method: Callable[..., object], *args: object) -> None:
+    async def _cache_call(self, method: Callable[..., object], *args: object) -> bool:
         # A cache write that fails (disk full, lock timeout) must not fail the delivery.
         try:
             await asyncio.to_thread(method, *args)
-        except sqlite3.Error:
-            return
+        except CACHE_ERRORS:
+            return False
+        return True
 
 
 def _failed(
@@ -326,7 +394,7 @@ def _unavailable(name: str, unreadable: _Unreadable, failure: TlsRptResult | Non
     return PolicyLookup(name, None, None, "unavailable", failure, unreadable.detail)
 
 
-def _unreadable(exc: sqlite3.Error) -> _Unreadable:
+def _unreadable(exc: Exception) -> _Unreadable:
     """The error as one safe line: no line breaks or control characters, bounded length."""
     text = " ".join(f"{type(exc).__name__}: {exc}".split())
     text = "".join(ch if ch.isprintable() else "?" for ch in text)

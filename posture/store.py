@@ -125,7 +125,14 @@ class SqlitePostureStore:
                     rows,
                 )
                 self._db.executemany(
-                    "INSERT OR REPLACE INTO posture_waiting VALUES (?, ?, ?, ?, ?, ?, ?)", upserts
+                    # The earliest `since` stays: another writer on the same store (a
+                    # process of the same relay) may have seen the wait begin.
+                    "INSERT INTO posture_waiting VALUES (?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (key) DO UPDATE SET domain = excluded.domain,"
+                    " recipients = excluded.recipients, since = MIN(since, excluded.since),"
+                    " last_at = excluded.last_at, mechanism = excluded.mechanism,"
+                    " result = excluded.result",
+                    upserts,
                 )
                 self._db.executemany("DELETE FROM posture_waiting WHERE key = ?", ends)
             except BaseException:

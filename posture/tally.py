@@ -76,9 +76,15 @@ class PostureTally:
         retention_days: int = RETENTION_DAYS,
         stale_after: float = DEFAULT_STALE_AFTER_S,
         clock: Callable[[], float] = time.time,
+        shared: bool = False,
     ) -> None:
         self.store = store
         self.retention_days = retention_days
+        # Other writers count into the same store (the processes of one relay): a wait may
+        # have begun there, so an attempt that ends one is written even when this tally
+        # never saw it begin, and the figures of what waits are read from the store.
+        self._shared = shared
+        self.wait_began = asyncio.Event()  # set (when shared) as a wait begins or changes
         self._stale_after = stale_after
         self._clock = clock
         self._pending: dict[Cell, Figures] = {}
@@ -99,8 +105,10 @@ class PostureTally:
         if after is not None:
             self._waiting[attempt.key] = after
             self._changed[attempt.key] = after
-        elif before is not None:
-            del self._waiting[attempt.key]
+            if self._shared:
+                self.wait_began.set()
+        elif before is not None or self._shared:
+            self._waiting.pop(attempt.key, None)
             self._changed[attempt.key] = None
 
     @property
@@ -115,7 +123,7 @@ class PostureTally:
         """Per binding mechanism: recipients waiting, and seconds the oldest has waited."""
         now = self._clock()
         out = {m: (0, 0.0) for m in BINDING}
-        for w in self._waiting.values():
+        for w in self.store.waiting() if self._shared else self._waiting.values():
             recipients, oldest = out.get(w.mechanism, (0, 0.0))
             out[w.mechanism] = (recipients + w.recipients, max(oldest, now - w.since))
         return out

@@ -19,7 +19,7 @@ import signal
 import sqlite3
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +48,7 @@ from relay.delivery.pool import ConnectionPool
 from relay.delivery.scheduler import Scheduler, SchedulerSettings
 from relay.events import EventLog, timestamp_field
 from relay.inbound.listener import Listener
+from relay.inbound.sockets import ListeningSocket
 from relay.metrics import Metrics, MetricsServer
 from relay.posture import PostureFeed, build_posture
 from relay.reporting import Reporting, build_reporting
@@ -185,6 +186,31 @@ class _PolicyEvents:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessRole:
+    """Which process of the relay this one is (relay/processes/ runs `serve.processes`).
+
+    Every process accepts mail and delivers it; the primary (index 0) also runs what the
+    relay must do once, whatever the count: the proactive policy refresh, sending TLS
+    reports, logging the changes made with `sts-relay queue`. `owner_token` makes the
+    scheduler's lease owner unique (`lease_owner`), so the supervisor can name the leases of
+    a process that died.
+    """
+
+    index: int = 0
+    count: int = 1
+    owner_token: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    @property
+    def primary(self) -> bool:
+        return self.index == 0
+
+
+def lease_owner(hostname: str, pid: int, token: str) -> str:
+    """The owner the scheduler of process `pid` writes on its leases."""
+    return f"{hostname}:{pid}:{token}"
+
+
 @dataclass
 class Relay:
     """The running parts, for tests and for the `serve` command."""
@@ -201,7 +227,8 @@ class Relay:
     posture: PostureFeed | None = None  # the TLS posture counters (relay/posture.py)
 
 
-def build(cfg: Config, events: EventLog) -> Relay:
+def build(cfg: Config, events: EventLog, role: ProcessRole | None = None) -> Relay:
+    role = role or ProcessRole()
     resolver = make_resolver(tuple(cfg.dns.nameservers), cfg.dns.timeout, max_ttl=cfg.dns.max_ttl)
     verified = client_context(cfg.tls.ca_file)
     cache = open_policy_cache(cfg)
@@ -224,8 +251,11 @@ def build(cfg: Config, events: EventLog) -> Relay:
     attempt = AttemptSettings(
         port=cfg.delivery.port,
         helo=cfg.delivery.hostname,
-        verified_ctx=verified,
-        unverified_ctx=unverified_context(),
+        # MX connections get contexts of their own: they resume TLS sessions, each context
+        # from its own cache (policy/webpki.py); policy fetches never do.
+        verified_ctx=client_context(cfg.tls.ca_file, resume=True),
+        unverified_ctx=unverified_context(resume=True),
+        on_tls_handshake=metrics.observe_tls_handshake,
         connect_timeout=cfg.delivery.connect_timeout,
         command_timeout=cfg.delivery.command_timeout,
         dns_timeout=cfg.dns.timeout,
@@ -260,7 +290,7 @@ def build(cfg: Config, events: EventLog) -> Relay:
         pool=pool,
         settings=SchedulerSettings(
             concurrency=cfg.delivery.concurrency,
-            owner=f"{cfg.delivery.hostname}:{os.getpid()}:{secrets.token_hex(4)}",
+            owner=lease_owner(cfg.delivery.hostname, os.getpid(), role.owner_token),
             bounce=BounceSettings(
                 reporting_mta=cfg.delivery.hostname,
                 delay_notice_after=cfg.queue.delay_notice_after,
@@ -271,7 +301,14 @@ def build(cfg: Config, events: EventLog) -> Relay:
         events=events,
     )
     reporting.reporter.on_queued = worker.wake
-    posture = build_posture(cfg, database_path(cfg), metrics=metrics, events=events)
+    posture = build_posture(
+        cfg,
+        database_path(cfg),
+        metrics=metrics,
+        events=events,
+        processes=role.count,
+        gauges=role.primary,
+    )
     worker.on_recorded = posture.record  # counted in memory once committed, flushed below
     listener = Listener(cfg, store=store, events=events, on_queued=worker.wake)
     return Relay(
@@ -366,11 +403,13 @@ async def _log_admin_journal(
     *,
     every: float = _ADMIN_JOURNAL_POLL_S,
     max_retry: float = _MAX_RETRY_S,
+    log: bool = True,
 ) -> None:
     """Until cancelled: log each change made with `sts-relay queue ...` (the store's journal,
     written by the command in the same transaction as the change) once, as `queue_admin`,
     and wake the worker so that a flush or a release takes effect at once. Entries written
-    while no relay ran are logged at the next start."""
+    while no relay ran are logged at the next start. With `log` false (the other processes
+    of a relay: one logs) only the waking is done."""
     logged: int | None = None
     pause, retry = every, _FIRST_RETRY_S
     while True:
@@ -378,7 +417,7 @@ async def _log_admin_journal(
             if logged is None:
                 logged = await relay.store.journal_logged()
             entries = await relay.store.journal(logged)
-            for entry in entries:
+            for entry in entries if log else ():
                 events.queue_admin(
                     action=entry.action,
                     queue_id=entry.queue_id,
@@ -390,7 +429,8 @@ async def _log_admin_journal(
                 )
             if entries:
                 logged = entries[-1].id
-                await relay.store.mark_journal_logged(logged)
+                if log:
+                    await relay.store.mark_journal_logged(logged)
                 relay.worker.wake()
             pause, retry = (0.0 if entries else every), _FIRST_RETRY_S
         except StoreUnavailable as exc:
@@ -457,56 +497,105 @@ async def _serve_locked(
     load: ConfigLoader | None,
     reason: Callable[[], str],
 ) -> None:
-    relay = build(cfg, events)
-    await relay.store.open()
-    metrics_server: MetricsServer | None = None
-    try:
-        await relay.listener.start()
-        dnssec = dnssec_in_force(cfg.dns.dnssec, cfg.dns.nameservers)
-        events.started(
-            version=__version__,
-            state_path=str(cfg.state.path),
-            warnings=[*config_warnings(cfg), *([dnssec.warning] if dnssec.warning else [])],
-            dnssec=dnssec.summary,
-        )
-        if cfg.metrics.address:
-            metrics_server = MetricsServer(
-                relay.metrics, relay.store.counts, lambda: readiness(relay)
+    async with running(cfg, events) as relay:
+        metrics_server: MetricsServer | None = None
+        try:
+            announce_started(cfg, events, processes=1)
+            if cfg.metrics.address:
+                metrics_server = MetricsServer(
+                    lambda: relay.metrics.render(relay.store.counts), lambda: readiness(relay)
+                )
+                address = await metrics_server.start(cfg.metrics.address)
+                events.metrics_listening(address=address)
+            events.listening(addresses=relay.listener.bound_addresses)
+            abandoned = await work(
+                relay,
+                cfg,
+                events,
+                stop,
+                hangup=hangup,
+                load=load,
+                on_stopping=lambda: events.stopping(reason=reason()),
             )
-            address = await metrics_server.start(cfg.metrics.address)
-            events.metrics_listening(address=address)
-        events.listening(addresses=relay.listener.bound_addresses)
-        async with asyncio.TaskGroup() as tasks:
-            worker = tasks.create_task(relay.worker.run())
-            refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval, events)
-            background = [tasks.create_task(refresh)]
-            if relay.reporting is not None:  # RFC 8460 counters and the daily report job
-                background.append(tasks.create_task(relay.reporting.run()))
-            if relay.posture is not None:  # the TLS posture counters, written every 5 s
-                background.append(tasks.create_task(relay.posture.run()))
-            if hangup is not None and load is not None:
-                background.append(tasks.create_task(_reload_on(hangup, relay, events, load)))
-            background.append(tasks.create_task(_log_admin_journal(relay, events)))
-            await stop.wait()
-            events.stopping(reason=reason())
-            relay.stopping = True
-            await relay.listener.stop()
-            abandoned = await _drain(relay, cfg.delivery.shutdown_grace)
-            worker.cancel()
-            for task in background:
-                task.cancel()
+        finally:
+            if metrics_server is not None:
+                await metrics_server.stop()
         events.stopped(abandoned=abandoned)
+
+
+def announce_started(cfg: Config, events: EventLog, *, processes: int) -> None:
+    dnssec = dnssec_in_force(cfg.dns.dnssec, cfg.dns.nameservers)
+    events.started(
+        version=__version__,
+        state_path=str(cfg.state.path),
+        warnings=[*config_warnings(cfg), *([dnssec.warning] if dnssec.warning else [])],
+        dnssec=dnssec.summary,
+        processes=processes,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    cfg: Config,
+    events: EventLog,
+    *,
+    role: ProcessRole | None = None,
+    sockets: Sequence[ListeningSocket] | None = None,
+) -> AsyncIterator[Relay]:
+    """The relay built, its store open and its listener serving (on `sockets` when a
+    supervisor bound them); on exit everything is stopped and closed, counters written."""
+    relay = build(cfg, events, role)
+    await relay.store.open()
+    try:
+        await relay.listener.start(sockets)
+        yield relay
     finally:
         with contextlib.suppress(Exception):
             await relay.listener.stop()
-        if metrics_server is not None:
-            await metrics_server.stop()
         if relay.reporting is not None:
             await relay.reporting.close()
         if relay.posture is not None:
             await relay.posture.close()
         await relay.store.close()
         relay.cache.close()
+
+
+async def work(
+    relay: Relay,
+    cfg: Config,
+    events: EventLog,
+    stop: asyncio.Event,
+    *,
+    role: ProcessRole | None = None,
+    hangup: asyncio.Event | None = None,
+    load: ConfigLoader | None = None,
+    on_stopping: Callable[[], None] = lambda: None,
+) -> int:
+    """Deliver and run the background jobs until `stop` is set; then stop accepting, let
+    deliveries in flight finish within `delivery.shutdown_grace` and return how many were
+    cut off (they stay queued)."""
+    primary = role is None or role.primary
+    async with asyncio.TaskGroup() as tasks:
+        worker = tasks.create_task(relay.worker.run())
+        background = [tasks.create_task(_log_admin_journal(relay, events, log=primary))]
+        if primary:
+            refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval, events)
+            background.append(tasks.create_task(refresh))
+        if relay.reporting is not None:  # RFC 8460 counters and the daily report job
+            background.append(tasks.create_task(relay.reporting.run(send=primary)))
+        if relay.posture is not None:  # the TLS posture counters, written every 5 s
+            background.append(tasks.create_task(relay.posture.run()))
+        if hangup is not None and load is not None:
+            background.append(tasks.create_task(_reload_on(hangup, relay, events, load)))
+        await stop.wait()
+        on_stopping()
+        relay.stopping = True
+        await relay.listener.stop()
+        abandoned = await _drain(relay, cfg.delivery.shutdown_grace)
+        worker.cancel()
+        for task in background:
+            task.cancel()
+    return abandoned
 
 
 async def run_until_signalled(cfg: Config, events: EventLog, load: ConfigLoader) -> None:

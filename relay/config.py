@@ -23,6 +23,7 @@ import os
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -305,6 +306,35 @@ def _optional_hostport(raw: object) -> str:
         raise _Invalid('"host:port" or ""', exc.got, exc.note) from None
 
 
+def redact_url(url: str) -> str:
+    """`url` with its password, if any, replaced by "***" (for errors and displays)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+def _state_url(raw: object) -> str:
+    expected = 'a "postgresql://user:password@host:port/database" URL, or "" for SQLite'
+    if not isinstance(raw, str):
+        raise _Invalid(expected)
+    url = raw.strip()
+    if url == "":
+        return ""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise _Invalid(expected, redact_url(url), str(exc)) from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise _Invalid(expected, redact_url(url), f"scheme {parts.scheme or 'missing'!r}")
+    if not parts.path.strip("/"):
+        raise _Invalid(expected, redact_url(url), "no database name")
+    return url
+
+
 def _network(raw: object) -> str:
     if isinstance(raw, str):
         try:
@@ -356,6 +386,9 @@ class ListenConfig:
 @dataclass(frozen=True, slots=True)
 class StateConfig:
     path: str = _key("./var", _text)
+    # "" = the embedded SQLite store under `path`; postgresql://... = queue, policy cache,
+    # TLS-report and posture figures shared by every node on that database.
+    url: str = _key("", _state_url)
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +496,18 @@ class TlsRptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServeConfig:
+    # How many processes share the listening sockets and the queue (relay/processes/):
+    # 0 = one per CPU the relay may run on; 1 = today's single process.
+    processes: int = _key(0, _int(0, 256))
+    # uvloop (libuv) costs less CPU per connection than the standard library's loop;
+    # "asyncio" is there to rule the loop out when chasing a problem.
+    event_loop: str = _key("uvloop", _choice("uvloop", "asyncio"))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
+    serve: ServeConfig = field(default_factory=ServeConfig)
     listen: ListenConfig = field(default_factory=ListenConfig)
     state: StateConfig = field(default_factory=StateConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
@@ -478,6 +522,7 @@ class Config:
 
 
 SECTIONS: dict[str, type[Any]] = {
+    "serve": ServeConfig,
     "listen": ListenConfig,
     "state": StateConfig,
     "delivery": DeliveryConfig,

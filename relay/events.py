@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -21,12 +22,14 @@ from typing import Any, TextIO
 LEVELS = ("debug", "info", "warning", "error")
 
 EVENTS: dict[str, tuple[str, ...]] = {
-    "started": ("version", "state_path", "warnings", "dnssec"),
+    "started": ("version", "state_path", "warnings", "dnssec", "processes"),
     "start_failed": ("reason",),
     "listening": ("addresses",),
     "stopping": ("reason",),
     "stopped": ("abandoned",),
     "metrics_listening": ("address",),
+    "process_started": ("index", "pid"),
+    "process_exited": ("index", "pid", "status", "released_leases", "restart_in"),
     "reloaded": ("parts",),
     "reload_failed": ("error",),
     "received": ("queue_id", "message_id", "sender", "rcpts", "size", "client"),
@@ -40,6 +43,7 @@ EVENTS: dict[str, tuple[str, ...]] = {
         "ip",
         "tls",
         "verified",
+        "tls_resumed",
         "sts_mode",
         "policy_id",
         "tls_policy",
@@ -110,6 +114,23 @@ def _rfc3339(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
+# One encoder for every line: json.dumps() with these options builds a new one per call.
+_JSON = json.JSONEncoder(ensure_ascii=False, default=str, separators=(",", ":"))
+_second_text: tuple[int, str] = (-1, "")  # the last whole second formatted, and its text
+
+
+def _now_rfc3339() -> str:
+    """_rfc3339(_utc_now()), without a datetime: the text of a second is made once."""
+    global _second_text
+    now = time.time()
+    second = int(now)
+    cached = _second_text
+    if cached[0] != second:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{int((now - second) * 1000):03d}Z"
+
+
 def _text_value(value: object) -> str:
     if value is None:
         return "-"
@@ -150,12 +171,12 @@ class EventLog:
     def _emit(self, event: str, level: str, fields: dict[str, Any]) -> None:
         for observer in self._observers:
             observer(event, fields)
-        if LEVELS.index(level) < self._min:
+        if _LEVEL_RANK[level] < self._min:
             return
-        ts = _rfc3339(self._clock())
+        ts = _now_rfc3339() if self._clock is _utc_now else _rfc3339(self._clock())
         if self._fmt == "json":
             record = {"ts": ts, "level": level, "event": event, **fields}
-            line = json.dumps(record, ensure_ascii=False, default=str, separators=(",", ":"))
+            line = _JSON.encode(record)
         else:
             parts = [ts, level, event]
             parts += [f"{k}={_text_value(v)}" for k, v in fields.items()]
@@ -175,15 +196,18 @@ class EventLog:
         state_path: str,
         warnings: Sequence[str],
         dnssec: str | None = None,
+        processes: int = 1,
     ) -> None:
         """Serving; `state_path` is absolute; `warnings` (e.g. a delivery.hostname that is
         not a fully qualified name, an AD bit believed from a remote resolver) make it a
-        warning; `dnssec` says what `dns.dnssec` puts in force (DANE on or off, and why)."""
+        warning; `dnssec` says what `dns.dnssec` puts in force (DANE on or off, and why);
+        `processes` how many processes share the work (`serve.processes`)."""
         fields = {
             "version": version,
             "state_path": state_path,
             "warnings": list(warnings),
             "dnssec": dnssec,
+            "processes": processes,
         }
         self._emit("started", "warning" if warnings else "info", fields)
 
@@ -201,6 +225,27 @@ class EventLog:
     def stopped(self, *, abandoned: int) -> None:
         """The relay is about to exit; `abandoned` deliveries were cut off (still queued)."""
         self._emit("stopped", "warning" if abandoned else "info", {"abandoned": abandoned})
+
+    def process_started(self, *, index: int, pid: int) -> None:
+        """One process of a relay with `serve.processes` > 1 is serving (its index from 0;
+        index 0 also runs the relay's one-per-relay jobs)."""
+        self._emit("process_started", "info", {"index": index, "pid": pid})
+
+    def process_exited(
+        self, *, index: int, pid: int, status: str, released_leases: int, restart_in: float | None
+    ) -> None:
+        """A process of the relay ended (`status`: "exit N" or the signal's name). Its
+        leases were returned to the queue at once (it can no longer be delivering them);
+        `restart_in` seconds until it is replaced, None when the relay is stopping."""
+        level = "info" if restart_in is None else "error"
+        fields = {
+            "index": index,
+            "pid": pid,
+            "status": status,
+            "released_leases": released_leases,
+            "restart_in": restart_in,
+        }
+        self._emit("process_exited", level, fields)
 
     def metrics_listening(self, *, address: str) -> None:
         self._emit("metrics_listening", "info", {"address": address})
@@ -282,6 +327,7 @@ class EventLog:
         ip: str | None,
         tls: str | None,
         verified: bool,
+        tls_resumed: bool | None = None,
         sts_mode: str | None,
         policy_id: str | None,
         tls_policy: str | None,
@@ -292,7 +338,9 @@ class EventLog:
         attempt: int,
         delay_s: float,
     ) -> None:
-        """One recipient's attempt: status "sent" (info), "deferred" or "bounced" (warning)."""
+        """One recipient's attempt: status "sent" (info), "deferred" or "bounced" (warning).
+        `tls_resumed`: the connection's TLS handshake resumed an earlier session (None in
+        the clear or when no MX was reached)."""
         self._emit(
             "delivery",
             "info" if status == "sent" else "warning",
@@ -305,6 +353,7 @@ class EventLog:
                 "ip": ip,
                 "tls": tls,
                 "verified": verified,
+                "tls_resumed": tls_resumed,
                 "sts_mode": sts_mode,
                 "policy_id": policy_id,
                 "tls_policy": tls_policy,

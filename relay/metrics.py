@@ -39,6 +39,7 @@ _TEXT = "text/plain; charset=utf-8"
 
 QueueCounts = Callable[[], Awaitable[Mapping[str, int]]]
 Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else why not
+Render = Callable[[], Awaitable[bytes]]  # the exposition text (Metrics.render, or merged)
 
 
 class Metrics:
@@ -80,6 +81,13 @@ class Metrics:
             " authentication), else the RFC 8460 result type (tlsa-invalid, dnssec-invalid,"
             " starttls-not-supported, certificate-host-mismatch, ...).",
             ["outcome"],
+            registry=r,
+        )
+        self.delivery_tls_sessions = Counter(
+            "sts_relay_delivery_tls_sessions",
+            "TLS handshakes of delivery connections that completed, by handshake: 'resumed'"
+            " (an earlier session of the same MX name, context and kind of policy) or 'full'.",
+            ["handshake"],
             registry=r,
         )
         self.bounces = Counter(
@@ -168,17 +176,28 @@ class Metrics:
             ["mechanism"],
             registry=r,
         )
+        # Label children already made, by (id of the metric, label values...) (_labelled).
+        self._children: dict[tuple[object, ...], Counter] = {}
         # Per mechanism: (recipients, oldest wait in s); set by relay/posture.py.
         self.policy_waiting: Callable[[], Mapping[str, tuple[int, float]]] | None = None
 
     # -- feeding -----------------------------------------------------------------------
+
+    def _labelled(self, metric: Counter, *values: str) -> Counter:
+        """`metric.labels(*values)`, kept: prometheus_client's labels() takes a lock and
+        builds its key on every call, and every message or attempt asks for one."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def observe_event(self, event: str, fields: dict[str, Any]) -> None:
         """An EventLog observer: counts what the event catalogue reports."""
         if event == "received":
             self.received.inc()
         elif event == "rejected":
-            self.rejected.labels(stage=str(fields.get("stage"))).inc()
+            self._labelled(self.rejected, str(fields.get("stage"))).inc()
         elif event == "delivery":
             self._delivery(fields)
         elif event == "bounce_queued":
@@ -197,16 +216,20 @@ class Metrics:
 
     def _delivery(self, fields: dict[str, Any]) -> None:
         status = str(fields.get("status"))
-        self.deliveries.labels(status=status).inc()
+        self._labelled(self.deliveries, status).inc()
         if status == "sent" and isinstance(fields.get("delay_s"), int | float):
             self.delay.observe(float(fields["delay_s"]))
         if fields.get("ip") is None and fields.get("tlsrpt_result") is None:
             return  # no MX was reached and no TLS or policy failure: nothing to say of TLS
         result = fields.get("tlsrpt_result") or ("success" if fields.get("tls") else "no-tls")
         mode = fields.get("sts_mode") or "no-policy"
-        self.tls.labels(result=str(result), mode=str(mode)).inc()
+        self._labelled(self.tls, str(result), str(mode)).inc()
         if fields.get("tls_policy") == "dane":
             self.dane.labels(outcome=_dane_outcome(fields)).inc()
+
+    def observe_tls_handshake(self, resumed: bool) -> None:
+        """A delivery connection's TLS handshake completed (relay/delivery/client.py)."""
+        self.delivery_tls_sessions.labels(handshake="resumed" if resumed else "full").inc()
 
     def observe_lookup(self, lookup: PolicyLookup) -> None:
         self.policy_lookups.labels(source=lookup.source).inc()
@@ -256,9 +279,8 @@ def _dane_outcome(fields: dict[str, Any]) -> str:
 class MetricsServer:
     """HTTP/1.1 on one address: GET /metrics, /healthz (alive), /readyz (ready to work)."""
 
-    def __init__(self, metrics: Metrics, queue_counts: QueueCounts, ready: Readiness) -> None:
-        self._metrics = metrics
-        self._queue_counts = queue_counts
+    def __init__(self, render: Render, ready: Readiness) -> None:
+        self._render = render
         self._ready = ready
         self._server: asyncio.Server | None = None
         self.address = ""
@@ -270,6 +292,10 @@ class MetricsServer:
         name = self._server.sockets[0].getsockname()
         self.address = format_hostport(str(name[0]), int(name[1]))
         return self.address
+
+    def filenos(self) -> list[int]:
+        """The listening sockets' descriptors (a forked process closes its copies)."""
+        return [] if self._server is None else [s.fileno() for s in self._server.sockets]
 
     async def stop(self) -> None:
         server, self._server = self._server, None
@@ -302,7 +328,7 @@ class MetricsServer:
         if method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", _TEXT, b"GET or HEAD\n"
         if path == "/metrics":
-            return "200 OK", CONTENT_TYPE_LATEST, await self._metrics.render(self._queue_counts)
+            return "200 OK", CONTENT_TYPE_LATEST, await self._render()
         if path == "/healthz":
             return "200 OK", _TEXT, b"ok\n"
         if path == "/readyz":

@@ -18,6 +18,7 @@ Classification of each recipient:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,7 +135,12 @@ class PostureFeed:
         pause, retry = interval, first_retry
         pruned_at = 0.0
         while True:
-            await asyncio.sleep(pause)
+            # A wait that begins is written at once when other processes report the
+            # waiting gauges from the store; the rest keeps to the pace.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pause):
+                    await self.tally.wait_began.wait()
+            self.tally.wait_began.clear()
             now = self._clock()
             try:
                 await self.tally.flush(prune=now - pruned_at >= prune_every)
@@ -171,10 +177,23 @@ def stale_after(cfg: Config) -> float:
     return max(DEFAULT_STALE_AFTER_S, 2 * longest_step + cfg.delivery.lease_time)
 
 
-def build_posture(cfg: Config, db_path: Path, *, metrics: Metrics, events: EventLog) -> PostureFeed:
-    """The posture parts of a running relay; reads the waiting entries a previous run left."""
-    tally = PostureTally(open_posture_store(cfg, db_path), stale_after=stale_after(cfg))
+def build_posture(
+    cfg: Config,
+    db_path: Path,
+    *,
+    metrics: Metrics,
+    events: EventLog,
+    processes: int = 1,
+    gauges: bool = True,
+) -> PostureFeed:
+    """The posture parts of a running relay; reads the waiting entries a previous run left.
+    With several `processes` the waiting figures are the store's, and only the process with
+    `gauges` reports them (the supervisor adds the processes' figures up)."""
+    tally = PostureTally(
+        open_posture_store(cfg, db_path), stale_after=stale_after(cfg), shared=processes > 1
+    )
     tally.load()
     feed = PostureFeed(tally, metrics, events)
-    metrics.policy_waiting = feed.waiting_summary  # the gauges, read at each scrape
+    if gauges:
+        metrics.policy_waiting = feed.waiting_summary  # the gauges, read at each scrape
     return feed

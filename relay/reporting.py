@@ -36,7 +36,7 @@ from tlsrpt.model import AppliedPolicy, Delivery, Failure, PolicyType, Session, 
 from tlsrpt.post import Posted, post_report
 from tlsrpt.record import https_target, mailto_address
 from tlsrpt.report import a_label, build_report, compress, report_filename, report_json
-from tlsrpt.store import ReportStore
+from tlsrpt.store import ReportStorage, ReportStore
 
 _RETENTION_DAYS = 35
 _MAX_SLEEP_S = 600.0
@@ -165,7 +165,7 @@ class Reporter:
     def __init__(
         self,
         settings: ReportSettings,
-        store: ReportStore,
+        store: ReportStorage,
         *,
         resolver: dns.asyncresolver.Resolver,
         ssl_context: ssl.SSLContext,
@@ -369,7 +369,7 @@ class Reporting:
     """The reporting parts of a running relay: counters, the worker's hook, the daily job."""
 
     settings: ReportSettings
-    store: ReportStore
+    store: ReportStorage
     counter: SessionCounter
     recorder: SessionRecorder
     reporter: Reporter
@@ -386,8 +386,11 @@ class Reporting:
         flush_interval: float = _FLUSH_INTERVAL_S,
         first_retry: float = _FIRST_RETRY_S,
         max_retry: float = _MAX_RETRY_S,
+        send: bool = True,
     ) -> None:
-        """Flush counters and run the daily job until cancelled; neither ends on an error."""
+        """Flush counters and, when `send` (one process of a relay sends, every process
+        counts: relay/processes/), run the daily job until cancelled; neither ends on an
+        error."""
         if not self.settings.enabled:
             return
         events = self.reporter._events  # one log for both loops (module-private access)
@@ -401,7 +404,8 @@ class Reporting:
                     max_retry=max_retry,
                 )
             )
-            tasks.create_task(self.reporter.run(first_retry=first_retry, max_retry=max_retry))
+            if send:
+                tasks.create_task(self.reporter.run(first_retry=first_retry, max_retry=max_retry))
 
     async def close(self) -> None:
         """Write the counts still in memory (a clean stop loses none), then close."""

@@ -5,10 +5,13 @@ touches the state (they never create a store: a mistyped `state.path`, or a rela
 run from another working directory, must not quietly show an empty queue), and the serve
 lock. Knows nothing of what the store holds.
 
-Two lock files sit in the state directory, each for its own job:
+Three lock files sit in the state directory, each for its own job:
 - `relay.sqlite3.queue-lock` belongs to the queue store (mailqueue/sqlite.py): every open
   store holds it shared, and an opener that finds itself alone takes it exclusively for a
   moment to return the leases of a dead process. Admin commands hold it beside a live relay.
+- `relay.sqlite3.write-lock` belongs to the store's writer (mailqueue/writer.py): held
+  exclusively for each write transaction, so a process waiting to write wakes as soon as
+  another one's transaction ends.
 - `serve.lock` belongs to `serve`: taken exclusively and without waiting at start and held
   for the life of the process, so a second `serve` on the same directory refuses to start.
   The kernel drops it when the process ends, however it ends (no stale lock after a crash:

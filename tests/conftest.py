@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.dane_lab import DaneWorld
+from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.world import World
 
 # A host that accepts TCP and never greets (SMTP-13): its address, and the connections held.
@@ -57,3 +58,17 @@ async def silent_ip(world: World) -> AsyncIterator[SilentHost]:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL cluster for the session (tests/support/postgres.py); a test
+    takes a database of its own with `postgres.new_database()`."""
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """The URL of a fresh, empty database on the session's PostgreSQL."""
+    return postgres.new_database()

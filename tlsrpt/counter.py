@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 
 from policy.model import Policy
 from tlsrpt.model import AppliedPolicy, PolicyType, Session
-from tlsrpt.store import ReportStore
+from tlsrpt.store import ReportStorage
 
 
 def utc_day(timestamp: float) -> str:
@@ -25,6 +25,7 @@ def utc_day(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, tz=UTC).date().isoformat()
 
 
+@functools.lru_cache(maxsize=1024)  # counted for every attempt; the same few policies
 def applied_policy(policy: Policy | None) -> AppliedPolicy:
     """RFC 8460 §4.5: an STS policy is reported as its lines, one string each."""
     if policy is None:
@@ -51,7 +52,7 @@ def sending_address(receiving_ip: str) -> str:
 class SessionCounter:
     """Counts sessions; `run()` flushes every `interval` seconds until cancelled."""
 
-    def __init__(self, store: ReportStore, *, interval: float = 5.0) -> None:
+    def __init__(self, store: ReportStorage, *, interval: float = 5.0) -> None:
         self._store = store
         self._interval = interval
         self._pending: Counter[Session] = Counter()
@@ -99,7 +100,7 @@ def _retrieve(future: asyncio.Future[None]) -> None:
         future.exception()
 
 
-def _write(store: ReportStore, batch: Counter[Session]) -> None:
+def _write(store: ReportStorage, batch: Counter[Session]) -> None:
     resolved: Counter[Session] = Counter()
     for session, n in batch.items():
         failure = session.failure

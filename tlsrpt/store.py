@@ -14,6 +14,7 @@ import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from policy.model import TlsRptResult
 from tlsrpt.model import AppliedPolicy, Count, Delivery, DeliveryState, Failure, PolicyType, Session
@@ -57,6 +58,42 @@ _DELIVERY_COLUMNS = (
     "d.report_id, r.domain, r.day, d.uri, d.state, d.attempts, d.first_attempt_at,"
     " d.next_attempt_at, d.last_error"
 )
+
+
+class ReportStorage(Protocol):
+    """The TLSRPT state, whichever the engine: ReportStore (SQLite) or PostgresReportStore
+    (tlsrpt/store_postgres.py, shared by several nodes). The semantics are ReportStore's;
+    `save_report` returns True to one caller per (day, domain), the one that sends it."""
+
+    def close(self) -> None: ...
+
+    def add_counts(self, counts: Mapping[Session, int]) -> None: ...
+
+    def counts(self, day: str, domain: str | None = None) -> list[Count]: ...
+
+    def unreported(self, oldest: str, newest: str) -> list[tuple[str, str]]: ...
+
+    def prune(self, before: str) -> None: ...
+
+    def save_report(
+        self,
+        report_id: str,
+        day: str,
+        domain: str,
+        payload: bytes | None,
+        deliveries: Iterable[Delivery],
+        now: float,
+    ) -> bool: ...
+
+    def update_delivery(self, delivery: Delivery) -> None: ...
+
+    def due_deliveries(self, now: float) -> list[tuple[Delivery, bytes]]: ...
+
+    def next_retry_at(self) -> float | None: ...
+
+    def deliveries(self, day: str) -> list[Delivery]: ...
+
+    def reported_domains(self, day: str) -> set[str]: ...
 
 
 class ReportStore:

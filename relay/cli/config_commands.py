@@ -26,6 +26,7 @@ from relay.config import (
     config_file,
     config_sources,
     config_warnings,
+    redact_url,
     users_file_path,
 )
 from relay.delivery.dnssec import dnssec_in_force
@@ -49,6 +50,7 @@ def effective_settings(cfg: Config) -> dict[str, dict[str, Any]]:
     `serve` would refuse at start (a TLS-report identity or DKIM key that cannot work, a
     listener certificate that does not load)."""
     settings = config_as_dict(cfg)
+    settings["state"]["url"] = redact_url(cfg.state.url)  # never print a password
     settings["auth"]["users_file"] = str(users_file_path(cfg))
     report = report_settings(cfg)
     tlsrpt = settings["tlsrpt"]

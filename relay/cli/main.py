@@ -142,6 +142,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _serve(args: argparse.Namespace) -> int:
     from relay.app import run_until_signalled
+    from relay.event_loop import run_loop
+    from relay.processes.shares import process_count
+    from relay.processes.supervisor import serve_processes
 
     try:
         cfg = _load(args)
@@ -153,7 +156,11 @@ def _serve(args: argparse.Namespace) -> int:
     events.subscribe(lambda event, _fields: serving.append(event) if event == "listening" else None)
     status = EXIT_FAILURE
     try:
-        asyncio.run(run_until_signalled(cfg, events, lambda: _load(args)))
+        count = process_count(cfg.serve.processes)
+        if count > 1:
+            serve_processes(cfg, events, lambda: _load(args), count)
+        else:
+            run_loop(run_until_signalled(cfg, events, lambda: _load(args)), cfg.serve.event_loop)
     except StateBusy as exc:
         reason = str(exc)
     except ConfigError as exc:  # found while building (e.g. a DKIM key that cannot sign)

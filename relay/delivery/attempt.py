@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import re
 import ssl
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import assert_never
 
@@ -72,6 +72,8 @@ class AttemptSettings:
     max_messages_per_connection: int = 100
     max_connections_per_host: int = 10
     own_addresses: frozenset[str] = frozenset()
+    # Told of every completed TLS handshake of an MX connection: True when resumed.
+    on_tls_handshake: Callable[[bool], None] | None = None
 
     @property
     def dialer(self) -> Dialer:
@@ -82,6 +84,7 @@ class AttemptSettings:
             unverified_ctx=self.unverified_ctx,
             connect_timeout=self.connect_timeout,
             command_timeout=self.command_timeout,
+            on_tls_handshake=self.on_tls_handshake,
         )
 
     def pool_limits(self) -> PoolLimits:
@@ -443,21 +446,13 @@ async def _over_idle(
     requirement (and for REQUIRETLS mail exactly when the rule is), if there is a live one."""
     requirement, requiretls = rule.requirement, rule.requiretls
     while (conn := pool.take_idle_for_host(host, requirement, requiretls)) is not None:
-        result = await _transact_pooled(pool, conn, envelope, settings, reused=True)
+        result = await _transact_pooled(pool, conn, envelope, settings, domain, reused=True)
         if result.stale:
             await pool.discard(conn)
             continue
-        result = _for_domain(conn, domain, result)
         await _give_back(pool, PoolKey(host, conn.ip, requirement, requiretls), conn, result)
         return result
     return None
-
-
-def _for_domain(conn: Connection, domain: str, result: ConversationResult) -> ConversationResult:
-    """`result`, marked a repeat when `conn` carried `domain`'s mail before."""
-    repeat = domain in conn.domains
-    conn.domains.add(domain)
-    return replace(result, repeat=True) if repeat else result
 
 
 async def pooled_conversation(
@@ -484,11 +479,10 @@ async def pooled_conversation(
                 error = f"{ip} timed out recently; not tried again yet"
             return ConversationResult(hop=Hop(mx=host, ip=ip), error=error)
         if isinstance(got, Connection):
-            result = await _transact_pooled(pool, got, envelope, settings, reused=True)
+            result = await _transact_pooled(pool, got, envelope, settings, domain, reused=True)
             if result.stale:
                 await pool.discard(got)
                 continue
-            result = _for_domain(got, domain, result)
             await _give_back(pool, key, got, result)
             return result
         break
@@ -502,8 +496,7 @@ async def pooled_conversation(
             pool.mark_down(ip, settings.connect_timeout)
         await pool.unreserve(ip)
         return conn
-    result = await _transact_pooled(pool, conn, envelope, settings, reused=False)
-    result = _for_domain(conn, domain, result)
+    result = await _transact_pooled(pool, conn, envelope, settings, domain, reused=False)
     await _give_back(pool, key, conn, result)
     return result
 
@@ -513,14 +506,23 @@ async def _transact_pooled(
     conn: Connection,
     envelope: Envelope,
     settings: AttemptSettings,
+    domain: str,
     *,
     reused: bool,
 ) -> ConversationResult:
-    """`transact` over a connection the pool lent us; a connection whose transaction was
-    cut off (the attempt's deadline) is in an unknown state: closed, never lent again."""
+    """`transact` over a connection the pool lent us, marked a repeat when `conn` carried
+    `domain`'s mail before (a stale result is dropped with its connection); a connection
+    whose transaction was cut off (the attempt's deadline) is in an unknown state: closed,
+    never lent again."""
+    repeat = domain in conn.domains
+    conn.domains.add(domain)
     try:
         return await transact(
-            conn, envelope, command_timeout=settings.command_timeout, reused=reused
+            conn,
+            envelope,
+            command_timeout=settings.command_timeout,
+            reused=reused,
+            repeat=repeat,
         )
     except BaseException:
         pool.abandon(conn, conn.ip)

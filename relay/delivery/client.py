@@ -16,6 +16,14 @@ closed before MAIL (`requiretls_missing`). The message goes out through
 `transfer.send_data` (chunked, CRLF normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2;
 SMTP-14/15, SMUG-06).
 
+TLS sessions are resumed (policy/webpki.py `ResumingContext`): a context built with
+`resume=True` offers the session it kept for the exact MX name, and keeps the session of a
+full handshake once the first reply after it has been read (TLS 1.3 tickets come after
+the handshake); a failed or abandoned handshake, or a session that fails its first EHLO,
+drops it. Every check after the handshake runs whether or not it was resumed. DANE and
+ENCRYPTED sessions never resume (`dane.dane_context` is a plain context): DANE matches the
+chain the server sends, and a resumed handshake sends none.
+
 The recorder trusts only the protocol (issue 10): one reply per command, nothing more.
 Before each command of a transaction (RSET, MAIL, RCPT, DATA) and after each reply, nothing
 else may have come from the MX (`transfer.stray_reply`); DATA must be answered 354 and the
@@ -28,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -35,7 +44,7 @@ import aiosmtplib
 from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
 
 from policy.model import TlsRptResult
-from policy.webpki import classify_certificate_error
+from policy.webpki import ResumingContext, classify_certificate_error
 from relay.delivery.dane import DaneMatch, Tlsa, dane_context, peer_chain, verify_chain
 from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
@@ -122,6 +131,9 @@ class _Conversation:
         self.clients: list[aiosmtplib.SMTP] = []
         self.connected = False
         self.tls_version: str | None = None
+        self.tls_context: ssl.SSLContext | None = None  # the context of the TLS that is up
+        self.tls_resumed = False  # the handshake resumed an earlier session
+        self.on_handshake: Callable[[bool], None] | None = None  # told `tls_resumed`
         self.verified = False
         self.tls_failure: _TlsFail | None = None
         self.error: str | None = None
@@ -150,11 +162,13 @@ class _Conversation:
             conn.verified,
             conn.tls_failure,
         )
+        conv.tls_resumed = conn.tls_resumed
         conv.dsn = conn.smtp.supports_extension("dsn")
         conv.dane = conn.dane
         return conv
 
-    def result(self) -> ConversationResult:
+    def result(self, *, repeat: bool = False) -> ConversationResult:
+        """The frozen result (the conversation is not used after this)."""
         fail = self.tls_failure
         return ConversationResult(
             hop=Hop(
@@ -164,6 +178,7 @@ class _Conversation:
                 verified=self.verified,
                 dsn=self.dsn,
                 dane=self.dane,
+                tls_resumed=self.tls_resumed,
             ),
             connected=self.connected,
             tls_failure=fail.result if fail else None,
@@ -171,13 +186,14 @@ class _Conversation:
             error=self.error,
             error_reply=self.error_reply,
             mail_reply=self.mail_reply,
-            rcpt_replies=dict(self.rcpt_replies),
+            rcpt_replies=self.rcpt_replies,
             data_reply=self.data_reply,
             completed=self.completed,
             stale=self.stale,
             timed_out=self.timed_out,
             violation=self.violation,
             requiretls_missing=self.requiretls_missing,
+            repeat=repeat,
         )
 
     def close_all(self) -> None:
@@ -214,6 +230,7 @@ class _Conversation:
     async def open(self) -> aiosmtplib.SMTP | None:
         """A new connection, greeted and EHLO'd; None (with `error` set) on failure."""
         self.tls_version, self.verified = None, False
+        self.tls_context, self.tls_resumed = None, False
         try:
             smtp = aiosmtplib.SMTP(
                 hostname=self.ip,
@@ -257,9 +274,27 @@ class _Conversation:
         return False
 
     async def starttls(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> _TlsFail | None:
-        """STARTTLS with SNI = the MX name, then EHLO again. None when TLS is up."""
+        """STARTTLS with SNI = the MX name (the caller sends EHLO again). None when TLS is
+        up; a failed or abandoned handshake drops the session kept for the name."""
         if not smtp.supports_extension("starttls"):
             return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, "STARTTLS not offered", True)
+        try:
+            fail = await self._handshake(smtp, ctx)
+        except BaseException:  # cut off (the attempt's deadline): abandoned
+            _forget_session(ctx, self.sni)
+            raise
+        if fail is not None:
+            _forget_session(ctx, self.sni)
+            return fail
+        ssl_object = smtp.get_transport_info("ssl_object")
+        tls = ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
+        self.tls_version = (tls.version() if tls else None) or "TLS"
+        self.tls_context, self.tls_resumed = ctx, tls is not None and tls.session_reused
+        if self.on_handshake is not None:
+            self.on_handshake(self.tls_resumed)
+        return None
+
+    async def _handshake(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> _TlsFail | None:
         try:
             await smtp.starttls(server_hostname=self.sni, tls_context=ctx)
         except ssl.SSLCertVerificationError as exc:
@@ -271,10 +306,21 @@ class _Conversation:
             # Protocol below TLS 1.2 (RFC 8996), aborted handshake, bad SNI name, ...
             detail = f"TLS handshake failed: {describe(exc)}"
             return _TlsFail(TlsRptResult.VALIDATION_FAILURE, detail, False)
-        ssl_object = smtp.get_transport_info("ssl_object")
-        version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
-        self.tls_version = version or "TLS"
         return None
+
+    async def hello_over_tls(self, smtp: aiosmtplib.SMTP) -> bool:
+        """EHLO again after the handshake (RFC 3207 §4.2). Its reply is the first read over
+        TLS: TLS 1.3 tickets have come by then, so the session is kept now; a session
+        that fails here is dropped."""
+        ctx = self.tls_context
+        if not await self.hello(smtp):
+            if ctx is not None:
+                _forget_session(ctx, self.sni)
+            return False
+        ssl_object = smtp.get_transport_info("ssl_object")
+        if isinstance(ctx, ResumingContext) and isinstance(ssl_object, ssl.SSLObject):
+            ctx.remember(ssl_object)
+        return True
 
     def dane_check(self, smtp: aiosmtplib.SMTP) -> _TlsFail | None:
         """RFC 7672 §3: the chain the server sent must match a usable TLSA record of the MX
@@ -327,6 +373,11 @@ class _Conversation:
             return
         self.violated(smtp, sent.violation)
         self.completed = sent.body_sent
+
+
+def _forget_session(ctx: ssl.SSLContext, sni: str) -> None:
+    if isinstance(ctx, ResumingContext):
+        ctx.forget(sni)
 
 
 async def _transaction(conv: _Conversation, smtp: aiosmtplib.SMTP, envelope: Envelope) -> None:
@@ -395,7 +446,8 @@ async def _secure(
     if requirement in (TlsRequirement.DANE, TlsRequirement.ENCRYPTED):
         # RFC 7672 §2.2: TLS is mandatory (no plaintext, whatever is offered); the chain
         # is checked against the TLSA records ourselves, so the handshake is unverified,
-        # TLS 1.2 or newer (dane.dane_context).
+        # TLS 1.2 or newer (dane.dane_context). Never resumed: always a full handshake,
+        # so the server always sends the chain `dane_check` matches.
         fail = await conv.starttls(smtp, dane_context())
         if fail is None and requirement is TlsRequirement.DANE:
             fail = conv.dane_check(smtp)
@@ -417,7 +469,7 @@ async def _secure(
             smtp = await _opportunistic(conv, smtp, fail, unverified_ctx)
     else:
         smtp = await _opportunistic(conv, smtp, None, unverified_ctx)
-    if smtp is None or (conv.tls_version and not await conv.hello(smtp)):
+    if smtp is None or (conv.tls_version and not await conv.hello_over_tls(smtp)):
         return None
     if conv.requiretls and not smtp.supports_extension("requiretls"):
         # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS after STARTTLS.
@@ -462,6 +514,8 @@ class Dialer:
     unverified_ctx: ssl.SSLContext
     connect_timeout: float
     command_timeout: float
+    # Told of every TLS handshake that completed: True when it resumed a session (metrics).
+    on_tls_handshake: Callable[[bool], None] | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -485,6 +539,7 @@ class Connection:
     domains: set[str] = field(default_factory=set)
     dane: str | None = None  # under DANE: the TLSA record the chain matched
     requiretls: bool = False  # opened for REQUIRETLS mail: the server offered REQUIRETLS
+    tls_resumed: bool = False  # its TLS handshake resumed an earlier session
 
     @property
     def alive(self) -> bool:
@@ -516,6 +571,7 @@ async def connect(
     conv = _Conversation(ip, sni, dialer.port, dialer.helo, timeouts)
     conv.tlsa = tlsa
     conv.requiretls = requiretls
+    conv.on_handshake = dialer.on_tls_handshake
     if requiretls and requirement not in (TlsRequirement.VERIFIED, TlsRequirement.DANE):
         # The decision never asks this; a REQUIRETLS message never goes unauthenticated.
         conv.no_requiretls(f"needs verified or DANE TLS, not {requirement.value}")
@@ -540,7 +596,7 @@ async def connect(
     listen(smtp)  # a reply sent before MAIL is a violation (`transact`)
     return Connection(
         smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure,
-        dane=conv.dane, requiretls=requiretls,
+        dane=conv.dane, requiretls=requiretls, tls_resumed=conv.tls_resumed,
     )  # fmt: skip
 
 
@@ -556,9 +612,15 @@ def transfer_allowance(size: int) -> float:
 
 
 async def transact(
-    conn: Connection, envelope: Envelope, *, command_timeout: float, reused: bool
+    conn: Connection,
+    envelope: Envelope,
+    *,
+    command_timeout: float,
+    reused: bool,
+    repeat: bool = False,
 ) -> ConversationResult:
     """One transaction over `conn`; RSET first when the connection carried mail before.
+    `repeat` is passed on to the result (`ConversationResult.repeat`).
 
     A reused connection found dead (RSET or MAIL unanswered, or RSET refused) gives a
     result with `stale` set: nothing of this message reached the server, so the caller
@@ -585,7 +647,7 @@ async def transact(
     conv.stale = reused and conv.mail_reply is None
     if conv.error is not None and conn.alive:
         conn.close()  # a host failure: never reuse this connection
-    return conv.result()
+    return conv.result(repeat=repeat)
 
 
 async def send_over(

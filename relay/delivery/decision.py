@@ -30,7 +30,8 @@ the host offers REQUIRETLS after STARTTLS is checked on the connection (`client`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import functools
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from policy.match import is_valid_hostname, mx_matches
@@ -98,6 +99,9 @@ class TlsDecision:
     # Under REQUIRETLS, why no host qualifies by the domain-wide inputs ("no MTA-STS policy
     # in enforce or testing mode"); only DANE can still qualify a host. None otherwise.
     requiretls_unmet: str | None = None
+    # `for_mx` by host: a decision never changes, and each host is asked several times
+    # per attempt (the MX walk, the `delivery` events, the posture tally).
+    _rules: dict[str, MxRule] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def dane_waived(self) -> bool:
@@ -112,6 +116,12 @@ class TlsDecision:
         """The rule for one MX host: its own DANE evidence first (RFC 7672 §2.2, RFC 8461
         §2), else the domain-wide decision; under REQUIRETLS, only a host authenticated by
         DANE or MTA-STS (RFC 8689 §4.2.1)."""
+        rule = self._rules.get(mx_host)
+        if rule is None:
+            rule = self._rules[mx_host] = self._rule_for(mx_host)
+        return rule
+
+    def _rule_for(self, mx_host: str) -> MxRule:
         evidence = None
         if self.dane is not None and not self.dane_waived:
             evidence = self.dane.host(mx_host)
@@ -190,6 +200,7 @@ class TlsDecision:
         return policy is not None and policy.mode is not Mode.NONE
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hosts against the same policies
 def _name_verdict(mx_host: str, patterns: tuple[str, ...]) -> TlsRptResult | None:
     host = mx_host.rstrip(".").lower()
     if not is_valid_hostname(host) or not mx_matches(host, patterns):
@@ -214,7 +225,8 @@ def decide_tls(
         decision = _decide_requiretls(published, override, tls_required_no=tls_required_no)
     else:
         decision = _decide_domain(published, override, tls_required_no=tls_required_no)
-        decision = replace(decision, requiretls=requiretls)
+        if requiretls:  # _decide_domain leaves it False
+            decision = replace(decision, requiretls=True)
     return decision if dane is None else replace(decision, dane=dane)
 
 

@@ -19,8 +19,9 @@ import functools
 import ipaddress
 import random
 import socket
+import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
@@ -78,25 +79,75 @@ def normalize_host(name: str) -> str:
     return name.rstrip(".").lower()
 
 
-def order_mx(records: Iterable[tuple[int, str]], rng: random.Random) -> MxList | NullMx:
+def order_mx(
+    records: Iterable[tuple[int, str]], rng: random.Random, authenticated: bool | None = None
+) -> MxList | NullMx:
     """Sort (preference, exchange) by preference, shuffling equal preferences (RFC 5321 §5.1).
 
     An exchange of `.` (the root) is a null MX (RFC 7505); alone it means "no mail",
     mixed with real hosts it is skipped. A host listed twice is kept at its best preference.
     """
+    groups = _preference_groups(records)
+    return _ordered(groups, rng, authenticated) if groups else NullMx()
+
+
+def _preference_groups(records: Iterable[tuple[int, str]]) -> tuple[tuple[str, ...], ...]:
+    """The host names by preference, best first; each group sorted (so that the shuffle
+    alone decides their order); empty for a null MX."""
     by_pref: dict[int, list[str]] = {}
     for pref, exchange in records:
         host = normalize_host(exchange)
         if host:
             by_pref.setdefault(pref, []).append(host)
-    if not by_pref:
-        return NullMx()
+    return tuple(tuple(sorted(set(by_pref[pref]))) for pref in sorted(by_pref))
+
+
+def _ordered(
+    groups: tuple[tuple[str, ...], ...], rng: random.Random, authenticated: bool | None
+) -> MxList:
     ordered: list[str] = []
-    for pref in sorted(by_pref):
-        group = sorted(set(by_pref[pref]))  # sorted first so the shuffle alone decides
+    for hosts in groups:
+        group = list(hosts)
         rng.shuffle(group)
         ordered.extend(h for h in group if h not in ordered)
-    return MxList(hosts=tuple(ordered))
+    return MxList(hosts=tuple(ordered), authenticated=authenticated)
+
+
+class _ParsedMx:
+    """What an MX answer says, parsed once: dnspython's cache hands out the same Answer
+    for as long as its TTL allows (relay/delivery/dns_cache.py), and a busy domain is
+    looked up for every attempt."""
+
+    __slots__ = ("authenticated", "fixed", "groups")
+
+    def __init__(self, answer: dns.resolver.Answer) -> None:
+        response = answer.response
+        self.authenticated = response is not None and bool(response.flags & dns.flags.AD)
+        records = [
+            (int(rd.preference), rd.exchange.to_text())
+            for rd in answer.rrset or ()
+            if rd.rdtype == dns.rdatatype.MX
+        ]
+        self.groups = _preference_groups(records)
+        # The answer when it is the same every time: a null MX, or one host per preference
+        # (nothing to shuffle). None: shuffled per call, or no MX records (the domain
+        # itself, whose addresses are looked up each time).
+        self.fixed: MxList | NullMx | None = None
+        if records and not self.groups:
+            self.fixed = NullMx()
+        elif self.groups and all(len(group) == 1 for group in self.groups):
+            hosts = tuple(dict.fromkeys(group[0] for group in self.groups))
+            self.fixed = MxList(hosts=hosts, authenticated=self.authenticated)
+
+
+_PARSED: weakref.WeakKeyDictionary[dns.resolver.Answer, _ParsedMx] = weakref.WeakKeyDictionary()
+
+
+def _parsed(answer: dns.resolver.Answer) -> _ParsedMx:
+    parsed = _PARSED.get(answer)
+    if parsed is None:
+        parsed = _PARSED[answer] = _ParsedMx(answer)
+    return parsed
 
 
 @functools.lru_cache(maxsize=4096)
@@ -139,26 +190,19 @@ async def resolve_mx(
         return NoSuchDomain(f"{normalize_host(domain)}: no such domain (NXDOMAIN)")
     except _DNS_ERRORS as exc:
         return DnsTempFail(f"MX lookup for {normalize_host(domain)} failed: {_describe(exc)}")
-    authenticated = answer.response is not None and bool(answer.response.flags & dns.flags.AD)
-    if answer.rrset is not None:
-        records = [
-            (int(rd.preference), rd.exchange.to_text())
-            for rd in answer.rrset
-            if rd.rdtype == dns.rdatatype.MX
-        ]
-        if records:
-            found = order_mx(records, rng)
-            return (
-                replace(found, authenticated=authenticated) if isinstance(found, MxList) else found
-            )
-    implicit = await _implicit_mx(domain, resolver, timeout)
-    return (
-        replace(implicit, authenticated=authenticated) if isinstance(implicit, MxList) else implicit
-    )
+    parsed = _parsed(answer)
+    if parsed.fixed is not None:
+        return parsed.fixed
+    if parsed.groups:
+        return _ordered(parsed.groups, rng, parsed.authenticated)
+    return await _implicit_mx(domain, resolver, timeout, parsed.authenticated)
 
 
 async def _implicit_mx(
-    domain: str, resolver: dns.asyncresolver.Resolver, lifetime: float
+    domain: str,
+    resolver: dns.asyncresolver.Resolver,
+    lifetime: float,
+    authenticated: bool | None,
 ) -> MxList | NoSuchDomain | DnsTempFail:
     # RFC 5321 §5.1: no MX records → the domain itself is the only host, preference 0.
     host = normalize_host(domain)
@@ -169,7 +213,7 @@ async def _implicit_mx(
         case NoAddresses():
             return NoSuchDomain(f"{host}: no MX and no A/AAAA records", status="5.4.4")
         case _:
-            return MxList(hosts=(host,), implicit=True)
+            return MxList(hosts=(host,), implicit=True, authenticated=authenticated)
 
 
 def is_local_address(address: str) -> bool:

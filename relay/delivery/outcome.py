@@ -22,6 +22,9 @@ class Hop:
     verified: bool = False  # certificate chained to a trusted root and named `mx`, or DANE
     dsn: bool = False  # the MX advertised DSN: RFC 3461 parameters were passed on to it
     dane: str | None = None  # the TLSA record the certificate matched ("3 1 1 <hex>"), if DANE
+    # The TLS handshake resumed an earlier session of this MX name (policy/webpki.py): as
+    # strictly checked as a full one, whose verification it carries.
+    tls_resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

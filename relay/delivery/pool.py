@@ -59,6 +59,7 @@ class ConnectionPool:
         self._idle: dict[PoolKey, list[Connection]] = {}
         self._open: dict[str, int] = {}
         self._changed = asyncio.Condition()
+        self._waiting = 0  # acquirers waiting on `_changed` for a slot
         self._down: dict[str, float] = {}  # ip -> until when it is treated as down
         self.opened = 0  # connections opened through `reserve` (for tests and benchmarks)
         self.reused = 0  # transactions that went over an idle connection
@@ -128,7 +129,11 @@ class ConnectionPool:
                         self._open[ip] = self._open.get(ip, 0) + 1
                         self.opened += 1
                         return True
-                    await self._changed.wait()
+                    self._waiting += 1
+                    try:
+                        await self._changed.wait()
+                    finally:
+                        self._waiting -= 1
         except TimeoutError:
             return False
 
@@ -191,6 +196,8 @@ class ConnectionPool:
             self._open.pop(ip, None)
 
     async def _notify(self) -> None:
+        if not self._waiting:
+            return  # nobody to wake: the common case, once per message
         async with self._changed:
             self._changed.notify_all()
 

@@ -360,6 +360,7 @@ class Scheduler:
             ip=hop.ip if hop else None,
             tls=hop.tls if hop else None,
             verified=hop.verified if hop else False,
+            tls_resumed=hop.tls_resumed if hop and hop.tls else None,
             sts_mode=policy.mode.value if policy else None,
             policy_id=published.policy_id if published and policy else None,
             tls_policy=decision.source_for(hop.mx if hop else None).value

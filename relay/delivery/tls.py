@@ -7,6 +7,7 @@ knows nothing of sockets, SMTP or where a requirement came from.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 
 
@@ -27,6 +28,11 @@ class TlsRequirement(StrEnum):
 # Headers bigger than this are not searched for TLS-Required (bounds the work per attempt
 # on a huge message without a header/body separator).
 _HEADER_SCAN_LIMIT = 256 * 1024
+# Where a TLS-Required field could start: a line beginning with the name, then blanks
+# (folded ones too) and the colon. Most messages have none and are answered without
+# splitting their header: this runs for every attempt, twice (the TLS decision and the
+# TLS-report hook). It may find more than the field parser below, never less.
+_FIELD_START = re.compile(rb"^tls-required(?:[ \t]|\r\n[ \t])*:", re.IGNORECASE | re.MULTILINE)
 
 
 def tls_required_no(message: bytes) -> bool:
@@ -39,7 +45,10 @@ def tls_required_no(message: bytes) -> bool:
     end = message.find(b"\r\n\r\n", 0, _HEADER_SCAN_LIMIT)
     if message.startswith(b"\r\n"):
         return False  # no header at all
-    head = message[: end if end >= 0 else _HEADER_SCAN_LIMIT]
+    limit = end if end >= 0 else _HEADER_SCAN_LIMIT
+    if _FIELD_START.search(message, 0, limit) is None:
+        return False  # no line of the header starts such a field
+    head = message[:limit]
     fields: list[bytes] = []
     for line in head.split(b"\r\n"):
         if line[:1] in (b" ", b"\t") and fields:

@@ -67,9 +67,16 @@ def header_end(data: bytes) -> int:
 
 def count_received(data: bytes) -> int:
     """Number of Received header fields in the header section (RFC 5321 §6.3 loop check)."""
-    return len(_RECEIVED.findall(data[: header_end(data)]))
+    return count_received_fields(data[: header_end(data)])
 
 
+def count_received_fields(header: bytes) -> int:
+    """count_received() of a message whose header section is `header`, already cut at
+    header_end() (relay.inbound.data.MessageBuffer.header_end): not scanned again."""
+    return len(_RECEIVED.findall(header))
+
+
+@functools.lru_cache(maxsize=256)  # a few client addresses send nearly all the mail
 def _address_literal(ip: str) -> str:
     try:
         addr = ipaddress.ip_address(ip)

@@ -26,12 +26,12 @@ from aiosmtpd.smtp import Session
 from mailqueue import new_queue_id
 from mailqueue.model import NewMessage
 from mailqueue.store import StoreUnavailable
-from relay.config import Config, format_hostport, parse_hostport, users_file_path
+from relay.config import Config, users_file_path
 from relay.events import EventLog
 from relay.inbound.auth import AuthService, PasswordChecks
 from relay.inbound.data import MessageBuffer
 from relay.inbound.esmtp import path_ok
-from relay.inbound.headers import count_received, missing_headers, received_header
+from relay.inbound.headers import count_received_fields, missing_headers, received_header
 from relay.inbound.session import (
     REPLY_BARE_CRLF,
     REPLY_RELAY_DENIED,
@@ -40,8 +40,10 @@ from relay.inbound.session import (
     SessionSettings,
     peer_ip,
     report_error,
+    write_transport,
 )
 from relay.inbound.slots import DataBudget, SessionTable
+from relay.inbound.sockets import BACKLOG, ListeningSocket, bind_listening
 from relay.inbound.tls import ServerTls
 from relay.users import FailureLimiter, UsersFile
 
@@ -49,6 +51,7 @@ __all__ = ["REPLY_BARE_CRLF", "Listener", "MessageStore", "path_ok"]
 
 # RFC 5321 §6.3: a loop is assumed past this many Received fields (the RFC's floor is 100).
 MAX_RECEIVED = 100
+_TRUST_CACHE_SIZE = 4096  # client addresses whose trust is remembered
 _STOP_GRACE_S = 10.0
 
 REPLY_LOOP = "554 5.4.6 Too many Received headers (mail loop?)"
@@ -87,8 +90,19 @@ class _Handler:
         self._on_queued = on_queued
         self._sessions = sessions
         self._networks = [ipaddress.ip_network(n) for n in config.listen.trusted_networks]
+        # Answers per address: parsing it costs more than the rest of a RCPT (every
+        # connection and every RCPT asks, mostly for the same few application hosts).
+        self._trusted: dict[str, bool] = {}
 
     def is_trusted(self, ip: str) -> bool:
+        known = self._trusted.get(ip)
+        if known is None:
+            if len(self._trusted) >= _TRUST_CACHE_SIZE:
+                self._trusted.clear()  # many clients: start again rather than grow
+            known = self._trusted[ip] = self._is_trusted(ip)
+        return known
+
+    def _is_trusted(self, ip: str) -> bool:
         try:
             addr = ipaddress.ip_address(ip.partition("%")[0])
         except ValueError:
@@ -147,7 +161,7 @@ class _Handler:
         if data is None:  # RelaySMTP always sets it once DATA ended well
             raise RuntimeError("DATA ended without content")
         headers = data.peek(0, data.header_end)
-        if count_received(headers) > MAX_RECEIVED:
+        if count_received_fields(headers) > MAX_RECEIVED:
             server.reject("data", REPLY_LOOP, "too many Received headers")
             return REPLY_LOOP
         client = peer_ip(session)
@@ -277,6 +291,7 @@ class Listener:
             ),
         )
         self._auth_required = config.auth.required
+        self._session_settings = {tls: self._settings(implicit_tls=tls) for tls in (False, True)}
         self._servers: list[asyncio.Server] = []
         self._bound: list[str] = []
 
@@ -292,9 +307,9 @@ class Listener:
         if self._tls is not None:
             self._tls.reload()
 
-    def _protocol(self, *, implicit_tls: bool) -> RelaySMTP:
+    def _settings(self, *, implicit_tls: bool) -> SessionSettings:
         cfg = self._config
-        settings = SessionSettings(
+        return SessionSettings(
             data_timeout=cfg.data_timeout,
             max_errors=cfg.max_errors,
             auth_required=self._auth_required,
@@ -303,6 +318,10 @@ class Listener:
             max_session_time=cfg.max_session_time,
             implicit_tls=implicit_tls,
         )
+
+    def _protocol(self, *, implicit_tls: bool) -> RelaySMTP:
+        cfg = self._config
+        settings = self._session_settings[implicit_tls]  # frozen: one each, made once
         starttls = self._tls.front if self._tls is not None and not implicit_tls else None
         return RelaySMTP(
             self._handler,
@@ -318,29 +337,27 @@ class Listener:
             loop=asyncio.get_running_loop(),
         )
 
-    async def _bind(self, address: str, *, implicit_tls: bool) -> None:
+    async def _serve_on(self, listening: ListeningSocket) -> None:
         loop = asyncio.get_running_loop()
-        host, port = parse_hostport(address)
+        implicit_tls = listening.implicit_tls
         server = await loop.create_server(
             lambda: self._protocol(implicit_tls=implicit_tls),
-            host,
-            port,
+            sock=listening.sock,
             ssl=self._tls.front if implicit_tls and self._tls is not None else None,
+            backlog=BACKLOG,
         )
         self._servers.append(server)
-        for sock in server.sockets:
-            name = sock.getsockname()
-            self._bound.append(format_hostport(str(name[0]), int(name[1])))
+        self._bound.append(listening.address)
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[ListeningSocket] | None = None) -> None:
+        """Serve on `sockets` (bound by a supervisor, shared with other processes), or on
+        sockets bound here from `listen.addresses` and `listen.tls_addresses`."""
         cert_file, key_file = self._tls_files
         if cert_file is not None and key_file is not None:
             self._tls = ServerTls(cert_file, key_file)
         try:
-            for address in self._config.addresses:
-                await self._bind(address, implicit_tls=False)
-            for address in self._config.tls_addresses:
-                await self._bind(address, implicit_tls=True)
+            for listening in bind_listening(self._config) if sockets is None else sockets:
+                await self._serve_on(listening)
         except BaseException:
             await self.stop()
             raise
@@ -355,8 +372,8 @@ class Listener:
             async with asyncio.timeout(_STOP_GRACE_S):
                 await self._sessions.quiet.wait()
         for session in list(self._sessions.live):
-            transport = session.transport
-            if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport = write_transport(session.transport)
+            if transport is not None and not transport.is_closing():
                 # A TLS transport whose connection just went away raises on write.
                 with contextlib.suppress(Exception):
                     transport.write(REPLY_SHUTDOWN.encode() + b"\r\n")

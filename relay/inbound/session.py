@@ -110,6 +110,10 @@ _FAST_INIT_ARGS = {
     "timeout",
 }
 
+# No DSN parameter given (the types are frozen: one instance serves every envelope).
+_NO_MAIL_DSN = MailDsn()
+_NO_RCPT_DSN = RcptDsn()
+
 # Not counted as client errors: our own farewells, and RFC 5321 §4.5.3.1.10's recipient
 # limit (a normal way to split a long recipient list).
 _NOT_ERRORS = ("421", "452")
@@ -119,6 +123,8 @@ def _clean_reply(status: str) -> str:
     """aiosmtpd echoes client text in some replies: never reflect it, never send controls."""
     if status.startswith('500 Error: command "'):
         return REPLY_UNKNOWN_COMMAND
+    if status.isascii() and status.isprintable():  # no control characters: every reply of ours
+        return status
     return _CONTROLS.sub("?", status)
 
 
@@ -134,6 +140,14 @@ def report_error(events: EventLog, client: str, error: str) -> None:
     with contextlib.suppress(Exception):
         events.session_error(client=client, error=error)
 
+
+
+def write_transport(transport: object) -> asyncio.WriteTransport | None:
+    """`transport` as one that writes, whatever loop made it: uvloop's transports have
+    asyncio's methods without being subclasses of its classes (isinstance says False)."""
+    if transport is not None and callable(getattr(transport, "write", None)):
+        return cast("asyncio.WriteTransport", transport)
+    return None
 
 class SessionHandler(Protocol):
     """What a session needs of its handler (relay/inbound/listener.py has it)."""
@@ -159,7 +173,7 @@ class RelayEnvelope(Envelope):
 
     def __init__(self) -> None:
         super().__init__()
-        self.mail_dsn = MailDsn()
+        self.mail_dsn = _NO_MAIL_DSN
         self.rcpt_dsn: dict[str, RcptDsn] = {}
         self.requiretls = False  # MAIL FROM carried REQUIRETLS (RFC 8689), in TLS
         # The content once DATA ended well (original_content stays None: no bytes copy).
@@ -217,6 +231,7 @@ class RelaySMTP(AuthenticatingSMTP):
         self._storing = False  # the handler has the message, the client awaits its reply
         self._data_timer_at = float("-inf")
         self._deadline = 0.0  # loop time at which the current timeout ends
+        self._stream: asyncio.StreamReader  # set once connected (_cb_client_connected)
 
     # --- connection life ---
 
@@ -230,8 +245,9 @@ class RelaySMTP(AuthenticatingSMTP):
                 self._events.rejected(
                     client=self._client, stage="connect", code=refusal[:9], reason=refusal[10:]
                 )
-                if isinstance(transport, asyncio.WriteTransport):
-                    transport.write(refusal.encode() + b"\r\n")
+                writer = write_transport(transport)
+                if writer is not None:
+                    writer.write(refusal.encode() + b"\r\n")
                 transport.close()
                 return
             self._admitted = True
@@ -270,6 +286,7 @@ class RelaySMTP(AuthenticatingSMTP):
         return result
 
     def _cb_client_connected(self, reader: Any, writer: Any) -> None:
+        self._stream = reader  # DATA reads it directly (_read_data)
         wrapped = CrlfReader(reader, self._restart_data_timer)
         super()._cb_client_connected(cast(asyncio.StreamReader, wrapped), writer)
 
@@ -318,9 +335,10 @@ class RelaySMTP(AuthenticatingSMTP):
             reply, reason = REPLY_TIMEOUT, f"{stage} timeout"
         with contextlib.suppress(Exception):
             self._events.rejected(client=self._client, stage=stage, code=reply[:9], reason=reason)
-        if isinstance(self.transport, asyncio.WriteTransport):
+        writer = write_transport(self.transport)
+        if writer is not None:
             with contextlib.suppress(Exception):
-                self.transport.write(reply.encode() + b"\r\n")
+                writer.write(reply.encode() + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _create_envelope(self) -> RelayEnvelope:
@@ -421,7 +439,7 @@ class RelaySMTP(AuthenticatingSMTP):
             await self._refuse("mail", REPLY_NEEDS_SMTPUTF8, "non-ASCII sender without SMTPUTF8")
             return
         envelope = self.relay_envelope
-        dsn = MailDsn()
+        dsn = _NO_MAIL_DSN
         requiretls = False
         if rest is not None and self._extended() and envelope.mail_from is None:
             try:
@@ -459,7 +477,7 @@ class RelaySMTP(AuthenticatingSMTP):
         ):
             await self._refuse("rcpt", REPLY_NEEDS_SMTPUTF8, "non-ASCII recipient without SMTPUTF8")
             return
-        dsn = RcptDsn()
+        dsn = _NO_RCPT_DSN
         if rest is not None and self._extended() and self.relay_envelope.mail_from is not None:
             try:
                 rest, dsn = take_rcpt_dsn(rest)
@@ -536,16 +554,19 @@ class RelaySMTP(AuthenticatingSMTP):
         """The DATA section up to its end; None if the connection went away first. However
         it ends, the buffer is released here unless it is returned."""
         message: MessageBuffer | None = MessageBuffer(self.data_size_limit, self._sessions.data)
+        # The StreamReader itself, not the CrlfReader around it (which would restart the
+        # timer for each line as this does): one coroutine less per line of DATA.
+        reader, restart_timer = self._stream, self._restart_data_timer
         try:
             while self.transport is not None and message is not None:
                 try:
-                    # Only CRLF ends a line (RFC 5321 §2.3.8); the wrapper restarts the timer.
-                    line: bytes = await self._reader.readuntil(b"\r\n")
+                    # Only CRLF ends a line (RFC 5321 §2.3.8).
+                    line: bytes = await reader.readuntil(b"\r\n")
                 except asyncio.LimitOverrunError as exc:
                     # A line longer than the reader's buffer: kept piece by piece (issue 13;
                     # the piece holds no CRLF, so a CR or LF in it is bare).
-                    line = await self._reader.read(exc.consumed)
-                    self._restart_data_timer()
+                    line = await reader.read(exc.consumed)
+                restart_timer()
                 if message.feed(line):
                     done, message = message, None
                     return done

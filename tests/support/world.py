@@ -8,6 +8,7 @@ its TOML configuration, never through its code.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -162,6 +163,9 @@ class World:
     def relay_config(self, state_dir: Path, **overrides: dict[str, Any]) -> dict[str, Any]:
         """The relay's config as a nested dict; each keyword merges into that section."""
         config: dict[str, dict[str, Any]] = {
+            # One process: most tests look at one process's limits and counters; the tests
+            # of the multi-process relay ask for more (STS_TEST_PROCESSES runs them all so).
+            "serve": {"processes": int(os.environ.get("STS_TEST_PROCESSES", "1"))},
             "listen": {"addresses": [f"127.0.0.1:{free_port()}"]},
             "state": {"path": str(state_dir)},
             "delivery": {

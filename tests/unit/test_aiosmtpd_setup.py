@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
+from aiosmtpd import smtp as aiosmtpd_smtp
 
 from relay.config import load_config
 from relay.events import EventLog
+from relay.inbound import aiosmtpd_setup
 from relay.inbound import session as smtp_session
 from relay.inbound.aiosmtpd_setup import FAST_INIT
 from relay.inbound.listener import Listener
@@ -95,3 +98,24 @@ async def test_same_attributes_as_aiosmtpd(
     assert set(expected["_auth_methods"]) == {"PLAIN", "LOGIN"}
     assert expected["_auth_require_tls"] is not implicit_tls
     assert (expected["tls_context"] is not None) is (tls and not implicit_tls)
+
+
+def test_command_lines_are_logged_only_when_aiosmtpd_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # aiosmtpd's command loop calls the helper from its module: ours is the one it finds.
+    assert aiosmtpd_smtp.sanitized_log is aiosmtpd_setup.sanitized_log
+    log = logging.getLogger("mail.log")
+    calls: list[tuple[object, ...]] = []
+    with caplog.at_level(logging.WARNING, logger="mail.log"):
+        aiosmtpd_setup.sanitized_log(log.info, "%r >> %r", ("127.0.0.1", 1), b"MAIL FROM:<a@b>")
+        aiosmtpd_setup.sanitized_log(lambda *a: calls.append(a), "%r", b"AUTH PLAIN c2VjcmV0")
+    assert caplog.records == []
+    assert calls == [("%r", b"AUTH PLAIN ********")]  # not aiosmtpd's logger: aiosmtpd's helper
+    with caplog.at_level(logging.DEBUG, logger="mail.log"):
+        aiosmtpd_setup.sanitized_log(log.debug, "%r", b"AUTH PLAIN c2VjcmV0\r\n")
+        aiosmtpd_setup.sanitized_log(log.info, "%r >> %r", ("127.0.0.1", 1), b"QUIT")
+    assert [r.getMessage() for r in caplog.records] == [
+        "b'AUTH PLAIN ********\\r\\n'",  # still sanitized by aiosmtpd's own helper
+        "('127.0.0.1', 1) >> b'QUIT'",
+    ]

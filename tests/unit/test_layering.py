@@ -97,6 +97,7 @@ def test_relay_root_holds_only_wiring_and_shared_parts() -> None:
         "__main__",
         "app",
         "config",
+        "event_loop",
         "events",
         "metrics",
         "posture",

@@ -113,6 +113,7 @@ def test_wal_and_own_tables_only(db_path: Path, cache: PolicyCache) -> None:
             "sqlite_autoindex_sts_policies_1",
             "sts_policy_history",
             "sts_policy_history_domain",
+            "sts_fetch_backoff",  # WITHOUT ROWID: its primary key is the table
         }
         assert other.execute("SELECT count(*) FROM queue_messages").fetchone() == (1,)
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)

@@ -4,8 +4,9 @@ own discover/fetch functions and a real SQLite cache."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import dns.asyncresolver
 import pytest
 
 import policy.resolver as resolver_module
-from policy.cache import CachedPolicy, PolicyCache
+from policy.cache import CachedPolicy, FetchBackoff, FetchClaim, PolicyCache
 from policy.discover import Found, NotFound, TempFail
 from policy.fetch import Fetched, FetchFailed
 from policy.model import Mode, Policy, StsRecord, TlsRptResult
@@ -451,3 +452,194 @@ async def _until(condition: Callable[[], bool]) -> None:
     async with asyncio.timeout(5.0):
         while not condition():  # noqa: ASYNC110
             await asyncio.sleep(0.001)
+
+
+# -- two processes on one state database (STS-32 across `serve.processes`) ----------------
+
+
+class WatchedCache(PolicyCache):
+    """The real cache, counting the reads of fetch state that a waiting resolver polls."""
+
+    polls = 0
+
+    def fetch_state(
+        self, domain: str, policy_id: str, now: float
+    ) -> FetchBackoff | FetchClaim | None:
+        self.polls += 1
+        return super().fetch_state(domain, policy_id, now)
+
+
+@dataclass
+class Process:
+    """A second relay process: its own cache connection and resolver on the same file."""
+
+    cache: WatchedCache
+    observer: Recorder
+    resolver: PolicyResolver
+
+
+@pytest.fixture
+def other(env: Env, tmp_path: Path) -> Iterator[Process]:
+    cache = WatchedCache(tmp_path / "state.sqlite3")
+    observer = Recorder()
+    yield Process(cache, observer, _resolver(cache, env.clock, observer))
+    cache.close()
+
+
+async def test_a_failure_in_one_process_is_honoured_by_another(env: Env, other: Process) -> None:
+    failure = FetchFailed(TlsRptResult.STS_WEBPKI_INVALID, "certificate for other.test")
+    env.world.publish("d.test", "1", failure)
+    first = await env.resolver.resolve("d.test")
+    second = await other.resolver.resolve("d.test")
+    for lookup in (first, second):
+        assert (lookup.policy, lookup.source) == (None, "none")
+        assert (lookup.failure, lookup.detail) == (failure.result, failure.detail)
+    assert env.world.fetch_count("d.test") == 1
+    assert len(env.observer.failed) == 1
+    assert other.observer.failed == []  # the failure is reported once, by who fetched
+    env.world.publish("d.test", "2", P1)  # a new id is fetched at once, by either
+    assert (await other.resolver.resolve("d.test")).source == "fetched"
+    assert env.world.fetch_count("d.test") == 2
+
+
+async def test_after_the_back_off_one_process_fetches_again(env: Env, other: Process) -> None:
+    env.world.publish("d.test", "1", FAIL)
+    await env.resolver.resolve("d.test")
+    env.clock.now += 301
+    await other.resolver.resolve("d.test")  # fetches, fails again: a new back-off for all
+    assert env.world.fetch_count("d.test") == 2
+    lookup = await env.resolver.resolve("d.test")
+    assert lookup.failure is TlsRptResult.STS_POLICY_FETCH_ERROR
+    assert env.world.fetch_count("d.test") == 2
+    assert (len(env.observer.failed), len(other.observer.failed)) == (1, 1)
+
+
+async def test_a_success_ends_the_back_off_for_all(env: Env, other: Process) -> None:
+    env.world.publish("d.test", "1", FAIL)
+    await env.resolver.resolve("d.test")
+    env.clock.now += 301
+    env.world.served["d.test"] = Fetched(P1)
+    assert (await other.resolver.resolve("d.test")).source == "fetched"
+    assert env.cache.fetch_state("d.test", "1", env.clock.now) is None
+    # The first process's cache still remembers "nothing cached" (its memory trusts a read
+    # for a few seconds); the back-off has ended, and its claim finds the stored policy.
+    lookup = await env.resolver.resolve("d.test")
+    assert (lookup.source, lookup.policy, lookup.failure) == ("cached", P1, None)
+    assert env.world.fetch_count("d.test") == 2
+
+
+async def test_recheck_ignores_another_process_back_off(env: Env, other: Process) -> None:
+    # §5.1 step 3 (STS-74): before a bounce, fetch whatever any process recorded.
+    env.world.publish("d.test", "1", FAIL)
+    await env.resolver.resolve("d.test")
+    env.world.served["d.test"] = Fetched(P_NONE)
+    lookup = await other.resolver.recheck("d.test")
+    assert (lookup.source, lookup.policy) == ("fetched", P_NONE)
+    assert env.world.fetch_count("d.test") == 2
+    assert env.cache.fetch_state("d.test", "1", env.clock.now) is None
+
+
+@pytest.mark.parametrize("served", [P1, FAIL], ids=["fetched", "failed"])
+async def test_one_fetch_when_two_processes_resolve_at_once(
+    env: Env, other: Process, served: Policy | FetchFailed
+) -> None:
+    # Single-flight across processes: the second waits for the first one's fetch.
+    env.world.publish("d.test", "1", served)
+    gate = env.world.gates["d.test"] = asyncio.Event()
+    first = asyncio.create_task(env.resolver.resolve("d.test"))
+    await _until(lambda: env.world.fetch_count("d.test") == 1)
+    second = asyncio.create_task(other.resolver.resolve("d.test"))
+    await _until(lambda: other.cache.polls > 0)  # waiting for the first one's fetch
+    gate.set()
+    lookups = await asyncio.gather(first, second)
+    assert env.world.fetch_count("d.test") == 1
+    if served is FAIL:
+        assert {(lk.source, lk.failure, lk.detail) for lk in lookups} == {
+            ("none", FAIL.result, FAIL.detail)
+        }
+        assert (len(env.observer.failed), other.observer.failed) == (1, [])
+    else:
+        assert [(lk.source, lk.policy) for lk in lookups] == [("fetched", P1), ("cached", P1)]
+
+
+async def test_waiting_for_another_process_ends_with_the_fetch_deadline(
+    env: Env, other: Process
+) -> None:
+    # A fetch under way elsewhere that outlasts this resolver's own fetch deadline: the
+    # delivery is not held longer than a fetch of its own would hold it, nor fetches twice.
+    env.world.publish("d.test", "1", P1)
+    gate = env.world.gates["d.test"] = asyncio.Event()
+    first = asyncio.create_task(env.resolver.resolve("d.test"))
+    await _until(lambda: env.world.fetch_count("d.test") == 1)
+    impatient = PolicyResolver(
+        other.cache,
+        dns.asyncresolver.Resolver(configure=False),
+        ssl.create_default_context(),
+        fetch_deadline=0.2,
+        observer=other.observer,
+        clock=env.clock,
+    )
+    lookup = await impatient.resolve("d.test")
+    assert (lookup.policy, lookup.source) == (None, "none")
+    assert lookup.failure is TlsRptResult.STS_POLICY_FETCH_ERROR
+    assert lookup.detail is not None
+    assert "another lookup" in lookup.detail
+    assert env.world.fetch_count("d.test") == 1
+    assert other.observer.failed == []
+    gate.set()
+    assert (await first).source == "fetched"
+
+
+async def test_a_claim_left_by_a_dead_process_runs_out(env: Env, other: Process) -> None:
+    env.world.publish("d.test", "1", P1)
+    now = env.clock.now
+    assert other.cache.claim_fetch("d.test", "1", now, now + 30) is None  # then it died
+    env.clock.now += 30
+    assert (await env.resolver.resolve("d.test")).source == "fetched"
+    assert env.world.fetch_count("d.test") == 1
+
+
+async def test_a_policy_stored_meanwhile_is_not_fetched_again(env: Env, other: Process) -> None:
+    # The first process read the cache (nothing), the other stored the policy before the
+    # first claimed the fetch: the claim finds the policy, no second request.
+    env.world.publish("d.test", "1", P1)
+    assert env.cache.get("d.test") is None  # remembered by the first process as "nothing"
+    assert (await other.resolver.resolve("d.test")).source == "fetched"
+    lookup = await env.resolver.resolve("d.test")
+    assert (lookup.source, lookup.policy) == ("cached", P1)
+    assert env.world.fetch_count("d.test") == 1
+    assert env.cache.fetch_state("d.test", "1", env.clock.now) is None  # claim released
+
+
+async def test_refresh_without_a_record_alerts_once_for_all(env: Env, other: Process) -> None:
+    # STS-71: each process runs refreshes; one warning per failure_backoff, not one each.
+    env.world.publish("d.test", "1", P1)
+    await env.resolver.resolve("d.test")
+    entry = env.cache.get("d.test")
+    assert entry is not None
+    env.world.txt["d.test"] = NotFound()
+    env.clock.now = refresh_at(entry) + 1
+    assert await env.resolver.refresh_due(env.clock.now, recently_used=86_400) == 0
+    discovered = len(env.world.discovered)
+    assert await other.resolver.refresh_due(env.clock.now, recently_used=86_400) == 0
+    assert len(env.world.discovered) == discovered  # no query either
+    assert (len(env.observer.failed), other.observer.failed) == (1, [])
+
+
+async def test_a_claim_that_cannot_be_written_does_not_stop_the_fetch(
+    env: Env, tmp_path: Path
+) -> None:
+    # The write lock is held elsewhere: the fetch goes ahead unclaimed, as one process's.
+    env.world.publish("d.test", "1", P1)
+    gate = env.world.gates["d.test"] = asyncio.Event()
+    holder = sqlite3.connect(tmp_path / "state.sqlite3", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        lookup = asyncio.create_task(env.resolver.resolve("d.test"))
+        await _until(lambda: env.world.fetch_count("d.test") == 1)
+        holder.execute("ROLLBACK")  # so that the policy can be stored
+    finally:
+        holder.close()
+    gate.set()
+    assert (await lookup).source == "fetched"
+    assert env.cache.fetch_state("d.test", "1", env.clock.now) is None

@@ -1,0 +1,595 @@
+"""The MTA-STS policy cache in PostgreSQL, shared by every relay node on one database
+(`state.url = postgresql://...`, issue 15): the PostgreSQL engine of policy/cache.py.
+
+Same tables, methods and semantics as PolicyCache (SQLite), so the resolver and the
+commands take either (the PolicyStore protocol): the in-memory layer in front of the
+database (`remembered`, trusted for `revalidate_after` seconds, so another node's `policy
+forget` or newer policy is seen within that time), the change history recorded in the
+store's transaction, and the fetch state (back-offs and claims per (domain, TXT id)) read
+from the database every time. Through the database the claim holds across nodes: one
+node fetches a domain's policy, the others wait for its outcome or honour its back-off.
+
+Owns the `sts_` tables of the shared database and its row `policy-cache` in the schema
+versions table (`sts_relay_schema`), nothing else. The schema is created or upgraded when a
+cache is opened, under a transaction-scoped advisory lock that the TLS report and
+posture stores take too, so nodes starting at once on an empty database do not race.
+Methods are synchronous and thread-safe (one connection, under a lock); async callers run
+them with asyncio.to_thread. A failure of the database or of the connection
+raises PolicyCacheError (an OSError); the next call connects again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Final, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from policy.cache import (
+    _MEMORY_LIMIT,
+    HISTORY_DAYS,
+    HISTORY_PER_DOMAIN,
+    REVALIDATE_AFTER_S,
+    CachedPolicy,
+    FetchBackoff,
+    FetchClaim,
+    PolicyCacheError,
+    PolicyChange,
+    Remembered,
+    _from_row,
+    _key,
+    _parse_stored,
+    _row_of,
+)
+from policy.model import TlsRptResult
+
+COMPONENT: Final = "policy-cache"
+# Each entry upgrades the schema by one version; the version is the number applied.
+MIGRATIONS: Final[Sequence[Sequence[str]]] = (
+    (
+        """CREATE TABLE sts_policies (
+            domain       TEXT PRIMARY KEY,
+            policy_id    TEXT NOT NULL,
+            policy_text  TEXT NOT NULL,
+            fetched_at   DOUBLE PRECISION NOT NULL,
+            expires_at   DOUBLE PRECISION NOT NULL,
+            last_used_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE sts_policy_history (
+            id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            domain     TEXT NOT NULL,
+            changed_at DOUBLE PRECISION NOT NULL,
+            old_id     TEXT, -- NULL: the first policy seen for the domain
+            old_text   TEXT,
+            new_id     TEXT NOT NULL,
+            new_text   TEXT NOT NULL
+        )""",
+        "CREATE INDEX sts_policy_history_domain ON sts_policy_history (domain, id)",
+        "CREATE INDEX sts_policy_history_changed ON sts_policy_history (changed_at)",
+        """CREATE TABLE sts_fetch_backoff (
+            domain    TEXT NOT NULL,
+            policy_id TEXT NOT NULL, -- '' after a refresh found no usable record
+            state     TEXT NOT NULL, -- 'failed': back off until `until`; 'fetching': claimed
+            until     DOUBLE PRECISION NOT NULL, -- wall-clock seconds
+            result    TEXT NOT NULL, -- the failure's RFC 8460 result type ('' while fetching)
+            detail    TEXT NOT NULL,
+            PRIMARY KEY (domain, policy_id)
+        )""",
+    ),
+)
+_PUT_LOCK: Final = 0x5354_5301  # with hashtext(domain): one store of a domain at a time
+_FAILED: Final = "failed"
+_FETCHING: Final = "fetching"
+_SESSION: Final = {
+    "statement_timeout": "10s",  # SQLite's busy timeout
+    # A cached policy must survive the server's crash as well as the relay's (§10.2).
+    "synchronous_commit": "on",
+}
+# A claim comes before a fetch, on a delivery's path, and only saves a duplicate request:
+# when its row is locked that long, the caller fetches unclaimed instead of waiting.
+_CLAIM_LOCK_TIMEOUT: Final = "1s"
+RECONNECT_PAUSE_S: Final = 1.0  # after a failed connection, calls fail at once this long
+
+
+class PostgresPolicyCache:
+    """Policies by domain in table `sts_policies` of a PostgreSQL database; corrupt rows are
+    skipped, never fatal. Raises PolicyCacheError when the database cannot be used (at
+    construction too: an unreachable database at start is an error)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        revalidate_after: float = REVALIDATE_AFTER_S,
+        monotonic: Callable[[], float] = time.monotonic,
+        on_change: Callable[[PolicyChange], None] | None = None,
+        reconnect_pause: float = RECONNECT_PAUSE_S,
+    ) -> None:
+        self.on_change = on_change  # told of each committed change (not of a first policy)
+        self._revalidate_after = revalidate_after
+        self._monotonic = monotonic
+        # domain -> (what the database held, when we saw it); changed only under _lock,
+        # together with the statement it mirrors, so its order is the database's order.
+        self._memory: dict[str, tuple[CachedPolicy | None, float]] = {}
+        self._lock = threading.Lock()
+        self._db = _Database(
+            url,
+            PolicyCacheError,
+            component=COMPONENT,
+            migrations=MIGRATIONS,
+            session=_SESSION,
+            reconnect_pause=reconnect_pause,
+            monotonic=monotonic,
+        )
+
+    def remembered(self, domain: str) -> Remembered | None:
+        """Without touching the database: what get() returned or put() stored for `domain`
+        less than `revalidate_after` seconds ago, or None (then call get())."""
+        seen = self._memory.get(_key(domain))
+        if seen is None or self._monotonic() - seen[1] >= self._revalidate_after:
+            return None
+        return Remembered(seen[0])
+
+    def get(self, domain: str) -> CachedPolicy | None:
+        """The cached entry for `domain`, expired or not; None if absent or corrupt."""
+        key = _key(domain)
+        with self._lock:
+            row = self._db.read(
+                lambda db: db.execute(
+                    "SELECT domain, policy_id, policy_text, fetched_at, expires_at,"
+                    " last_used_at FROM sts_policies WHERE domain = %s",
+                    (key,),
+                ).fetchone()
+            )
+            entry = None if row is None else _from_row(row)
+            self._remember(key, entry)
+        return entry
+
+    def put(self, entry: CachedPolicy) -> None:
+        """Store `entry` (max_age 0: remove the domain's policy, STS-68), record it in the
+        history when it differs from the last one known, and end the fetch state of its
+        id, in one transaction; then tell on_change of a change."""
+        key = _key(entry.domain)
+        with self._lock:
+            self._memory.pop(key, None)  # if the write fails, the database is asked next time
+            change = self._db.write(lambda db: _put(db, key, entry))
+            stored = None if entry.policy.max_age == 0 else _from_row(_row_of(key, entry))
+            self._remember(key, stored)
+        if change is not None and change.old is not None and self.on_change is not None:
+            self.on_change(change)
+
+    def history(self, domain: str) -> list[PolicyChange]:
+        """The recorded policies of `domain`, oldest first (unreadable entries skipped)."""
+        with self._lock:
+            rows = self._db.read(
+                lambda db: db.execute(
+                    "SELECT domain, changed_at, old_id, old_text, new_id, new_text"
+                    " FROM sts_policy_history WHERE domain = %s ORDER BY id",
+                    (_key(domain),),
+                ).fetchall()
+            )
+        changes = []
+        for name, changed_at, old_id, old_text, new_id, new_text in rows:
+            new = _parse_stored(new_text) if isinstance(new_text, str) else None
+            old = _parse_stored(old_text) if isinstance(old_text, str) else None
+            if new is None or not isinstance(changed_at, int | float):
+                continue
+            changes.append(PolicyChange(name, float(changed_at), old_id, old, new_id, new))
+        return changes
+
+    def touch(self, domain: str, now: float) -> None:
+        """Record that `domain`'s policy was used at `now` (drives proactive refresh)."""
+        key = _key(domain)
+        with self._lock:
+            self._db.write(
+                lambda db: db.execute(
+                    "UPDATE sts_policies SET last_used_at = %s"
+                    " WHERE domain = %s AND last_used_at < %s",
+                    (now, key, now),
+                )
+            )
+            seen = self._memory.get(key)
+            if seen is not None and seen[0] is not None and seen[0].last_used_at < now:
+                self._memory[key] = (replace(seen[0], last_used_at=now), seen[1])
+
+    def forget(self, domain: str) -> bool:
+        """Remove `domain`'s cached policy; True if there was one."""
+        key = _key(domain)
+        with self._lock:
+            self._memory.pop(key, None)
+            removed = self._db.write(
+                lambda db: db.execute("DELETE FROM sts_policies WHERE domain = %s", (key,))
+            ).rowcount
+            self._remember(key, None)
+        return removed > 0
+
+    def all(self) -> list[CachedPolicy]:
+        """Every readable entry, by domain."""
+        with self._lock:
+            rows = self._db.read(
+                lambda db: db.execute(
+                    "SELECT domain, policy_id, policy_text, fetched_at, expires_at,"
+                    " last_used_at FROM sts_policies ORDER BY domain"
+                ).fetchall()
+            )
+        return [entry for entry in map(_from_row, rows) if entry is not None]
+
+    def fetch_state(
+        self, domain: str, policy_id: str, now: float
+    ) -> FetchBackoff | FetchClaim | None:
+        """The back-off or claim standing at `now` for (domain, policy_id), whichever node
+        wrote it (an unreadable row counts as none)."""
+        key = _key(domain)
+        with self._lock:
+            return self._db.read(lambda db: _standing(_state_row(db, key, policy_id), now))
+
+    def claim_fetch(
+        self, domain: str, policy_id: str, now: float, until: float
+    ) -> FetchBackoff | FetchClaim | None:
+        """Claim the fetch of (domain, policy_id) until `until`, unless a back-off or
+        another claim stands at `now`: that one is returned, and None when the claim is
+        the caller's (checked and written in one transaction, so one node wins). Raises
+        PolicyCacheError, after about a second when another transaction holds the row."""
+        key = _key(domain)
+        with self._lock:
+            # Most calls find nothing standing; the row is locked only then.
+            standing = self._db.read(lambda db: _standing(_state_row(db, key, policy_id), now))
+            if standing is not None:
+                return standing
+            return self._db.write(lambda db: _claim(db, key, policy_id, now, until))
+
+    def back_off(self, domain: str, policy_id: str, backoff: FetchBackoff, now: float) -> None:
+        """Record a failed fetch of (domain, policy_id), replacing its claim if any."""
+        key = _key(domain)
+        state = (_FAILED, backoff.until, backoff.result.value, backoff.detail)
+        with self._lock:
+            self._db.write(lambda db: _write_state(db, key, policy_id, state, now))
+
+    def clear_fetch_state(self, domain: str, policy_id: str) -> None:
+        """End the back-off or claim of (domain, policy_id), if any."""
+        key = _key(domain)
+        with self._lock:
+            self._db.write(
+                lambda db: db.execute(
+                    "DELETE FROM sts_fetch_backoff WHERE domain = %s AND policy_id = %s",
+                    (key, policy_id),
+                )
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._memory.clear()
+            self._db.close()
+
+    def _remember(self, key: str, entry: CachedPolicy | None) -> None:
+        now = self._monotonic()
+        if len(self._memory) >= _MEMORY_LIMIT:
+            stale = [
+                k for k, (_, seen) in self._memory.items() if now - seen >= self._revalidate_after
+            ]
+            for k in stale:
+                del self._memory[k]
+            if len(self._memory) >= _MEMORY_LIMIT:
+                self._memory.clear()
+        self._memory[key] = (entry, now)
+
+
+# --- statements, inside the transaction the caller opened ----------------------------------
+
+
+def _put(db: _Connection, key: str, entry: CachedPolicy) -> PolicyChange | None:
+    # Two nodes storing one domain's policy at once must not both record the same change.
+    db.execute("SELECT pg_advisory_xact_lock(%s::integer, hashtext(%s))", (_PUT_LOCK, key))
+    change = _record_change(db, key, entry)
+    if entry.policy.max_age == 0:
+        db.execute("DELETE FROM sts_policies WHERE domain = %s", (key,))
+    else:
+        db.execute(
+            "INSERT INTO sts_policies (domain, policy_id, policy_text, fetched_at, expires_at,"
+            " last_used_at) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (domain) DO UPDATE"
+            " SET policy_id = excluded.policy_id, policy_text = excluded.policy_text,"
+            " fetched_at = excluded.fetched_at, expires_at = excluded.expires_at,"
+            " last_used_at = excluded.last_used_at",
+            _row_of(key, entry),
+        )
+    # A fetch that succeeded ends its id's back-off or claim (waiters on other nodes then
+    # find the policy, committed with it) and a refresh's no-record back-off.
+    db.execute(
+        "DELETE FROM sts_fetch_backoff WHERE domain = %s AND policy_id IN (%s, '')",
+        (key, entry.policy_id),
+    )
+    return change
+
+
+def _record_change(db: _Connection, key: str, entry: CachedPolicy) -> PolicyChange | None:
+    """The change `entry` makes, recorded (None: none); as PolicyCache._record_change."""
+    row = (
+        db.execute(
+            "SELECT policy_id, policy_text FROM sts_policies WHERE domain = %s", (key,)
+        ).fetchone()
+        or db.execute(
+            "SELECT new_id, new_text FROM sts_policy_history WHERE domain = %s"
+            " ORDER BY id DESC LIMIT 1",
+            (key,),
+        ).fetchone()
+    )
+    old_id = row[0] if row is not None and isinstance(row[0], str) else None
+    old = _parse_stored(row[1]) if row is not None and isinstance(row[1], str) else None
+    change = PolicyChange(key, entry.fetched_at, old_id, old, entry.policy_id, entry.policy)
+    if old is not None and not change.changed:
+        return None
+    db.execute(
+        "INSERT INTO sts_policy_history (domain, changed_at, old_id, old_text, new_id,"
+        " new_text) VALUES (%s, %s, %s, %s, %s, %s)",
+        (key, entry.fetched_at, old_id, old.text if old else None, entry.policy_id,
+         entry.policy.text),
+    )  # fmt: skip
+    db.execute(
+        "DELETE FROM sts_policy_history WHERE domain = %s AND id NOT IN (SELECT id FROM"
+        " sts_policy_history WHERE domain = %s ORDER BY id DESC LIMIT %s)",
+        (key, key, HISTORY_PER_DOMAIN),
+    )
+    db.execute(
+        "DELETE FROM sts_policy_history WHERE changed_at < %s",
+        (entry.fetched_at - HISTORY_DAYS * 86400.0,),
+    )
+    return change
+
+
+def _state_row(db: _Connection, key: str, policy_id: str, *, lock: bool = False) -> TupleRow | None:
+    query = (
+        "SELECT state, until, result, detail FROM sts_fetch_backoff"
+        " WHERE domain = %s AND policy_id = %s"
+    )
+    return db.execute(query + (" FOR UPDATE" if lock else ""), (key, policy_id)).fetchone()
+
+
+def _standing(row: TupleRow | None, now: float) -> FetchBackoff | FetchClaim | None:
+    if row is None:
+        return None
+    state, until, result, detail = row
+    if not isinstance(until, int | float) or until <= now:
+        return None
+    if state == _FETCHING:
+        return FetchClaim(float(until))
+    if state != _FAILED or not isinstance(detail, str):
+        return None
+    try:
+        return FetchBackoff(float(until), TlsRptResult(result), detail)
+    except ValueError:
+        return None
+
+
+def _claim(
+    db: _Connection, key: str, policy_id: str, now: float, until: float
+) -> FetchBackoff | FetchClaim | None:
+    db.execute("SELECT set_config('lock_timeout', %s, true)", (_CLAIM_LOCK_TIMEOUT,))
+    _purge_expired(db, now)
+    # No row: ours. A row (committed, or another node's insert, which this one waits for):
+    # locked and read, then replaced only if nothing stands.
+    inserted = db.execute(
+        "INSERT INTO sts_fetch_backoff (domain, policy_id, state, until, result, detail)"
+        " VALUES (%s, %s, %s, %s, '', '') ON CONFLICT DO NOTHING RETURNING 1",
+        (key, policy_id, _FETCHING, until),
+    ).fetchone()
+    if inserted is not None:
+        return None
+    standing = _standing(_state_row(db, key, policy_id, lock=True), now)
+    if standing is None:
+        _write_state(db, key, policy_id, (_FETCHING, until, "", ""), now)
+    return standing
+
+
+def _write_state(
+    db: _Connection, key: str, policy_id: str, state: tuple[str, float, str, str], now: float
+) -> None:
+    """Replace the row of (key, policy_id), and delete the expired ones."""
+    _purge_expired(db, now)
+    db.execute(
+        "INSERT INTO sts_fetch_backoff (domain, policy_id, state, until, result, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (domain, policy_id) DO UPDATE"
+        " SET state = excluded.state, until = excluded.until, result = excluded.result,"
+        " detail = excluded.detail",
+        (key, policy_id, *state),
+    )
+
+
+def _purge_expired(db: _Connection, now: float) -> None:
+    # Rows another transaction holds are left for a later write: never wait for them.
+    db.execute(
+        "DELETE FROM sts_fetch_backoff WHERE (domain, policy_id) IN (SELECT domain, policy_id"
+        " FROM sts_fetch_backoff WHERE until <= %s FOR UPDATE SKIP LOCKED)",
+        (now,),
+    )
+
+
+# --- the connection ---------------------------------------------------------------------
+# The same in policy/cache_postgres.py, tlsrpt/store_postgres.py and posture/store_postgres.py:
+# those packages may not import each other (tests/unit/test_layering.py), and
+# tests/integration/test_postgres_schema.py keeps the three copies equal.
+
+# The policy cache, the TLS reports and the posture take this lock around their schema work
+# (with the versions table they share): "STSRELAY" as a bigint. (The queue keeps its own
+# lock and version, mailqueue/postgres_schema.py.)
+SCHEMA_LOCK: Final = 0x5354_5352_454C_4159
+_VERSIONS_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS sts_relay_schema ("
+    " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+)
+# Connection parameters unless the URL sets them: a database that does not answer must
+# not hold a caller (or the lock the store's other callers wait for) for long.
+_CONNECT_DEFAULTS: Final = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "application_name": "sts-relay",
+}
+# What a statement may raise: the driver's errors, and a str it cannot encode (a lone
+# surrogate), which SQLite's engine raises too.
+_ERRORS: Final = (psycopg.Error, UnicodeEncodeError)
+# A transaction the server rolled back to settle a race between nodes: run it again.
+_RACE_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_RACE_RETRIES: Final = 5
+_T = TypeVar("_T")
+_Connection = psycopg.Connection[TupleRow]
+
+
+class _Database:
+    """One connection, opened at start (creating or upgrading the schema) and again after
+    it broke. psycopg errors leave as `error` (one line naming the database). Not locked:
+    the owner serialises calls."""
+
+    def __init__(
+        self,
+        url: str,
+        error: type[OSError],
+        *,
+        component: str,
+        migrations: Sequence[Sequence[str]],
+        session: Mapping[str, str],
+        reconnect_pause: float,
+        monotonic: Callable[[], float],
+        create: bool = True,
+    ) -> None:
+        self._error = error
+        self._session = session
+        self._pause = reconnect_pause
+        self._monotonic = monotonic
+        self._conn: _Connection | None = None
+        self._failed: tuple[float, str] | None = None  # when and why connecting failed
+        self._closed = False
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise error(f"state.url: {_one_line(exc)}") from None  # may hold the password
+        host, port = given.get("host", "localhost"), given.get("port", "5432")
+        self._where = f"PostgreSQL {host}:{port}/{given.get('dbname', '')}"
+        defaults = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
+        self._conninfo = make_conninfo(url, **defaults)
+        if create:
+            try:
+                self.write(lambda db: migrate(db, component, migrations, error))
+            except BaseException:
+                self.close()
+                raise
+
+    def read(self, work: Callable[[_Connection], _T]) -> _T:
+        """`work` in autocommit (one statement, or reads that need no snapshot); tried
+        again on a new connection when the one kept turns out dead."""
+        for stale_ok in (True, False):
+            db, reused = self._connection()
+            try:
+                return work(db)
+            except _ERRORS as exc:
+                if self._broken(db) and reused and stale_ok:
+                    continue
+                raise self._fail(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def write(self, work: Callable[[_Connection], _T]) -> _T:
+        """`work` in one transaction: committed, or rolled back and raised as `error`. Run
+        again when nothing of it can have been committed: the kept connection was dead
+        before BEGIN went out, or the server broke a deadlock or a serialization conflict
+        by rolling it back (a few times)."""
+        stale_ok, races = True, 0
+        while True:
+            db, reused = self._connection()
+            begun = False
+            try:
+                with db.transaction():
+                    begun = True
+                    return work(db)
+            except _RACE_ERRORS as exc:
+                races += 1
+                if races >= _RACE_RETRIES:
+                    raise self._fail(exc) from exc
+            except _ERRORS as exc:
+                if not (self._broken(db) and reused and stale_ok and not begun):
+                    raise self._fail(exc) from exc
+                stale_ok = False
+
+    def close(self) -> None:
+        self._closed = True
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> tuple[_Connection, bool]:
+        """The kept connection (True), or a new one (False)."""
+        if self._closed:
+            raise self._error(f"{self._where}: closed")
+        if self._conn is not None and not self._conn.closed:
+            return self._conn, True
+        if self._failed is not None and self._monotonic() - self._failed[0] < self._pause:
+            raise self._error(self._failed[1])
+        try:
+            db = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            failure = self._fail(exc)
+            self._failed = (self._monotonic(), str(failure))
+            raise failure from None  # the chained error could name the password
+        try:
+            for name, value in self._session.items():
+                db.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except psycopg.Error as exc:
+            db.close()
+            raise self._fail(exc) from exc
+        self._conn, self._failed = db, None
+        return db, False
+
+    def _broken(self, db: _Connection) -> bool:
+        """After an error: whether the connection is gone (then it is dropped)."""
+        if not (db.broken or db.closed):
+            return False
+        with contextlib.suppress(psycopg.Error):
+            db.close()
+        if self._conn is db:
+            self._conn = None
+        return True
+
+    def _fail(self, exc: Exception) -> OSError:
+        return self._error(f"{self._where}: {_one_line(exc)}")
+
+
+def migrate(
+    db: _Connection, component: str, migrations: Sequence[Sequence[str]], error: type[OSError]
+) -> None:
+    """Inside a transaction: bring `component`'s tables to version len(migrations), under
+    the relay's schema lock (nodes starting at once wait for each other); `error` for a
+    schema newer than this code."""
+    db.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (SCHEMA_LOCK,))
+    db.execute(_VERSIONS_TABLE)
+    row = db.execute(
+        "SELECT version FROM sts_relay_schema WHERE component = %s", (component,)
+    ).fetchone()
+    found = int(row[0]) if row is not None else 0
+    if found > len(migrations):
+        raise error(
+            f"{component}: schema version {found} is newer than this relay knows"
+            f" ({len(migrations)}); upgrade the relay"
+        )
+    if found == len(migrations):
+        return
+    for step in migrations[found:]:
+        for statement in step:
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO sts_relay_schema (component, version) VALUES (%s, %s)"
+        " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+        (component, len(migrations)),
+    )
+
+
+def _one_line(exc: Exception) -> str:
+    """The error as one printable line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

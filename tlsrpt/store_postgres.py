@@ -1,0 +1,505 @@
+"""TLSRPT state in PostgreSQL, shared by every relay node on one database (`state.url =
+postgresql://...`, issue 15): the PostgreSQL engine of tlsrpt/store.py.
+
+Same methods and semantics as ReportStore (SQLite, the ReportStorage protocol), plus what
+a cluster needs for one RFC 8460 report per policy domain per day:
+- counters are added in the database (`add_counts` never overwrites), so the sessions
+  every node counted end up in one report;
+- `save_report` inserts the (day, domain) report only if none exists (the unique key
+  decides, whatever the number of nodes building it at once) and says whether this call
+  made it: the reporter sends only a report it made (relay/reporting.py);
+- a delivery is sent by one node at a time: the winner's new deliveries are claimed by
+  this store until `now + claim_seconds`, `due_deliveries` claims the due ones with FOR
+  UPDATE SKIP LOCKED (claimed by no one, or a claim that ran out: its node died), and
+  `update_delivery` records a result only while the claim is this store's (or no one's).
+
+Owns the `tlsrpt_` tables and the row `tlsrpt` of the schema versions table
+(`sts_relay_schema`), created or upgraded when a store is opened, under the relay's
+schema lock. A counter row's key is a digest of the session's fields (they can be longer
+than an index entry may be). Methods are synchronous and thread-safe; async callers run
+them with asyncio.to_thread. A failure of the database or of the connection raises
+ReportStoreError (an OSError); the next call connects again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final, TypeVar
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+
+from tlsrpt.model import Count, Delivery, DeliveryState, Session
+from tlsrpt.store import _count_from_row, _delivery_from_row, _delivery_row, _session_key
+
+COMPONENT: Final = "tlsrpt"
+MIGRATIONS: Final[Sequence[Sequence[str]]] = (
+    (
+        """CREATE TABLE tlsrpt_sessions (
+            session_key    BYTEA PRIMARY KEY, -- SHA-256 of the nine fields that follow
+            day            TEXT NOT NULL,
+            domain         TEXT NOT NULL,
+            policy_type    TEXT NOT NULL,
+            policy_strings TEXT NOT NULL,
+            policy_mx      TEXT NOT NULL,
+            result_type    TEXT NOT NULL,
+            receiving_mx   TEXT NOT NULL,
+            receiving_ip   TEXT NOT NULL,
+            sending_ip     TEXT NOT NULL,
+            count          BIGINT NOT NULL
+        )""",
+        "CREATE INDEX tlsrpt_sessions_day ON tlsrpt_sessions (day, domain)",
+        """CREATE TABLE tlsrpt_reports (
+            report_id  TEXT PRIMARY KEY,
+            day        TEXT NOT NULL,
+            domain     TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            payload    BYTEA,
+            UNIQUE (day, domain)
+        )""",
+        """CREATE TABLE tlsrpt_deliveries (
+            report_id        TEXT NOT NULL,
+            uri              TEXT NOT NULL,
+            state            TEXT NOT NULL,
+            attempts         INTEGER NOT NULL,
+            first_attempt_at DOUBLE PRECISION NOT NULL,
+            next_attempt_at  DOUBLE PRECISION,
+            last_error       TEXT,
+            claimed_by       TEXT, -- the store (node) sending it now, until claimed_until
+            claimed_until    DOUBLE PRECISION,
+            PRIMARY KEY (report_id, uri)
+        )""",
+        "CREATE INDEX tlsrpt_deliveries_pending ON tlsrpt_deliveries (next_attempt_at)"
+        " WHERE state = 'pending'",
+    ),
+)
+# A claim covers a batch of sends one after the other, each bounded by its POST deadline
+# (or a queue insert) and DNS: past it, the claimant is taken for dead.
+CLAIM_SECONDS: Final = 900.0
+_CLAIM_BATCH: Final = 16
+_SESSION: Final = {
+    "statement_timeout": "30s",
+    # A report recorded as made is never made again: its record must outlive a crash.
+    "synchronous_commit": "on",
+}
+RECONNECT_PAUSE_S: Final = 1.0  # after a failed connection, calls fail at once this long
+_DELIVERY_COLUMNS: Final = (
+    "d.report_id, r.domain, r.day, d.uri, d.state, d.attempts, d.first_attempt_at,"
+    " d.next_attempt_at, d.last_error"
+)
+
+
+class ReportStoreError(OSError):
+    """The PostgreSQL report store failed, or its database could not be reached; one line
+    naming the database, never its password. Nothing of the call was stored, except when
+    the connection broke during its commit."""
+
+
+class PostgresReportStore:
+    """The `tlsrpt_*` tables in a PostgreSQL database. Corrupt rows are skipped, never
+    fatal. Raises ReportStoreError (at construction too: an unreachable database at start
+    is an error)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        claim_seconds: float = CLAIM_SECONDS,
+        reconnect_pause: float = RECONNECT_PAUSE_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._claim_seconds = claim_seconds
+        self._me = secrets.token_hex(8)  # the claimant's name on the rows it sends
+        self._lock = threading.Lock()
+        self._db = _Database(
+            url,
+            ReportStoreError,
+            component=COMPONENT,
+            migrations=MIGRATIONS,
+            session=_SESSION,
+            reconnect_pause=reconnect_pause,
+            monotonic=monotonic,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- counters ----------------------------------------------------------------------
+
+    def add_counts(self, counts: Mapping[Session, int]) -> None:
+        """Add a batch of session counts to the database's, in one transaction."""
+        rows = sorted(_counter_row(s, n) for s, n in counts.items() if n > 0)
+        if not rows:
+            return  # (sorted: two nodes adding the same keys lock them in one order)
+        with self._lock:
+            self._db.write(
+                lambda db: db.cursor().executemany(
+                    "INSERT INTO tlsrpt_sessions VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s,"
+                    " %s, %s) ON CONFLICT (session_key)"
+                    " DO UPDATE SET count = tlsrpt_sessions.count + excluded.count",
+                    rows,
+                )
+            )
+
+    def counts(self, day: str, domain: str | None = None) -> list[Count]:
+        """Every counter of `day` (of one domain, if given), by domain."""
+        query = (
+            "SELECT day, domain, policy_type, policy_strings, policy_mx, result_type,"
+            " receiving_mx, receiving_ip, sending_ip, count FROM tlsrpt_sessions"
+            " WHERE day = %s AND (%s::text IS NULL OR domain = %s) ORDER BY domain"
+        )
+        with self._lock:
+            rows = self._db.read(lambda db: db.execute(query, (day, domain, domain)).fetchall())
+        return [c for c in map(_count_from_row, rows) if c is not None]
+
+    def unreported(self, oldest: str, newest: str) -> list[tuple[str, str]]:
+        """(day, domain) pairs with counters in [oldest, newest] and no report yet."""
+        with self._lock:
+            rows = self._db.read(
+                lambda db: db.execute(
+                    "SELECT DISTINCT s.day, s.domain FROM tlsrpt_sessions s"
+                    " WHERE s.day BETWEEN %s AND %s AND NOT EXISTS (SELECT 1 FROM"
+                    " tlsrpt_reports r WHERE r.day = s.day AND r.domain = s.domain)"
+                    " ORDER BY s.day, s.domain",
+                    (oldest, newest),
+                ).fetchall()
+            )
+        return [(str(day), str(domain)) for day, domain in rows]
+
+    def prune(self, before: str) -> None:
+        """Forget counters and reports of days before `before`."""
+
+        def prune(db: _Connection) -> None:
+            db.execute("DELETE FROM tlsrpt_sessions WHERE day < %s", (before,))
+            db.execute(
+                "DELETE FROM tlsrpt_deliveries WHERE report_id IN"
+                " (SELECT report_id FROM tlsrpt_reports WHERE day < %s)",
+                (before,),
+            )
+            db.execute("DELETE FROM tlsrpt_reports WHERE day < %s", (before,))
+
+        with self._lock:
+            self._db.write(prune)
+
+    # -- reports and their deliveries ----------------------------------------------------
+
+    def save_report(
+        self,
+        report_id: str,
+        day: str,
+        domain: str,
+        payload: bytes | None,
+        deliveries: Iterable[Delivery],
+        now: float,
+    ) -> bool:
+        """Record that (day, domain) was reported (payload None: nowhere to send it), with
+        its deliveries claimed by this store for sending now. True when this call made the
+        report; False, and nothing changed, when it existed (another node made it)."""
+        rows = [(*_delivery_row(d), self._me, now + self._claim_seconds) for d in deliveries]
+
+        def save(db: _Connection) -> bool:
+            made = db.execute(
+                "INSERT INTO tlsrpt_reports VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT DO NOTHING RETURNING 1",
+                (report_id, day, domain, now, payload),
+            ).fetchone()
+            if made is None:
+                return False
+            db.cursor().executemany(
+                "INSERT INTO tlsrpt_deliveries VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+            return True
+
+        with self._lock:
+            return self._db.write(save)
+
+    def update_delivery(self, delivery: Delivery) -> None:
+        """Record a send's result and end this store's claim. A row another node claimed
+        meanwhile (this claim ran out) is that node's: left as it is."""
+        with self._lock:
+            self._db.write(
+                lambda db: db.execute(
+                    "UPDATE tlsrpt_deliveries SET state = %s, attempts = %s,"
+                    " next_attempt_at = %s, last_error = %s, claimed_by = NULL,"
+                    " claimed_until = NULL WHERE report_id = %s AND uri = %s"
+                    " AND (claimed_by IS NULL OR claimed_by = %s)",
+                    (
+                        delivery.state.value,
+                        delivery.attempts,
+                        delivery.next_attempt_at,
+                        delivery.last_error,
+                        delivery.report_id,
+                        delivery.uri,
+                        self._me,
+                    ),
+                )
+            )
+
+    def due_deliveries(self, now: float) -> list[tuple[Delivery, bytes]]:
+        """Pending deliveries whose retry time has come, with their payload, each claimed
+        by this store until now + claim_seconds (at most a batch per call): no other node
+        gets them meanwhile."""
+        claim = (
+            "WITH due AS (SELECT d.report_id, d.uri FROM tlsrpt_deliveries d"
+            " JOIN tlsrpt_reports r USING (report_id)"
+            " WHERE d.state = %(pending)s AND d.next_attempt_at <= %(now)s"
+            " AND r.payload IS NOT NULL"
+            " AND (d.claimed_until IS NULL OR d.claimed_until <= %(now)s)"
+            " ORDER BY d.next_attempt_at LIMIT %(batch)s FOR UPDATE OF d SKIP LOCKED)"
+            " UPDATE tlsrpt_deliveries d SET claimed_by = %(me)s, claimed_until = %(until)s"
+            " FROM due, tlsrpt_reports r"
+            " WHERE d.report_id = due.report_id AND d.uri = due.uri"
+            " AND r.report_id = d.report_id"
+            " RETURNING d.report_id, r.domain, r.day, d.uri, d.state, d.attempts,"
+            " d.first_attempt_at, d.next_attempt_at, d.last_error, r.payload"
+        )
+        args = {
+            "pending": DeliveryState.PENDING.value,
+            "now": now,
+            "batch": _CLAIM_BATCH,
+            "me": self._me,
+            "until": now + self._claim_seconds,
+        }
+        with self._lock:
+            rows = self._db.write(lambda db: db.execute(claim, args).fetchall())
+        out = []
+        for row in rows:
+            delivery = _delivery_from_row(row[:-1])
+            if delivery is not None and isinstance(row[-1], bytes):
+                out.append((delivery, row[-1]))
+        return sorted(out, key=lambda found: (found[0].next_attempt_at or 0.0, found[0].uri))
+
+    def next_retry_at(self) -> float | None:
+        """When the next pending delivery falls due (a claimed one: when its claim ends)."""
+        with self._lock:
+            row = self._db.read(
+                lambda db: db.execute(
+                    "SELECT MIN(GREATEST(next_attempt_at, claimed_until))"
+                    " FROM tlsrpt_deliveries WHERE state = %s",
+                    (DeliveryState.PENDING.value,),
+                ).fetchone()
+            )
+        value = row[0] if row else None
+        return float(value) if isinstance(value, int | float) else None
+
+    def deliveries(self, day: str) -> list[Delivery]:
+        with self._lock:
+            rows = self._db.read(
+                lambda db: db.execute(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM tlsrpt_deliveries d"  # noqa: S608 - constant
+                    " JOIN tlsrpt_reports r USING (report_id) WHERE r.day = %s"
+                    " ORDER BY r.domain, d.uri",
+                    (day,),
+                ).fetchall()
+            )
+        return [d for d in map(_delivery_from_row, rows) if d is not None]
+
+    def reported_domains(self, day: str) -> set[str]:
+        with self._lock:
+            rows = self._db.read(
+                lambda db: db.execute(
+                    "SELECT domain FROM tlsrpt_reports WHERE day = %s", (day,)
+                ).fetchall()
+            )
+        return {str(r[0]) for r in rows}
+
+
+def _counter_row(session: Session, count: int) -> tuple[object, ...]:
+    fields = _session_key(session)
+    digest = hashlib.sha256(json.dumps(fields).encode()).digest()
+    return (digest, *fields, count)
+
+
+# --- the connection ---------------------------------------------------------------------
+# The same in policy/cache_postgres.py, tlsrpt/store_postgres.py and posture/store_postgres.py:
+# those packages may not import each other (tests/unit/test_layering.py), and
+# tests/integration/test_postgres_schema.py keeps the three copies equal.
+
+# The policy cache, the TLS reports and the posture take this lock around their schema work
+# (with the versions table they share): "STSRELAY" as a bigint. (The queue keeps its own
+# lock and version, mailqueue/postgres_schema.py.)
+SCHEMA_LOCK: Final = 0x5354_5352_454C_4159
+_VERSIONS_TABLE: Final = (
+    "CREATE TABLE IF NOT EXISTS sts_relay_schema ("
+    " component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+)
+# Connection parameters unless the URL sets them: a database that does not answer must
+# not hold a caller (or the lock the store's other callers wait for) for long.
+_CONNECT_DEFAULTS: Final = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "application_name": "sts-relay",
+}
+# What a statement may raise: the driver's errors, and a str it cannot encode (a lone
+# surrogate), which SQLite's engine raises too.
+_ERRORS: Final = (psycopg.Error, UnicodeEncodeError)
+# A transaction the server rolled back to settle a race between nodes: run it again.
+_RACE_ERRORS: Final = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_RACE_RETRIES: Final = 5
+_T = TypeVar("_T")
+_Connection = psycopg.Connection[TupleRow]
+
+
+class _Database:
+    """One connection, opened at start (creating or upgrading the schema) and again after
+    it broke. psycopg errors leave as `error` (one line naming the database). Not locked:
+    the owner serialises calls."""
+
+    def __init__(
+        self,
+        url: str,
+        error: type[OSError],
+        *,
+        component: str,
+        migrations: Sequence[Sequence[str]],
+        session: Mapping[str, str],
+        reconnect_pause: float,
+        monotonic: Callable[[], float],
+        create: bool = True,
+    ) -> None:
+        self._error = error
+        self._session = session
+        self._pause = reconnect_pause
+        self._monotonic = monotonic
+        self._conn: _Connection | None = None
+        self._failed: tuple[float, str] | None = None  # when and why connecting failed
+        self._closed = False
+        try:
+            given = conninfo_to_dict(url)
+        except psycopg.Error as exc:
+            raise error(f"state.url: {_one_line(exc)}") from None  # may hold the password
+        host, port = given.get("host", "localhost"), given.get("port", "5432")
+        self._where = f"PostgreSQL {host}:{port}/{given.get('dbname', '')}"
+        defaults = {k: v for k, v in _CONNECT_DEFAULTS.items() if k not in given}
+        self._conninfo = make_conninfo(url, **defaults)
+        if create:
+            try:
+                self.write(lambda db: migrate(db, component, migrations, error))
+            except BaseException:
+                self.close()
+                raise
+
+    def read(self, work: Callable[[_Connection], _T]) -> _T:
+        """`work` in autocommit (one statement, or reads that need no snapshot); tried
+        again on a new connection when the one kept turns out dead."""
+        for stale_ok in (True, False):
+            db, reused = self._connection()
+            try:
+                return work(db)
+            except _ERRORS as exc:
+                if self._broken(db) and reused and stale_ok:
+                    continue
+                raise self._fail(exc) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def write(self, work: Callable[[_Connection], _T]) -> _T:
+        """`work` in one transaction: committed, or rolled back and raised as `error`. Run
+        again when nothing of it can have been committed: the kept connection was dead
+        before BEGIN went out, or the server broke a deadlock or a serialization conflict
+        by rolling it back (a few times)."""
+        stale_ok, races = True, 0
+        while True:
+            db, reused = self._connection()
+            begun = False
+            try:
+                with db.transaction():
+                    begun = True
+                    return work(db)
+            except _RACE_ERRORS as exc:
+                races += 1
+                if races >= _RACE_RETRIES:
+                    raise self._fail(exc) from exc
+            except _ERRORS as exc:
+                if not (self._broken(db) and reused and stale_ok and not begun):
+                    raise self._fail(exc) from exc
+                stale_ok = False
+
+    def close(self) -> None:
+        self._closed = True
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+    def _connection(self) -> tuple[_Connection, bool]:
+        """The kept connection (True), or a new one (False)."""
+        if self._closed:
+            raise self._error(f"{self._where}: closed")
+        if self._conn is not None and not self._conn.closed:
+            return self._conn, True
+        if self._failed is not None and self._monotonic() - self._failed[0] < self._pause:
+            raise self._error(self._failed[1])
+        try:
+            db = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            failure = self._fail(exc)
+            self._failed = (self._monotonic(), str(failure))
+            raise failure from None  # the chained error could name the password
+        try:
+            for name, value in self._session.items():
+                db.execute("SELECT set_config(%s, %s, false)", (name, value))
+        except psycopg.Error as exc:
+            db.close()
+            raise self._fail(exc) from exc
+        self._conn, self._failed = db, None
+        return db, False
+
+    def _broken(self, db: _Connection) -> bool:
+        """After an error: whether the connection is gone (then it is dropped)."""
+        if not (db.broken or db.closed):
+            return False
+        with contextlib.suppress(psycopg.Error):
+            db.close()
+        if self._conn is db:
+            self._conn = None
+        return True
+
+    def _fail(self, exc: Exception) -> OSError:
+        return self._error(f"{self._where}: {_one_line(exc)}")
+
+
+def migrate(
+    db: _Connection, component: str, migrations: Sequence[Sequence[str]], error: type[OSError]
+) -> None:
+    """Inside a transaction: bring `component`'s tables to version len(migrations), under
+    the relay's schema lock (nodes starting at once wait for each other); `error` for a
+    schema newer than this code."""
+    db.execute("SELECT pg_advisory_xact_lock(%s::bigint)", (SCHEMA_LOCK,))
+    db.execute(_VERSIONS_TABLE)
+    row = db.execute(
+        "SELECT version FROM sts_relay_schema WHERE component = %s", (component,)
+    ).fetchone()
+    found = int(row[0]) if row is not None else 0
+    if found > len(migrations):
+        raise error(
+            f"{component}: schema version {found} is newer than this relay knows"
+            f" ({len(migrations)}); upgrade the relay"
+        )
+    if found == len(migrations):
+        return
+    for step in migrations[found:]:
+        for statement in step:
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO sts_relay_schema (component, version) VALUES (%s, %s)"
+        " ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+        (component, len(migrations)),
+    )
+
+
+def _one_line(exc: Exception) -> str:
+    """The error as one printable line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return "".join(ch if ch.isprintable() else "?" for ch in text)

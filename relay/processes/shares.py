@@ -7,6 +7,11 @@ most one per process larger. AUTH failure thresholds are split the same way, so 
 whose connections the kernel spreads over the processes gets at most one try per process
 more than configured, while a user's typo (a client that tries PLAIN then LOGIN counts two)
 is not punished harder than with one process.
+
+`listen.max_sessions_per_client` is the exception: every process applies it whole. The
+kernel does not spread one client's connections evenly (the first process to wake takes
+the next connection), so a split limit would refuse a client well below the configured
+number; whole, a client may hold up to that many sessions in each process.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ def process_share(cfg: Config, count: int) -> Config:
         listen=replace(
             listen,
             max_sessions=_up(listen.max_sessions, count),
-            max_sessions_per_client=_up(listen.max_sessions_per_client, count),
             reserved_sessions=math.ceil(listen.reserved_sessions / count),
             # Each process must still hold one message of the largest size.
             max_data_in_flight=max(

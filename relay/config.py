@@ -370,7 +370,7 @@ class ListenConfig:
     command_timeout: float = _key(300, _seconds)
     data_timeout: float = _key(600, _seconds)
     tls_addresses: tuple[str, ...] = _key((), _list(_hostport))  # implicit TLS (port 465)
-    max_sessions_per_client: int = _key(20, _int(1))
+    max_sessions_per_client: int = _key(50, _int(1))  # as Postfix's default
     max_errors: int = _key(10, _int(1))
     # Issue 11: bytes of DATA held in memory by all sessions together (0 = 4 times
     # max_message_size); past it a new DATA gets 451 4.3.1.

@@ -31,7 +31,7 @@ from mailqueue.model import Lease
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
-from policy.cache import CachedPolicy, PolicyCache, PolicyChange
+from policy.cache import CachedPolicy, PolicyCache, PolicyChange, PolicyStore
 from policy.model import Policy, PolicyLookup, TlsRptResult
 from policy.resolver import PolicyCacheUnavailable, PolicyResolver
 from policy.webpki import client_context, unverified_context
@@ -132,8 +132,12 @@ def _open_store(cfg: Config, store_class: type[_Store]) -> _Store:
     )
 
 
-def open_policy_cache(cfg: Config) -> PolicyCache:
+def open_policy_cache(cfg: Config) -> PolicyStore:
     Path(cfg.state.path).mkdir(parents=True, exist_ok=True)
+    if cfg.state.url:  # shared by every node: one fetch per refresh for them all
+        from policy.cache_postgres import PostgresPolicyCache
+
+        return PostgresPolicyCache(cfg.state.url)
     return PolicyCache(database_path(cfg))
 
 
@@ -216,7 +220,7 @@ class Relay:
     """The running parts, for tests and for the `serve` command."""
 
     store: GatedStore
-    cache: PolicyCache
+    cache: PolicyStore
     policies: PolicyResolver
     worker: Scheduler
     listener: Listener

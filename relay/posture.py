@@ -165,9 +165,13 @@ class PostureFeed:
 
 
 def open_posture_store(cfg: Config, db_path: Path, *, readonly: bool = False) -> PostureStore:
-    """The aggregates' engine: the embedded SQLite state database (a PostgreSQL engine,
-    issue 15, is chosen here when `state.url` is set)."""
-    return SqlitePostureStore(db_path, readonly=readonly)  # one engine so far: `cfg` will choose
+    """The aggregates' engine: the embedded SQLite state database, or the PostgreSQL one of
+    `state.url` (shared by every node)."""
+    if cfg.state.url:
+        from posture.store_postgres import PostgresPostureStore
+
+        return PostgresPostureStore(cfg.state.url, readonly=readonly)
+    return SqlitePostureStore(db_path, readonly=readonly)
 
 
 def stale_after(cfg: Config) -> float:
@@ -189,8 +193,10 @@ def build_posture(
     """The posture parts of a running relay; reads the waiting entries a previous run left.
     With several `processes` the waiting figures are the store's, and only the process with
     `gauges` reports them (the supervisor adds the processes' figures up)."""
+    # Other writers: the other processes, or the other nodes of a shared database.
+    shared = processes > 1 or bool(cfg.state.url)
     tally = PostureTally(
-        open_posture_store(cfg, db_path), stale_after=stale_after(cfg), shared=processes > 1
+        open_posture_store(cfg, db_path), stale_after=stale_after(cfg), shared=shared
     )
     tally.load()
     feed = PostureFeed(tally, metrics, events)

@@ -453,7 +453,13 @@ def build_reporting(
 ) -> Reporting:
     """Raises ConfigError when the DKIM key cannot sign."""
     settings = report_settings(cfg)
-    store = ReportStore(db_path)
+    store: ReportStorage
+    if cfg.state.url:  # shared by every node: one report per (day, domain) for them all
+        from tlsrpt.store_postgres import PostgresReportStore
+
+        store = PostgresReportStore(cfg.state.url)
+    else:
+        store = ReportStore(db_path)
     counter = SessionCounter(store)
     reporter = Reporter(
         settings, store, resolver=resolver, ssl_context=ssl_context, events=events, queue=queue

@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         selection = selection_of(_queue_request(args, as_json))
         if isinstance(selection, str):  # a usage mistake is said before anything is opened
             return fail(selection, EXIT_USAGE, as_json=as_json)
-    if _needs_store(args, cfg):
+    if _needs_store(args, cfg) and not cfg.state.url:  # a shared database is never created here
         try:
             existing_store(cfg.state.path)
         except NoState as exc:

@@ -258,7 +258,8 @@ async def run_policy_check(cfg: Config, domain: str, as_json: bool) -> int:
     )
     cached = None
     try:
-        existing_store(cfg.state.path)
+        if not cfg.state.url:
+            existing_store(cfg.state.path)
     except NoState as exc:
         print(f"sts-relay: {exc}: no cached policy to show", file=sys.stderr)
     else:

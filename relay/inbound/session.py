@@ -141,13 +141,13 @@ def report_error(events: EventLog, client: str, error: str) -> None:
         events.session_error(client=client, error=error)
 
 
-
 def write_transport(transport: object) -> asyncio.WriteTransport | None:
     """`transport` as one that writes, whatever loop made it: uvloop's transports have
     asyncio's methods without being subclasses of its classes (isinstance says False)."""
     if transport is not None and callable(getattr(transport, "write", None)):
         return cast("asyncio.WriteTransport", transport)
     return None
+
 
 class SessionHandler(Protocol):
     """What a session needs of its handler (relay/inbound/listener.py has it)."""

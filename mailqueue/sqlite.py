@@ -493,4 +493,3 @@ def _probe_write(conn: sqlite3.Connection) -> None:
         "INSERT INTO queue_meta (key, value) VALUES ('write_probe', zeroblob(?))", (_PROBE_BYTES,)
     )
     conn.execute("DELETE FROM queue_meta WHERE key = 'write_probe'")
-

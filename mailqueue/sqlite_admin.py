@@ -34,7 +34,9 @@ from mailqueue.admin import (
 )
 from mailqueue.ids import QueueIds
 from mailqueue.model import DsnRequest, LeasedRecipient, MessageRecord, NewMessage
-from mailqueue.sqlite_ops import HELD, SET_ASIDE, _message, insert_message, read_data
+from mailqueue.rows import HELD, SET_ASIDE
+from mailqueue.rows import message_record as _message
+from mailqueue.sqlite_ops import insert_message, read_data
 from mailqueue.sqlite_schema import dsn_from_json
 
 _PENDING = "r.state IN ('queued', 'deferred')"

@@ -97,6 +97,20 @@ def _lease_group(
         " AND next_attempt_at <= ? ORDER BY id",
         (msg_id, domain, now),
     ).fetchall()
+    sibling = conn.execute(
+        "SELECT MAX(lease_until) FROM queue_recipients WHERE message_id = ? AND domain = ?"
+        " AND lease_owner IS NOT NULL AND lease_until > ?",
+        (msg_id, domain, now),
+    ).fetchone()[0]
+    if sibling is not None:
+        # Part of the group is in delivery under a live lease: one attempt per (message,
+        # domain) at a time. The rest waits for that lease's end (not found again by
+        # every poll meanwhile).
+        conn.executemany(
+            "UPDATE queue_recipients SET next_attempt_at = ? WHERE id = ?",
+            [(sibling, r[0]) for r in rows],
+        )
+        return None
     msg = conn.execute(
         "SELECT queue_id, sender, received_at, typeof(data), dsn, requiretls FROM queue_messages"
         " WHERE id = ?",
@@ -204,10 +218,15 @@ def record_lease(
         expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
         key = (msg_id, lease.domain, lease.owner, lease.until)
         held = {r[1]: r for r in conn.execute(_SELECT_UNDER_LEASE, key)}
+        # One jitter draw for the whole group: its deferred recipients fall due together
+        # and are leased together again (drawn apart, one could be leased while a sibling
+        # still is: two attempts of one (message, domain) at once).
+        group_jitter = rng.getrandbits(64)
         for result in results:
             found = held.get(result.address)
             if found is not None:
-                _apply(conn, found, result, now, expires_at, schedule, rng)
+                same = random.Random(group_jitter)  # noqa: S311 - retry jitter, not a secret
+                _apply(conn, found, result, now, expires_at, schedule, same)
                 applied.append(result.address)
         if applied and _delete_if_final(conn, msg_id):
             deleted = True

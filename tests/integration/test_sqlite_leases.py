@@ -456,3 +456,51 @@ async def test_another_process_never_takes_a_live_lease(db: Path) -> None:
             assert (await store.record(lease, results)).lost == ()
     finally:
         await store.close()
+
+
+def due_times(db: Path) -> list[float]:
+    conn = sqlite3.connect(db)
+    try:
+        return [r[0] for r in conn.execute("SELECT next_attempt_at FROM queue_recipients")]
+    finally:
+        conn.close()
+
+
+async def test_a_deferred_group_falls_due_together(
+    store: SqliteStore, db: Path, clock: Clock
+) -> None:
+    """One jitter draw per group: drawn per recipient, one recipient fell due (and was
+    leased) while its sibling's lease was still live — two attempts of one (message,
+    domain) at once, and the scheduler took the second lease for its own work."""
+    await store.put(message("a@x.test", "b@x.test", "c@x.test", "d@x.test"))
+    for _ in range(3):
+        (lease,) = await store.lease_due("w1", 10, 60)
+        deferred = [RecipientResult(r.address, RcptState.DEFERRED, "451") for r in lease.recipients]
+        await store.record(lease, deferred, None)
+        times = due_times(db)
+        assert len(set(times)) == 1, times
+        clock.now = times[0]
+
+
+async def test_no_second_lease_of_a_group_while_part_of_it_is_leased(
+    store: SqliteStore, db: Path, clock: Clock
+) -> None:
+    await store.put(message("a@x.test", "b@x.test"))
+    (first,) = await store.lease_due("w1", 10, 60)
+    # A sibling that falls due while the group is in delivery (rows as an older relay or an
+    # operator's edit may leave them): it is not leased to anyone until that lease ends.
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute(
+            "UPDATE queue_recipients SET lease_owner = NULL, lease_until = NULL,"
+            " next_attempt_at = ? WHERE address = 'b@x.test'",
+            (clock.now,),
+        )
+    conn.close()
+    assert await store.lease_due("w2", 10, 60) == []
+    assert await store.lease_due("w1", 10, 60) == []
+    # Once the first lease is recorded and over, the waiting sibling is leased.
+    await store.record(first, [RecipientResult("a@x.test", RcptState.SENT, "250")], None)
+    clock.now = first.until + 1
+    (second,) = await store.lease_due("w2", 10, 60)
+    assert [r.address for r in second.recipients] == ["b@x.test"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -22,11 +23,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import dns.asyncresolver
 import dns.nameserver
 
+from mailqueue.ids import use_id_slot
 from mailqueue.model import Lease
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
@@ -54,6 +56,13 @@ from relay.posture import PostureFeed, build_posture
 from relay.reporting import Reporting, build_reporting
 from relay.state import DB_NAME as DB_NAME  # re-exported: tests and tools use it
 from relay.state import ServeLock
+
+if TYPE_CHECKING:  # imported when `state.url` asks for it: psycopg costs 10 MiB a process
+    from typing import TypeAlias
+
+    from mailqueue.postgres import PostgresStore
+
+    AnyStore: TypeAlias = SqliteStore | PostgresStore
 
 # Proactive policy refresh (RFC 8461 §3.3, §10.2): which domains count as "still being
 # mailed" (how often to look is `policy.refresh_interval`).
@@ -94,7 +103,7 @@ def make_resolver(
     return resolver
 
 
-class GatedStore(SqliteStore):
+class _LeaseGate:
     """The queue store as the worker sees it: leasing can be closed for a graceful stop."""
 
     leasing = True
@@ -102,7 +111,21 @@ class GatedStore(SqliteStore):
     async def lease_due(self, owner: str, limit: int, lease_seconds: float) -> list[Lease]:
         if not self.leasing:
             return []
-        return await super().lease_due(owner, limit, lease_seconds)
+        return await super().lease_due(owner, limit, lease_seconds)  # type: ignore[misc,no-any-return]
+
+
+class GatedStore(_LeaseGate, SqliteStore):
+    """The embedded SQLite queue store, gated."""
+
+
+@functools.cache
+def _gated_postgres() -> type[PostgresStore]:
+    from mailqueue.postgres import PostgresStore
+
+    class GatedPostgresStore(_LeaseGate, PostgresStore):
+        """The shared PostgreSQL queue store (`state.url`), gated."""
+
+    return GatedPostgresStore
 
 
 class CountingResolver(PolicyResolver):
@@ -116,20 +139,36 @@ class CountingResolver(PolicyResolver):
         return lookup
 
 
-def open_store(cfg: Config) -> SqliteStore:
-    return _open_store(cfg, SqliteStore)
+def open_store(cfg: Config) -> AnyStore:
+    """The queue store of `state.url` (PostgreSQL, shared) or `state.path` (SQLite), for a
+    command (no background maintenance: the serving relays do it)."""
+    if cfg.state.url:
+        from mailqueue.postgres import PostgresStore
+
+        return PostgresStore(cfg.state.url, **_schedule(cfg), maintenance_every=None)
+    return _open_sqlite(cfg, SqliteStore)
+
+
+def _open_gated(cfg: Config) -> GatedStore | PostgresStore:
+    """The serving relay's store; `leasing` closes it for a graceful stop (_drain)."""
+    if cfg.state.url:
+        return _gated_postgres()(cfg.state.url, **_schedule(cfg))
+    return _open_sqlite(cfg, GatedStore)
+
+
+def _schedule(cfg: Config) -> dict[str, Any]:
+    return {
+        "schedule": RetrySchedule(tuple(float(d) for d in cfg.queue.retry_schedule)),
+        "lifetime": float(cfg.queue.lifetime),
+    }
 
 
 _Store = TypeVar("_Store", bound=SqliteStore)
 
 
-def _open_store(cfg: Config, store_class: type[_Store]) -> _Store:
+def _open_sqlite(cfg: Config, store_class: type[_Store]) -> _Store:
     Path(cfg.state.path).mkdir(parents=True, exist_ok=True)
-    return store_class(
-        database_path(cfg),
-        schedule=RetrySchedule(tuple(float(d) for d in cfg.queue.retry_schedule)),
-        lifetime=float(cfg.queue.lifetime),
-    )
+    return store_class(database_path(cfg), **_schedule(cfg))
 
 
 def open_policy_cache(cfg: Config) -> PolicyStore:
@@ -204,6 +243,7 @@ class ProcessRole:
     index: int = 0
     count: int = 1
     owner_token: str = field(default_factory=lambda: secrets.token_hex(4))
+    id_slot: int = 0  # this process's part of the queue ids (mailqueue/ids.py)
 
     @property
     def primary(self) -> bool:
@@ -219,7 +259,7 @@ def lease_owner(hostname: str, pid: int, token: str) -> str:
 class Relay:
     """The running parts, for tests and for the `serve` command."""
 
-    store: GatedStore
+    store: GatedStore | PostgresStore  # PostgreSQL's is gated too (_gated_postgres)
     cache: PolicyStore
     policies: PolicyResolver
     worker: Scheduler
@@ -229,6 +269,7 @@ class Relay:
     stopping: bool = False
     reporting: Reporting | None = None
     posture: PostureFeed | None = None  # the TLS posture counters (relay/posture.py)
+    state_path: Path = Path()  # state.path: the serve lock, the users file (SQLite: the store)
 
 
 def build(cfg: Config, events: EventLog, role: ProcessRole | None = None) -> Relay:
@@ -251,7 +292,7 @@ def build(cfg: Config, events: EventLog, role: ProcessRole | None = None) -> Rel
         observer=_PolicyEvents(events),
     )
     policies.on_lookup = metrics.observe_lookup
-    store = _open_store(cfg, GatedStore)
+    store = _open_gated(cfg)
     attempt = AttemptSettings(
         port=cfg.delivery.port,
         helo=cfg.delivery.hostname,
@@ -325,6 +366,7 @@ def build(cfg: Config, events: EventLog, role: ProcessRole | None = None) -> Rel
         overrides=overrides,
         reporting=reporting,
         posture=posture,
+        state_path=Path(cfg.state.path),
     )
 
 
@@ -374,7 +416,7 @@ async def readiness(relay: Relay) -> str | None:
     try:
         await relay.store.counts()
         problem = await relay.store.writable()
-        await asyncio.to_thread(_probe_write, relay.store.path.parent)
+        await asyncio.to_thread(_probe_write, relay.state_path)
     except (StoreUnavailable, OSError) as exc:
         return f"store not writable: {exc}"
     return None if problem is None else f"store not writable: {problem}"
@@ -390,7 +432,8 @@ async def _drain(relay: Relay, grace: float) -> int:
     """Lease nothing more and wait up to `grace` seconds for deliveries in flight; return
     how many were still running (they are cut off and stay queued: their leases are
     released when the store is next opened)."""
-    relay.store.leasing = False
+    if isinstance(relay.store, _LeaseGate):  # the serving store of either engine is gated
+        relay.store.leasing = False
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     while relay.worker.in_flight and loop.time() < deadline:  # noqa: ASYNC110 - a count only
@@ -416,11 +459,17 @@ async def _log_admin_journal(
     of a relay: one logs) only the waking is done."""
     logged: int | None = None
     pause, retry = every, _FIRST_RETRY_S
+    store = relay.store
     while True:
         try:
-            if logged is None:
-                logged = await relay.store.journal_logged()
-            entries = await relay.store.journal(logged)
+            if not isinstance(store, SqliteStore):
+                # Several nodes: each entry is claimed by one of them, which logs it (the
+                # others are woken by the store's notifications: _wake_on_notifications).
+                entries = await store.claim_journal() if log else []
+            else:
+                if logged is None:
+                    logged = await store.journal_logged()
+                entries = await store.journal(logged)
             for entry in entries if log else ():
                 events.queue_admin(
                     action=entry.action,
@@ -433,14 +482,21 @@ async def _log_admin_journal(
                 )
             if entries:
                 logged = entries[-1].id
-                if log:
-                    await relay.store.mark_journal_logged(logged)
+                if log and isinstance(store, SqliteStore):
+                    await store.mark_journal_logged(logged)
                 relay.worker.wake()
             pause, retry = (0.0 if entries else every), _FIRST_RETRY_S
         except StoreUnavailable as exc:
             pause, retry = retry, min(retry * 2, max_retry)
             events.store_error(error=f"admin journal: {exc} (retrying in {pause:g} s)")
         await asyncio.sleep(pause)
+
+
+async def _wake_on_notifications(relay: Relay, store: PostgresStore) -> None:
+    """Until cancelled: wake the worker whenever any node changed the queue (`queue flush`,
+    hold, release...: the store's LISTEN), so the change takes effect at once here too."""
+    async for _ in store.notifications():
+        relay.worker.wake()
 
 
 async def _reload_on(
@@ -488,6 +544,8 @@ async def serve(
     directory's serve lock is held throughout (relay/state.py): when another process
     serves it, StateBusy is raised before anything else is opened.
     """
+    if cfg.state.url:  # other nodes draw queue ids too: a slot of our own, at random
+        use_id_slot(secrets.randbelow(256))
     with ServeLock(cfg.state.path):
         await _serve_locked(cfg, events, stop, hangup=hangup, load=load, reason=reason)
 
@@ -560,6 +618,11 @@ async def running(
             await relay.reporting.close()
         if relay.posture is not None:
             await relay.posture.close()
+        if not isinstance(relay.store, SqliteStore):
+            # Nothing of ours is in delivery any more; a shared store has no start-up
+            # recovery (a node cannot know it is alone): hand our leases back now.
+            with contextlib.suppress(StoreUnavailable):
+                await relay.store.release_owner(relay.worker.owner)
         await relay.store.close()
         relay.cache.close()
 
@@ -582,6 +645,8 @@ async def work(
     async with asyncio.TaskGroup() as tasks:
         worker = tasks.create_task(relay.worker.run())
         background = [tasks.create_task(_log_admin_journal(relay, events, log=primary))]
+        if not isinstance(relay.store, SqliteStore):
+            background.append(tasks.create_task(_wake_on_notifications(relay, relay.store)))
         if primary:
             refresh = _refresh_policies(relay.policies, cfg.policy.refresh_interval, events)
             background.append(tasks.create_task(refresh))

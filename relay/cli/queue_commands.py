@@ -27,11 +27,10 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mailqueue.admin import AdminAction, AdminResult, Pick, Selection
 from mailqueue.model import MessageRecord
-from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from relay.cli.output import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, fail, print_json
 from relay.cli.queue_bounce import last_error, operator_bounce_report
@@ -48,6 +47,9 @@ _UNITS = {
     AdminAction.FLUSH: ("recipient(s)", "made due now"),
     AdminAction.BOUNCE: ("recipient(s)", "bounced"),
 }
+
+if TYPE_CHECKING:  # the whole relay is imported only by commands that need it
+    from relay.app import AnyStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +165,7 @@ async def run_queue_command(cfg: Config, request: QueueRequest) -> int:
         await store.close()
 
 
-async def _show(store: SqliteStore, queue_id: str, as_json: bool) -> int:
+async def _show(store: AnyStore, queue_id: str, as_json: bool) -> int:
     found = await store.get_message(queue_id)
     if found is None:
         return fail(f"no message {queue_id} in the queue", as_json=as_json, queue_id=queue_id)
@@ -174,7 +176,7 @@ async def _show(store: SqliteStore, queue_id: str, as_json: bool) -> int:
     return EXIT_OK
 
 
-async def _list(store: SqliteStore, selection: Selection, as_json: bool) -> int:
+async def _list(store: AnyStore, selection: Selection, as_json: bool) -> int:
     messages = await store.select(selection)
     missing = [q for q in selection.queue_ids if q not in {m.queue_id for m in messages}]
     if as_json:
@@ -195,7 +197,7 @@ async def _list(store: SqliteStore, selection: Selection, as_json: bool) -> int:
 
 
 async def _change(
-    cfg: Config, store: SqliteStore, action: AdminAction, selection: Selection, as_json: bool
+    cfg: Config, store: AnyStore, action: AdminAction, selection: Selection, as_json: bool
 ) -> int:
     now = time.time()
     report = None

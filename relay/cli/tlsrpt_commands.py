@@ -13,9 +13,8 @@ import json
 import sys
 import time
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mailqueue.sqlite import SqliteStore
 from policy.webpki import client_context
 from relay.app import database_path, make_resolver, open_store
 from relay.cli.output import fail
@@ -28,6 +27,9 @@ from tlsrpt.model import Delivery, DeliveryState, TlsRptRecord
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+if TYPE_CHECKING:
+    from relay.app import AnyStore
 
 
 def parse_day(text: str | None, now: float) -> str:
@@ -93,7 +95,7 @@ def _print_planned(p: PlannedReport) -> None:
         print(f"    {d.uri}: {d.state.value}, {d.attempts} attempt(s){error}")
 
 
-def _reporting(cfg: Config, queue: SqliteStore | None) -> Reporting:
+def _reporting(cfg: Config, queue: AnyStore | None) -> Reporting:
     events = EventLog(sys.stderr, fmt="text", level="warning")
     database_path(cfg).parent.mkdir(parents=True, exist_ok=True)
     return build_reporting(

@@ -102,6 +102,11 @@ class Scheduler:
         self._wakeup.set()
 
     @property
+    def owner(self) -> str:
+        """The lease owner this scheduler writes: its process's identity."""
+        return self._settings.owner
+
+    @property
     def in_flight(self) -> int:
         """Attempts running, plus finished attempts whose outcomes are not committed yet."""
         return len(self._running) + len(self._unrecorded)

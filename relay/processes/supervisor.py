@@ -36,6 +36,7 @@ from relay.app import (
     announce_started,
     database_path,
     lease_owner,
+    open_store,
     running,
 )
 from relay.config import Config, ConfigError
@@ -111,6 +112,10 @@ class _Supervisor:
         self._pause: dict[int, float] = {}
         self._stopping = False
         self._gone = asyncio.Event()  # set whenever a process was reaped
+        self._aftermath: set[asyncio.Task[None]] = set()  # leases of the dead being returned
+        # Queue id slots: the processes of this node take consecutive ones from a random
+        # base, so that the nodes of a shared store rarely meet (mailqueue/ids.py).
+        self._slot_base = secrets.randbelow(256) if cfg.state.url else 0
         self._metrics_server: MetricsServer | None = None
         registry = self._registry = CollectorRegistry()
         ProcessCollector(registry=registry)
@@ -215,7 +220,12 @@ class _Supervisor:
     # -- processes -----------------------------------------------------------------------
 
     def _spawn(self, index: int) -> None:
-        role = ProcessRole(index=index, count=self._count, owner_token=secrets.token_hex(8))
+        role = ProcessRole(
+            index=index,
+            count=self._count,
+            owner_token=secrets.token_hex(8),
+            id_slot=(self._slot_base + index) % 256,
+        )
         ours, theirs = socket.socketpair()
         # What the processes inherit untouched stays shared (copy-on-write) instead of
         # being copied by the first collection there.
@@ -264,8 +274,13 @@ class _Supervisor:
     def _ended(self, process: _Process, status: int) -> None:
         process.channel.close()
         self._running.set(len(self._by_pid))
+        task = asyncio.get_running_loop().create_task(self._after_exit(process, status))
+        self._aftermath.add(task)
+        task.add_done_callback(self._aftermath.discard)
+
+    async def _after_exit(self, process: _Process, status: int) -> None:
         try:
-            released = release_leases_of(database_path(self._cfg), process.owner)
+            released = await self._release_leases(process.owner)
         except Exception as exc:  # noqa: BLE001 - they expire at lease_until instead
             self._events.store_error(error=f"leases of process {process.pid}: {exc!r}")
             released = 0
@@ -284,6 +299,18 @@ class _Supervisor:
             released_leases=released,
             restart_in=restart_in,
         )
+
+    async def _release_leases(self, owner: str) -> int:
+        """Return a dead process's leases to the queue (SQLite: a short write here;
+        PostgreSQL: through a store of our own, as the other nodes do)."""
+        if not self._cfg.state.url:
+            return release_leases_of(database_path(self._cfg), owner)
+        store = open_store(self._cfg)
+        await store.open()
+        try:
+            return await store.release_owner(owner)  # type: ignore[union-attr]
+        finally:
+            await store.close()
 
     def _restart(self, index: int) -> None:
         if not self._stopping:

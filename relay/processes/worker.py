@@ -43,7 +43,7 @@ def child_main(
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    use_id_slot(role.index)  # queue ids drawn at the same moment by siblings never meet
+    use_id_slot(role.id_slot)  # queue ids drawn at the same moment by siblings never meet
     events = EventLog(sys.stdout, fmt=cfg.log.format, level=cfg.log.level)
     try:
         run_loop(_serve(cfg, events, role, sockets, channel, load), cfg.serve.event_loop)

@@ -136,6 +136,7 @@ class SqliteStore:
             await self._write(_probe_write)
         except StoreUnavailable as exc:
             return str(exc)
+        self._writer.failure = None  # room for a typical message again
         return None
 
     def _new_writer(self) -> GroupCommitWriter:

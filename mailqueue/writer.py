@@ -23,7 +23,8 @@ Before committing a batch that changed anything, the writer checks (one os.stat 
 that the database and WAL paths still name the files its connection opened: a file
 deleted or replaced under the running process would take the commit with it at the next
 restart, so the batch is rolled back and fails (StoreFileChanged) instead of being
-acknowledged. `failure` says whether the last write failed, for readiness.
+acknowledged. `failure` says why a write failed, for readiness, until the store's probe
+write succeeds.
 """
 
 from __future__ import annotations
@@ -252,20 +253,20 @@ class GroupCommitWriter:
         return self._lock_fd
 
     def _locked_transaction(self, conn: sqlite3.Connection, ops: list[Op]) -> list[Any]:
+        # A failure stays until the store's probe write succeeds (SqliteStore.writable):
+        # an update in place (a lease, a result) can succeed on a full disk, and proves
+        # nothing about room for the next message.
         try:
             self._begin(conn)
             before = conn.total_changes
             results = [op(conn) for op in ops]
-            changed = conn.total_changes != before
-            if changed:
+            if conn.total_changes != before:
                 self._check_files(conn)
             self._commit(conn)
         except BaseException:
             self._rollback(conn)
             raise
         self.commits += 1
-        if changed:
-            self.failure = None
         return results
 
     def _check_files(self, conn: sqlite3.Connection) -> None:

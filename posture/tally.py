@@ -10,6 +10,7 @@ crash loses at most one flush interval. Knows nothing of SMTP or the queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Mapping
 from datetime import date, timedelta
@@ -91,6 +92,7 @@ class PostureTally:
         self._waiting: dict[str, Waiting] = {}
         self._changed: dict[str, Waiting | None] = {}  # waiting entries not written yet
         self._flush_lock = asyncio.Lock()
+        self._writing: asyncio.Future[None] | None = None  # the last write, maybe running
 
     def load(self) -> None:
         """Read the waiting entries a previous run left (synchronous: call at start)."""
@@ -138,6 +140,11 @@ class PostureTally:
         """Write everything counted so far (in a worker thread); with `prune`, also drop
         the days past the retention. A failed write keeps its batch for the next flush."""
         async with self._flush_lock:
+            if self._writing is not None:
+                # A flush cancelled at shutdown left its write running: let it end first,
+                # so that the store is not closed under it (close() flushes, then closes).
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self._writing)
             now = self._clock()
             self._expire_stale(now)
             cells, self._pending = self._pending, {}
@@ -145,6 +152,7 @@ class PostureTally:
             if cells or changed:
                 write = asyncio.ensure_future(asyncio.to_thread(self.store.write, cells, changed))
                 write.add_done_callback(_retrieve)
+                self._writing = write
                 try:
                     # Shielded: a flush cancelled at shutdown still lets its thread commit
                     # (nothing is counted twice: the batch is not put back).

@@ -57,6 +57,7 @@ class SessionCounter:
         self._interval = interval
         self._pending: Counter[Session] = Counter()
         self._flush_lock = asyncio.Lock()
+        self._writing: asyncio.Future[None] | None = None  # the last write, maybe running
 
     def add(self, session: Session) -> None:
         """Count one session; cheap and synchronous, safe to call on the delivery path."""
@@ -73,16 +74,16 @@ class SessionCounter:
             if not batch:
                 return
             write = asyncio.ensure_future(asyncio.to_thread(_write, self._store, batch))
-            write.add_done_callback(_retrieve)
-            try:
-                # Shielded: a cancelled flush (shutdown) still lets its thread commit, and
-                # the store's lock makes close() wait for it; nothing is counted twice.
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                self._pending.update(batch)  # rolled back: keep the counts for the next flush
-                raise
+            write.add_done_callback(functools.partial(self._settled, batch))
+            self._writing = write
+            # Shielded: a cancelled flush (shutdown) still lets its thread commit; close()
+            # waits for it before the store closes. Nothing is counted twice: a batch is
+            # taken back only when its write did not commit.
+            await asyncio.shield(write)
+
+    def _settled(self, batch: Counter[Session], write: asyncio.Future[None]) -> None:
+        if write.cancelled() or write.exception() is not None:
+            self._pending.update(batch)  # rolled back: counted again at the next flush
 
     async def run(self) -> None:
         while True:
@@ -91,13 +92,11 @@ class SessionCounter:
                 await self.flush()
 
     async def close(self) -> None:
+        """Wait for a write a cancelled flush left running, then write what remains."""
+        if self._writing is not None:
+            with contextlib.suppress(Exception):
+                await self._writing
         await self.flush()
-
-
-def _retrieve(future: asyncio.Future[None]) -> None:
-    # A write whose flush was cancelled is awaited by no one: consume its outcome.
-    if not future.cancelled():
-        future.exception()
 
 
 def _write(store: ReportStorage, batch: Counter[Session]) -> None:

@@ -30,6 +30,20 @@ difference per message is the cost of DANE per delivery; the cost of one warm `g
     python -m bench.delivery -n 3000 --concurrency 20
     python -m bench.delivery --no-dane  # only the MTA-STS figures
     python -m bench.delivery --loop uvloop  # everything on uvloop (relay, sink, ceiling)
+    python -m bench.delivery --engines sqlite,postgres --nodes 1,2 --quick --no-dane
+
+By engine (issue 15, `--engines` and `--nodes`, in place of the figures above): the relay
+with reuse once per queue engine and node count, interleaved with the ceiling, best of
+`--repeat`. A node is a relay built from a config of its own (relay.app.build: its own
+state directory, resolver, policy resolver, connection pool, delivery.concurrency); with
+`postgres` every node of a run shares one fresh database (state.url) of a PostgreSQL server
+started for the bench (bench/shared_state.py: Debian's binaries, durable commits) and the N
+messages are put there once, with `sqlite` each node gets its own store and N/nodes of the
+messages. The nodes run on this one process's event loop, so two nodes do not use a second
+core: their figure is the cost of sharing the queue (leases taken with SKIP LOCKED by two
+schedulers, twice the concurrency against one sink), not scale-out; `python -m bench.ingest
+--engines ... --nodes ...` runs separate processes. CPU is given twice: this process's (as
+above) and the database server's (postmaster, backends and helpers, from /proc).
 
 Everything shares this process and its event loop (the sink too), as the ceiling does.
 Figures are printed, never asserted.
@@ -39,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import random
 import shutil
@@ -46,10 +61,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiosmtplib
 from prometheus_client import CollectorRegistry
 
+from bench.ingest import cpu_seconds
+from bench.shared_state import database_server, parse_engines, parse_nodes, server_pid
 from mailqueue.model import NewMessage
 from policy.webpki import client_context
 from relay.app import build, make_resolver
@@ -60,6 +78,9 @@ from relay.delivery.mx import MxList, resolve_mx
 from relay.events import EventLog
 from tests.support.dane_lab import DaneWorld, ca_issued, tlsa
 from tests.support.world import World, to_toml
+
+if TYPE_CHECKING:
+    from tests.support.postgres import PostgresServer
 
 DOMAIN = "bench-enforce.test"
 MX = f"mx1.{DOMAIN}"
@@ -77,7 +98,12 @@ def _message(i: int, size: int = 2048) -> bytes:
 
 
 def _config(
-    world: World, state: Path, concurrency: int, per_connection: int, dnssec: str = "auto"
+    world: World,
+    state: Path,
+    concurrency: int,
+    per_connection: int,
+    dnssec: str = "auto",
+    state_url: str = "",
 ) -> Config:
     raw = world.relay_config(
         state,
@@ -89,24 +115,40 @@ def _config(
         metrics={"address": ""},
         queue={"delay_notice_after": 0},
         dns={"dnssec": dnssec},
+        state={"path": str(state), "url": state_url},
     )
-    path = state.parent / f"relay-{per_connection}.toml"
+    path = state.parent / f"{state.name}.toml"
     path.write_text(to_toml(raw), encoding="utf-8")
     return load_config(path, {})
 
 
+@dataclass(frozen=True)
+class Engine:
+    """The run's shared PostgreSQL server, and the root of its process tree (for its CPU)."""
+
+    server: PostgresServer
+    pid: int
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
 @dataclass(frozen=True, order=True)
 class RunFigures:
-    """One timed run: wall seconds, process CPU seconds, connections the sink saw, and TLS
-    handshakes of the relay (full, resumed)."""
+    """One timed run: wall seconds, process CPU seconds, connections the sink saw, TLS
+    handshakes of the relay (full, resumed), and the database server's CPU seconds."""
 
     seconds: float
     cpu: float
     connections: int = 1
     handshakes: tuple[float, float] = (0.0, 0.0)
+    db_cpu: float = 0.0
 
     def cpu_us(self, n: int) -> float:
         return self.cpu / n * 1e6
+
+    def db_us(self, n: int) -> float:
+        return self.db_cpu / n * 1e6
 
 
 async def _relay_run(
@@ -119,44 +161,73 @@ async def _relay_run(
     *,
     domain: str = DOMAIN,
     dnssec: str = "auto",
+    engine: Engine | None = None,
+    nodes: int = 1,
 ) -> RunFigures:
-    """Seconds and process CPU to deliver n pre-queued messages; connections the sink saw."""
+    """Seconds and process CPU to deliver n pre-queued messages; connections the sink saw.
+    `engine`: the queue in a fresh database of that PostgreSQL server (None: SQLite);
+    `nodes`: relays built from configs of their own (see the module doc)."""
     sink = world.sink(f"mx1.{domain}")
     sink.messages.clear()
     sink.sessions.clear()
-    state = tmp / f"state-{per_connection}-{run}-{dnssec}"
-    cfg = _config(world, state, concurrency, per_connection, dnssec)
-    relay = build(cfg, EventLog(io.StringIO(), "json", "warning"))
-    await relay.store.open()
+    url = engine.server.new_database() if engine is not None else ""
+    relays = []
+    for node in range(nodes):
+        state = (
+            tmp / f"state-{per_connection}-{run}-{dnssec}-{'pg' if url else 'sqlite'}{nodes}-{node}"
+        )
+        cfg = _config(world, state, concurrency, per_connection, dnssec, url)
+        relays.append(build(cfg, EventLog(io.StringIO(), "json", "warning")))
+    for relay in relays:
+        await relay.store.open()
+    tasks: list[asyncio.Task[None]] = []
     try:
-        for i in range(n):
-            await relay.store.put(
-                NewMessage(sender="app@src.test", recipients=(f"u{i}@{domain}",), data=_message(i))
+        # Shared: all into the one queue. Own stores: each node its share. Puts in groups
+        # (group commit) to fill faster; not timed.
+        stores = [relays[0].store] if url else [r.store for r in relays]
+        for first in range(0, n, 50):
+            await asyncio.gather(
+                *(
+                    stores[i % len(stores)].put(
+                        NewMessage(
+                            sender="app@src.test", recipients=(f"u{i}@{domain}",), data=_message(i)
+                        )
+                    )
+                    for i in range(first, min(n, first + 50))
+                )
             )
-        await relay.policies.resolve(domain)  # fetch the policy outside the timing
+        for relay in relays:
+            await relay.policies.resolve(domain)  # fetch the policy outside the timing
+        db_start = engine.cpu() if engine is not None else 0.0
         start, cpu_start = time.perf_counter(), time.process_time()
-        task = asyncio.create_task(relay.worker.run())
+        tasks = [asyncio.create_task(relay.worker.run()) for relay in relays]
         deadline = start + 600
         while len(sink.messages) < n:
-            if task.done() or time.perf_counter() > deadline:
+            if any(t.done() for t in tasks) or time.perf_counter() > deadline:
                 raise RuntimeError(f"worker stopped or stalled at {len(sink.messages)}/{n}")
             await asyncio.sleep(0.01)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        db_cpu = engine.cpu() - db_start if engine is not None else 0.0
         if dnssec != "off" and domain == DANE_DOMAIN:
-            await _all_dane_verified(relay.metrics.registry, n)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+            await _all_dane_verified(relays[0].metrics.registry, n)
         handshakes = tuple(
-            relay.metrics.registry.get_sample_value(
-                "sts_relay_delivery_tls_sessions_total", {"handshake": kind}
+            sum(
+                relay.metrics.registry.get_sample_value(
+                    "sts_relay_delivery_tls_sessions_total", {"handshake": kind}
+                )
+                or 0.0
+                for relay in relays
             )
-            or 0.0
             for kind in ("full", "resumed")
         )
     finally:
-        await relay.store.close()
-        relay.cache.close()
-    return RunFigures(elapsed, cpu, sink.connections, (handshakes[0], handshakes[1]))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for relay in relays:
+            await relay.store.close()
+            relay.cache.close()
+    return RunFigures(elapsed, cpu, sink.connections, (handshakes[0], handshakes[1]), db_cpu)
 
 
 async def _all_dane_verified(registry: CollectorRegistry, n: int) -> None:
@@ -259,6 +330,71 @@ async def _warm_gather_cost(world: DaneWorld, rounds: int = 2000) -> float:
     return (time.perf_counter() - start) / rounds * 1e6
 
 
+async def engines_cost(
+    n: int, concurrency: int, repeat: int, engines: list[str], node_counts: list[int]
+) -> None:
+    """The relay with reuse per queue engine and node count, beside the ceiling (module doc)."""
+    cases = [(engine, nodes) for engine in engines for nodes in node_counts]
+    runs: dict[tuple[str, int], list[RunFigures]] = {case: [] for case in cases}
+    ceilings: list[RunFigures] = []
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-engines-")))
+        database = None
+        if "postgres" in engines:
+            server = stack.enter_context(database_server())
+            database = Engine(server, server_pid(server))
+        world = World(tmp / "lab")
+        world.dns.default_ttl = 300
+        await world.start()
+        try:
+            await world.sts_domain(DOMAIN, mode="enforce")
+            await world.add_bounce_sink()
+            for run in range(repeat):  # interleaved: other load hits every case alike
+                ceilings.append(await _ceiling(world, n))
+                for engine, nodes in cases:
+                    shared = database if engine == "postgres" else None
+                    figures = await _relay_run(
+                        world, tmp, n, concurrency, 100, run, engine=shared, nodes=nodes
+                    )
+                    runs[(engine, nodes)].append(figures)
+        finally:
+            await world.stop()
+    print(
+        f"by engine: {n} x 2 KiB, enforce domain, verified TLS, reuse (100 per connection);"
+        f" concurrency {concurrency} per node; nodes share this process; best of {repeat}"
+    )
+    print(
+        f"{'':<44} {'msgs/s':>7}  {'CPU us/msg: process':>20} {'db':>6} {'total':>7}"
+        f"  {'x sqlite: rate':>15} {'cpu':>5}  {'connections':>11}"
+    )
+    ceiling = min(ceilings)
+    ceiling_cpu = min(r.cpu_us(n) for r in ceilings)
+    label = "ceiling  aiosmtplib loop, one TLS connection:"
+    print(f"{label:<44} {n / ceiling.seconds:>7.1f}  {ceiling_cpu:>20.0f}")
+
+    def total_us(r: RunFigures) -> float:
+        return r.cpu_us(n) + r.db_us(n)
+
+    for engine, nodes in cases:
+        fastest = min(runs[(engine, nodes)])  # the shortest time; the least CPU apart
+        cheapest = min(runs[(engine, nodes)], key=total_us)
+        ratios = ""
+        if ("sqlite", nodes) in runs:
+            base = runs[("sqlite", nodes)]
+            rate_ratio = min(base).seconds / fastest.seconds
+            cpu_ratio = total_us(cheapest) / total_us(min(base, key=total_us))
+            ratios = f"  {rate_ratio:>15.2f} {cpu_ratio:>5.2f}"
+        else:
+            ratios = f"  {'':>15} {'':>5}"
+        label = f"relay    {engine}, {nodes} node{'s' if nodes > 1 else ''}:"
+        print(
+            f"{label:<44} {n / fastest.seconds:>7.1f}  {cheapest.cpu_us(n):>20.0f}"
+            f" {cheapest.db_us(n):>6.0f} {total_us(cheapest):>7.0f}{ratios}"
+            f"  {cheapest.connections:>11}",
+            flush=True,
+        )
+
+
 def _have_unbound() -> bool:
     return shutil.which("unbound") is not None or Path("/usr/sbin/unbound").exists()
 
@@ -315,6 +451,10 @@ def _args() -> argparse.Namespace:
     parser.add_argument("--dane-only", action="store_true", help="only the DANE figures")
     parser.add_argument("--no-dane", action="store_true", help="no DANE figures")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument(
+        "--engines", default=None, help="by queue engine, e.g. sqlite,postgres (issue 15)"
+    )
+    parser.add_argument("--nodes", default=None, help="with --engines: node counts (1,2)")
     return parser.parse_args()
 
 
@@ -327,8 +467,13 @@ if __name__ == "__main__":
 
         factory = uvloop.new_event_loop
     print(f"event loop: {args.loop}")
+    by_engine = args.engines is not None or args.nodes is not None
     with asyncio.Runner(loop_factory=factory) as runner:
-        if not args.dane_only:
+        if by_engine and not args.dane_only:
+            engines = parse_engines(args.engines or "sqlite,postgres")
+            node_counts = parse_nodes(args.nodes or "1,2")
+            runner.run(engines_cost(count, args.concurrency, runs, engines, node_counts))
+        elif not args.dane_only:
             runner.run(main(count, args.concurrency, runs))
         if not args.no_dane:
             runner.run(dane_cost(count, args.concurrency, runs))

@@ -5,6 +5,7 @@
     python -m bench.ingest --profile  # also write a cProfile of the relay (50 x 2 KiB)
     python -m bench.ingest --lab      # the lab's load: CPU per accepted message; ~4 min
     python -m bench.ingest --lab --processes 1 --delivery idle --compare /tmp/before
+    python -m bench.ingest --engines sqlite,postgres --nodes 1,2 --quick   # ~30 s
 
 Figures, all on loopback, same load generator (asyncio clients in this process, one SMTP
 session each, messages back to back in the session):
@@ -34,6 +35,18 @@ round with the least CPU per message. The client is smtp-source when installed (
 own, in C), else, or with `--client asyncio`, the asyncio client of this file doing the same
 per connection (with EHLO). Ratios are printed, never asserted. Target (issue 14): <= 1000
 us per accepted message.
+
+`--engines sqlite,postgres --nodes 1,2` (either implies `--lab`; issue 15) runs the lab's
+load against each engine of the queue, each with 1 and 2 nodes: a node is one
+`sts-relay serve` (with its `serve.processes`) with a state directory and port of its own;
+with `postgres` all nodes of a case share one fresh database (`state.url`) on a PostgreSQL
+server started for the run (bench/shared_state.py: Debian's binaries, durable commits), with
+`sqlite` each node keeps its own queue (today's way of running two relays). The clients are
+split evenly between the nodes (two smtp-source processes, half the sessions and messages
+each). Printed per case: msgs/s, the CPU of the relays' process trees and of the database
+server's (postmaster and backends) per accepted message, their total, and the ratios of rate
+and total CPU against SQLite with the same node count, delivery and loop, from the same run.
+There `--loops` defaults to uvloop alone, the relay's default.
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import socket
@@ -149,12 +163,43 @@ async def _session(port: int, data: bytes, stop: float, counts: list[int]) -> No
 class Figure:
     rate: float  # accepted messages per second
     cpu_ms: float  # server CPU (ms) per accepted message
+    db_ms: float = 0.0  # the shared database server's CPU (ms) per accepted message
+
+    @property
+    def total_ms(self) -> float:
+        return self.cpu_ms + self.db_ms
 
 
 @dataclass(frozen=True)
 class Server:
     port: int
     pid: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a lab round loads: one server, or several relay nodes that share the load
+    evenly; `database`: the root process of the database server they share (its CPU is
+    counted apart)."""
+
+    servers: tuple[Server, ...]
+    database: int | None = None
+
+    def cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of the servers' process trees, and of the database's."""
+        database = cpu_seconds(self.database) if self.database is not None else 0.0
+        return sum(cpu_seconds(s.pid) for s in self.servers), database
+
+    def figure(self, count: int, elapsed: float, start: tuple[float, float]) -> Figure:
+        (servers, database), count_ms = self.cpu(), count / 1000
+        return Figure(
+            count / elapsed, (servers - start[0]) / count_ms, (database - start[1]) / count_ms
+        )
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split into `parts` near-equal whole parts."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -232,103 +277,187 @@ async def _one_connection(port: int, payload: bytes) -> None:
             await writer.wait_closed()
 
 
-async def measure_connections(
-    server: Server, clients: int, size: int, count: int, cpu: Callable[[int], float] = cpu_seconds
-) -> Figure:
-    """`count` messages from `clients` concurrent clients, each message on a new
-    connection; msgs/s and the server's CPU ms per message over the whole run."""
+async def measure_connections(target: Target, clients: int, size: int, count: int) -> Figure:
+    """`count` messages from `clients` concurrent clients (client k sends to server k mod
+    the number of servers), each message on a new connection; msgs/s and the servers' CPU
+    ms per message over the whole run."""
     payload = message(size) + b".\r\n"
     left = [count]
 
-    async def client() -> None:
+    async def client(port: int) -> None:
         while left[0] > 0:
             left[0] -= 1
-            await _one_connection(server.port, payload)
+            await _one_connection(port, payload)
 
-    cpu_start, start = cpu(server.pid), time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed, used = time.perf_counter() - start, cpu(server.pid) - cpu_start
-    return Figure(count / elapsed, 1000 * used / count)
-
-
-def smtp_source(server: Server, clients: int, size: int, count: int) -> Figure:
-    """`smtp-source -s clients -m count -l size` (one connection per message), timed."""
-    argv = ["smtp-source", "-s", str(clients), "-m", str(count), "-l", str(size)]
-    argv += ["-f", "app@src.test", "-t", "u@nowhere.test", f"127.0.0.1:{server.port}"]
-    cpu_start, start = cpu_seconds(server.pid), time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
-    elapsed, used = time.perf_counter() - start, cpu_seconds(server.pid) - cpu_start
-    if done.returncode != 0 or "fatal" in done.stderr or "warning" in done.stderr:
-        raise RuntimeError(f"smtp-source failed: {done.stderr.strip()[-500:]}")
-    return Figure(count / elapsed, 1000 * used / count)
+    ports = [server.port for server in target.servers]
+    cpu_start, start = target.cpu(), time.perf_counter()
+    await asyncio.gather(*(client(ports[k % len(ports)]) for k in range(clients)))
+    return target.figure(count, time.perf_counter() - start, cpu_start)
 
 
-def lab_round(server: Server, args: argparse.Namespace, count: int) -> Figure:
+def smtp_source(target: Target, clients: int, size: int, count: int) -> Figure:
+    """`smtp-source -s clients -m count -l size` (one connection per message), timed; with
+    several servers one smtp-source per server at once, clients and messages split evenly."""
+    parts = len(target.servers)
+    cpu_start, start = target.cpu(), time.perf_counter()
+    running = []
+    for server, sessions, messages in zip(
+        target.servers, shares(clients, parts), shares(count, parts), strict=True
+    ):
+        argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+        argv += ["-f", "app@src.test", "-t", "u@nowhere.test", f"127.0.0.1:{server.port}"]
+        running.append(
+            subprocess.Popen(  # noqa: S603 (Postfix's client, our arguments)
+                argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    errors = [proc.communicate()[1] for proc in running]
+    figure = target.figure(count, time.perf_counter() - start, cpu_start)
+    for proc, stderr in zip(running, errors, strict=True):
+        if proc.returncode != 0 or "fatal" in stderr or "warning" in stderr:
+            raise RuntimeError(f"smtp-source failed: {stderr.strip()[-500:]}")
+    return figure
+
+
+def lab_round(target: Target, args: argparse.Namespace, count: int) -> Figure:
     if args.client == "smtp-source":
-        return smtp_source(server, args.sessions, args.size, count)
-    return asyncio.run(measure_connections(server, args.sessions, args.size, count))
+        return smtp_source(target, args.sessions, args.size, count)
+    return asyncio.run(measure_connections(target, args.sessions, args.size, count))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One relay setup of a lab run: code tree, delivery, event loop, queue engine, nodes."""
+
+    label: str  # "relay", or "base" for the --compare tree
+    tree: Path | None
+    delivery: str
+    loop: str
+    engine: str = "sqlite"
+    nodes: int = 1
+
+    def name(self, engines: bool) -> str:
+        setup = f" {self.engine} x{self.nodes}" if engines else ""
+        return f"{self.label}{setup} {self.delivery}, {self.loop}"
 
 
 def run_lab(args: argparse.Namespace) -> None:
     """The lab's load against each server; best (least CPU per message) of the rounds."""
+    from bench.shared_state import database_server, parse_engines, parse_nodes, server_pid
+
     if args.client is None:
         args.client = "smtp-source" if shutil.which("smtp-source") else "asyncio"
     count = 1000 if args.quick else args.messages
     rounds = 1 if args.quick else args.rounds
-    loops = [loop for loop in args.loops.split(",") if loop]
+    by_engine = args.engines is not None or args.nodes is not None
+    loops = [loop for loop in (args.loops or _default_loops(by_engine)).split(",") if loop]
     if not set(loops) <= set(LOOPS):
         raise SystemExit(f"--loops: each of {', '.join(LOOPS)}")
+    engines = parse_engines(args.engines or "sqlite,postgres") if by_engine else ["sqlite"]
+    node_counts = parse_nodes(args.nodes or "1,2") if by_engine else [1]
     print(
         f"lab ingest: {args.sessions} clients, one connection per message, {args.size} B,"
         f" {count} messages per round, best of {rounds}, client={args.client},"
         f" cpus={os.cpu_count()}"
     )
+    if by_engine:
+        processes = args.processes or "the relay's default (one per CPU)"
+        print(
+            f"engines: {', '.join(engines)}; nodes: {', '.join(map(str, node_counts))}"
+            f" (clients split evenly); serve.processes per node: {processes}"
+        )
     deliveries = [d for d in args.delivery.split(",") if d]
     if not set(deliveries) <= {"idle", "deferred"}:
         raise SystemExit("--delivery: idle, deferred or both")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, contextlib.ExitStack() as stack:
         work = Path(tmp)
         nameserver = stack.enter_context(DeferringDns()) if "deferred" in deliveries else None
-        servers: dict[str, Server] = {}
+        database = stack.enter_context(database_server()) if "postgres" in engines else None
+        targets: dict[str, Target] = {}
         for loop in loops:
-            servers[f"nothing, {loop}"] = stack.enter_context(nothing_server(work, loop))
+            targets[f"nothing, {loop}"] = Target((stack.enter_context(nothing_server(work, loop)),))
         trees: list[tuple[str, Path | None]] = [("relay", None)]
         if args.compare is not None:
             trees.insert(0, ("base", Path(args.compare).resolve()))
+        cases: dict[str, Case] = {}
         for delivery in deliveries:
             for loop in loops:
                 for label, tree in trees:
-                    name = f"{label} {delivery}, {loop}"
-                    case = work / name.replace(" ", "-").replace(",", "")
-                    case.mkdir()
-                    profile = work.parent / f"ingest-lab-{delivery}-{loop}.prof"
-                    servers[name] = stack.enter_context(
-                        relay_server(
-                            case,
-                            profile if args.profile and tree is None else None,
-                            loop,
-                            nameserver if delivery == "deferred" else None,
-                            args.processes,
-                            tree,
-                        )
-                    )
-        for server in servers.values():
-            lab_round(server, args, min(200, count))  # warm-up: imports, caches, pages
-        runs: dict[str, list[Figure]] = {name: [] for name in servers}
+                    for engine in engines:
+                        for nodes in node_counts:
+                            case = Case(label, tree, delivery, loop, engine, nodes)
+                            cases[case.name(by_engine)] = case
+        for name, case in cases.items():
+            directory = work / name.replace(" ", "-").replace(",", "")
+            url = database.new_database() if database and case.engine == "postgres" else None
+            servers = []
+            for node in range(case.nodes):
+                profile = None
+                if args.profile and case.tree is None and node == 0:
+                    setup = f"-{case.engine}-x{case.nodes}" if by_engine else ""
+                    profile = work.parent / f"ingest-lab-{case.delivery}-{case.loop}{setup}.prof"
+                (directory / f"node{node}").mkdir(parents=True)
+                server = relay_server(
+                    directory / f"node{node}",
+                    profile,
+                    case.loop,
+                    nameserver if case.delivery == "deferred" else None,
+                    args.processes,
+                    case.tree,
+                    state_url=url,
+                )
+                servers.append(stack.enter_context(server))
+            pid = server_pid(database) if database and url else None
+            targets[name] = Target(tuple(servers), pid)
+        for target in targets.values():
+            lab_round(target, args, min(200, count))  # warm-up: imports, caches, pages
+        runs: dict[str, list[Figure]] = {name: [] for name in targets}
         for _ in range(rounds):
-            for name, server in servers.items():
-                runs[name].append(lab_round(server, args, count))
-        best = {name: min(figures, key=lambda f: f.cpu_ms) for name, figures in runs.items()}
-        base = best[f"nothing, {loops[0]}"].cpu_ms
-        print(f"{'server':<26} {'msgs/s':>8} {'cpu us/msg':>11} {'x nothing':>10}")
-        for name, figure in best.items():
-            print(
-                f"{name:<26} {figure.rate:>8,.0f} {1000 * figure.cpu_ms:>11,.0f}"
-                f" {figure.cpu_ms / base if base else 0.0:>10.2f}",
-                flush=True,
-            )
+            for name, target in targets.items():
+                runs[name].append(lab_round(target, args, count))
+        best = {name: min(figures, key=lambda f: f.total_ms) for name, figures in runs.items()}
+        if by_engine:
+            _print_by_engine(best, cases, f"nothing, {loops[0]}")
+        else:
+            base = best[f"nothing, {loops[0]}"].cpu_ms
+            print(f"{'server':<26} {'msgs/s':>8} {'cpu us/msg':>11} {'x nothing':>10}")
+            for name, figure in best.items():
+                print(
+                    f"{name:<26} {figure.rate:>8,.0f} {1000 * figure.cpu_ms:>11,.0f}"
+                    f" {figure.cpu_ms / base if base else 0.0:>10.2f}",
+                    flush=True,
+                )
         if args.profile:
-            print(f"cProfile of each relay: {work.parent}/ingest-lab-<delivery>-<loop>.prof")
+            print(f"cProfile of each relay: {work.parent}/ingest-lab-<delivery>-<loop>*.prof")
+
+
+def _default_loops(by_engine: bool) -> str:
+    return "uvloop" if by_engine else "asyncio,uvloop"
+
+
+def _print_by_engine(best: dict[str, Figure], cases: dict[str, Case], nothing: str) -> None:
+    """The figures per case, with the ratios against SQLite (same nodes, delivery, loop)."""
+    base = best[nothing].cpu_ms
+    print(
+        f"{'server':<35} {'msgs/s':>7} {'us/msg: relay':>14} {'db':>5} {'total':>6}"
+        f" {'x nothing':>9}   x sqlite: {'rate':>5} {'cpu':>5}"
+    )
+    for name, figure in best.items():
+        case = cases.get(name)
+        ratios = ""
+        if case is not None:
+            sqlite = best.get(dataclasses.replace(case, engine="sqlite").name(True))
+            if sqlite is not None:
+                ratios = (
+                    f"           {figure.rate / sqlite.rate:>5.2f}"
+                    f" {figure.total_ms / sqlite.total_ms:>5.2f}"
+                )
+        print(
+            f"{name:<35} {figure.rate:>7,.0f} {1000 * figure.cpu_ms:>14,.0f}"
+            f" {1000 * figure.db_ms:>5,.0f} {1000 * figure.total_ms:>6,.0f}"
+            f" {figure.total_ms / base if base else 0.0:>9.2f}{ratios}",
+            flush=True,
+        )
 
 
 def load(server: Server, clients: int, size: int, seconds: float, rounds: int) -> Figure:
@@ -385,11 +514,12 @@ def relay_config(
     deferring: int | None = None,
     processes: int | None = None,
     loop: str | None = None,
+    state_url: str | None = None,
 ) -> Path:
     """The bench's relay. Delivery idle (`deferring` None: `nameserver` never answers, one
     delivery slot), or as in the lab's ingest run (`deferring`: the MX port, where nothing
     listens; every message is attempted at once with the default concurrency, refused,
-    deferred)."""
+    deferred). `state_url`: the queue in that PostgreSQL database (state.url), shared."""
     if deferring is None:
         delivery = "concurrency = 1\n"
         dns_timeout = 300
@@ -402,6 +532,7 @@ def relay_config(
         serve += f"processes = {processes}\n"
     if loop is not None and "event_loop" in known:
         serve += f'event_loop = "{loop}"\n'
+    url = f'url = "{state_url}"\n' if state_url else ""
     config = work / "relay.toml"
     config.write_text(
         f"""{serve}
@@ -413,7 +544,7 @@ max_sessions_per_client = 500
 
 [state]
 path = "{work / "state"}"
-
+{url}
 [delivery]
 hostname = "relay.bench.test"
 shutdown_grace = 1
@@ -480,12 +611,14 @@ def relay_server(
     nameserver: str | None = None,
     processes: int | None = None,
     tree: Path | None = None,
+    *,
+    state_url: str | None = None,
 ) -> Iterator[Server]:
     """`sts-relay serve` on a fresh state directory and the event loop `loop` (None: the
     relay's default); yields its port. Delivery is idle, or with `nameserver` (a
     DeferringDns) attempts and defers every message as in the lab. `tree`: run the relay's
     code from that copy of the packages instead (a baseline to compare with, in the same
-    run)."""
+    run). `state_url`: the queue in that shared PostgreSQL database (state.url)."""
     port = free_port()
     blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # DNS that never answers
     blackhole.bind(("127.0.0.1", 0))
@@ -494,7 +627,13 @@ def relay_server(
     else:
         deferring = free_port()
     config = relay_config(
-        work, port, nameserver, deferring=deferring, processes=processes, loop=loop
+        work,
+        port,
+        nameserver,
+        deferring=deferring,
+        processes=processes,
+        loop=loop,
+        state_url=state_url,
     )
     log = work / "relay.log"
     prefix = [sys.executable]
@@ -576,7 +715,11 @@ def main() -> None:
     lab.add_argument("--sessions", type=int, default=20, help="concurrent clients")
     lab.add_argument("--size", type=int, default=2048, help="message bytes")
     lab.add_argument("--messages", type=int, default=5000, help="messages per round")
-    lab.add_argument("--loops", default="asyncio,uvloop", help="event loops for the servers")
+    lab.add_argument(
+        "--loops",
+        default=None,
+        help="event loops for the servers (asyncio,uvloop; by engine: uvloop)",
+    )
     lab.add_argument("--client", choices=("smtp-source", "asyncio"), default=None)
     lab.add_argument(
         "--compare",
@@ -591,8 +734,15 @@ def main() -> None:
         default="idle,deferred",
         help="relay delivery: idle (ingest alone) and/or deferred (the lab: MX refuses)",
     )
+    shared = parser.add_argument_group("by engine (issue 15), the --lab load: state.url")
+    shared.add_argument(
+        "--engines", default=None, help="queue engines, e.g. sqlite,postgres (implies --lab)"
+    )
+    shared.add_argument(
+        "--nodes", default=None, help="relay nodes per engine, e.g. 1,2 (implies --lab)"
+    )
     args = parser.parse_args()
-    if args.lab:
+    if args.lab or args.engines is not None or args.nodes is not None:
         args.rounds = args.rounds or 3
         run_lab(args)
     else:

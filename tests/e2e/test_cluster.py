@@ -27,7 +27,7 @@ import pytest
 
 from tests.e2e.relay_process import RelayProcess, run_cli
 from tests.e2e.test_crash import Ledger, crash_world, ids_for, submit
-from tests.e2e.test_processes import HoldingMx, sent_events
+from tests.e2e.test_processes import SINK_SOCKETS, HoldingMx, sent_events
 from tests.support.postgres import PostgresServer
 from tests.support.waiting import eventually
 from tests.support.world import World, to_toml
@@ -64,6 +64,7 @@ def configured(
     return RelayProcess(path, config["listen"]["addresses"][0])
 
 
+@SINK_SOCKETS
 async def test_two_nodes_start_at_once_on_an_empty_database(
     world: World, tmp_path: Path, pg_url: str
 ) -> None:
@@ -84,7 +85,11 @@ async def test_two_nodes_start_at_once_on_an_empty_database(
         assert not b.find(event="store_error")
         await b.wait_for(lambda e: e["event"] == "process_started" and e["pid"] != pid, 40)
         await b.send(["after@both.test"])
-        await eventually(lambda: len(sink.messages) == 7, timeout=15)
+        await eventually(
+            lambda: len(sink.messages) >= 7,
+            timeout=30,
+            message=f"the message after the restart arrives ({b.events[-12:]})",
+        )
     finally:
         assert await a.stop() == 0
         assert await b.stop() == 0
@@ -111,6 +116,7 @@ async def test_flush_on_one_node_is_delivered_by_the_other_within_a_second(
     await eventually(lambda: len(b.find(event="queue_admin")) == 1, timeout=5)
 
 
+@SINK_SOCKETS
 async def test_a_node_killed_mid_stream_loses_no_accepted_message(world: World, node: Node) -> None:
     mx = await crash_world(world, delay=0.2)
     short = {"attempt_deadline": 2, "lease_time": 4}

@@ -30,17 +30,6 @@ ENGINES: dict[str, tuple[Any, Callable[[str], Any], type[OSError]]] = {
     "tlsrpt": (tlsrpt.store_postgres, PostgresReportStore, ReportStoreError),
     "posture": (posture.store_postgres, PostgresPostureStore, PostureStoreError),
 }
-BLOCK = "# --- the connection ---"
-
-
-def test_the_three_copies_of_the_connection_code_are_the_same() -> None:
-    # policy, tlsrpt and posture may not import each other: each carries the same code.
-    copies = {}
-    for module, _, _ in ENGINES.values():
-        text = Path(module.__file__).read_text(encoding="utf-8")
-        assert text.count(BLOCK) == 1, module.__name__
-        copies[module.__name__] = text[text.index(BLOCK) :]
-    assert len(set(copies.values())) == 1, "the connection code differs between the copies"
 
 
 def test_nodes_starting_at_once_on_an_empty_database(pg_url: str) -> None:

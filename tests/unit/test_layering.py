@@ -14,6 +14,9 @@ FORBIDDEN = {
     "tlsrpt": {"relay", "mailqueue", "posture"},
     # The TLS posture knows only its own values and tables; relay/posture.py feeds it.
     "posture": {"relay", "mailqueue", "policy", "tlsrpt"},
+    # PostgreSQL plumbing only: the stores of policy, tlsrpt and posture use it, it knows
+    # none of them.
+    "pgstate": {"relay", "mailqueue", "policy", "tlsrpt", "posture"},
 }
 
 

@@ -1,0 +1,1 @@
+"""PostgreSQL plumbing shared by the state stores of `state.url` (pgstate/connection.py)."""

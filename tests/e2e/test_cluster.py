@@ -76,7 +76,7 @@ async def test_two_nodes_start_at_once_on_an_empty_database(
         await eventually(lambda: len(b.find(event="process_started")) == 2)
         for i in range(6):
             await (a if i % 2 else b).send([f"u{i}@both.test"])
-        await eventually(lambda: len(sink.messages) == 6, timeout=15)
+        await eventually(lambda: len(sink.messages) == 6, timeout=30)
         # A process of node b dies: its leases are returned through the shared store.
         pid = b.find(event="process_started")[0]["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -186,7 +186,7 @@ async def test_the_database_going_away_under_load_gives_451_and_loses_nothing(
     sink = await world.sts_domain("steady.test")
     a = await node("a")
     sending = asyncio.create_task(_send_counting(a, 120))
-    await eventually(lambda: len(a.find(event="received")) >= 10, timeout=20)
+    await eventually(lambda: len(a.find(event="received")) >= 10, timeout=30)
     postgres.stop()
     await asyncio.sleep(2)
     postgres.start()
@@ -214,7 +214,7 @@ async def test_one_tls_report_for_a_domain_both_nodes_delivered_to(
     for i in range(3):
         await a.send([f"a{i}@rpt.test"])
         await b.send([f"b{i}@rpt.test"])
-    await eventually(lambda: sum(sent_events(a.events + b.events).values()) == 6, timeout=20)
+    await eventually(lambda: sum(sent_events(a.events + b.events).values()) == 6, timeout=45)
     assert await a.stop() == 0
     assert await b.stop() == 0  # counters written at the clean stops
     assert not a.find(event="store_error") + b.find(event="store_error")
@@ -233,7 +233,7 @@ async def test_one_tls_report_for_a_domain_both_nodes_delivered_to(
     queued = [json.loads(d.stdout)["deliveries"] for d in (first, second)]
     assert sum(len(d) for d in queued) == 1, queued  # one report for the cluster
     b2 = await node("b2")
-    await eventually(lambda: len(mailbox.messages) == 1, timeout=20)
+    await eventually(lambda: len(mailbox.messages) == 1, timeout=45)
     await asyncio.sleep(1)
     assert len(mailbox.messages) == 1
     assert b2.find(event="started")

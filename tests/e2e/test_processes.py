@@ -174,28 +174,39 @@ class HoldingMx:
         self.most_active = 0
         self.attempts = 0
         self._server: asyncio.Server | None = None
+        self._released = asyncio.Event()
+        self._sessions: list[SMTP] = []
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.attempts += 1
         self.active += 1
         self.most_active = max(self.most_active, self.active)
         try:
-            await asyncio.sleep(self.hold)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.hold):
+                    await self._released.wait()
         finally:
             self.active -= 1
         return "250 2.0.0 OK"
 
+    def _session(self) -> SMTP:
+        smtp = SMTP(self, hostname="mx.hold.test", decode_data=False)
+        self._sessions.append(smtp)
+        return smtp
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SMTP(self, hostname="mx.hold.test", decode_data=False, loop=loop),
-            self.ip,
-            self.port,
-        )
+        self._server = await loop.create_server(self._session, self.ip, self.port)
 
     async def stop(self) -> None:
+        """Stop listening and end every held session (none is left to the collector)."""
+        self._released.set()
         if self._server is not None:
             self._server.close()
+        for smtp in self._sessions:
+            if smtp.transport is not None:
+                smtp.transport.close()
+        await asyncio.sleep(0)
 
 
 @pytest.fixture

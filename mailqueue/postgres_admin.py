@@ -33,7 +33,6 @@ from mailqueue.admin import (
     BounceCandidate,
     BounceReport,
     JournalEntry,
-    Pick,
     Selection,
 )
 from mailqueue.ids import QueueIds
@@ -49,65 +48,17 @@ from mailqueue.postgres_ops import (
     records,
     snapshot,
 )
-from mailqueue.rows import HELD, SET_ASIDE, dsn_from_json
+from mailqueue.rows import HELD, dsn_from_json
+from mailqueue.selection_sql import PENDING, POSTGRES, conditions
 
-_PENDING = "r.state IN ('queued', 'deferred')"
-_FREE = "(r.lease_until IS NULL OR r.lease_until <= %s)"  # not being delivered right now
+_FREE = POSTGRES.free  # not being delivered right now
 _IN_SELECTION = "r.message_id = ANY(%s::int8[])"
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def conditions(sel: Selection, now: float) -> tuple[str, list[Any], str, list[Any]]:
-    """(condition on messages `m`, its parameters, condition on their recipients `r`, its
-    parameters). The recipient condition also limits what flush and bounce touch."""
-    msg: list[str] = []
-    msg_args: list[Any] = []
-    rcpt = [_PENDING]
-    rcpt_args: list[Any] = []
-    if sel.queue_ids:
-        msg.append("m.queue_id = ANY(%s::text[])")
-        msg_args.append(list(sel.queue_ids))
-    if sel.sender is not None:
-        if sel.sender in ("", "<>"):
-            msg.append("m.sender = ''")
-        elif sel.sender.startswith("@"):
-            msg.append("lower(m.sender) LIKE %s ESCAPE '\\'")
-            msg_args.append("%" + _like(sel.sender.lower()))
-        else:
-            msg.append("lower(m.sender) = lower(%s)")
-            msg_args.append(sel.sender)
-    if sel.domain is not None:
-        rcpt.append("r.domain = %s")
-        rcpt_args.append(sel.domain.lower().removesuffix("."))
-    if sel.state is Pick.HELD:
-        msg.append(f"m.held = {HELD}")
-    elif sel.state in (Pick.QUEUED, Pick.DEFERRED):
-        msg.append("m.held = 0")
-        rcpt.append(f"r.state = %s AND r.held = 0 AND {_FREE}")
-        rcpt_args += [sel.state.value, now]
-    elif sel.state is Pick.ACTIVE:
-        rcpt.append("r.lease_until > %s")
-        rcpt_args.append(now)
-    elif sel.state is Pick.SET_ASIDE:
-        rcpt.append(f"r.held = {SET_ASIDE}")
-    rcpt_sql = " AND ".join(rcpt)
-    if sel.recipient_level:
-        msg.append(
-            f"EXISTS (SELECT 1 FROM queue_recipients r WHERE r.message_id = m.id AND {rcpt_sql})"  # noqa: S608
-        )
-        msg_args += rcpt_args
-    if not sel.given:
-        msg.append("FALSE")  # nothing asked for, nothing selected
-    return " AND ".join(msg) or "TRUE", msg_args, rcpt_sql, rcpt_args
 
 
 async def list_selected(conn: Conn, sel: Selection, now: float) -> list[MessageRecord]:
     """The selected messages, oldest first (unreadable rows skipped); never reads contents."""
     await snapshot(conn)
-    where, args, _, _ = conditions(sel, now)
+    where, args, _, _ = conditions(sel, now, POSTGRES)
     rows = await fetchall(
         conn,
         "SELECT m.id, m.queue_id, m.sender, m.received_at, m.size, m.held"  # noqa: S608
@@ -140,7 +91,7 @@ async def apply_admin(
     other nodes, in the caller's transaction. `reason` is the bounced recipients' last
     error; `report` builds the report a bounce owes (None: no reports); `prepared`:
     reports prepare_bounce built."""
-    where, args, rcpt_sql, rcpt_args = conditions(sel, now)
+    where, args, rcpt_sql, rcpt_args = conditions(sel, now, POSTGRES)
     # The messages' row locks, taken in one order before any recipient row is touched, as
     # leasing and recording take them: changes to one message queue up, never deadlock.
     lock = "UPDATE" if action is AdminAction.DELETE else "NO KEY UPDATE"
@@ -286,7 +237,7 @@ async def prepare_bounce(conn: Conn, sel: Selection, now: float, report: BounceR
     Building them (reading each message, writing each DSN) is most of a large bounce's
     work; done here, the write transaction holds its locks for less time."""
     await snapshot(conn)
-    where, args, rcpt_sql, rcpt_args = conditions(sel, now)
+    where, args, rcpt_sql, rcpt_args = conditions(sel, now, POSTGRES)
     chosen = [
         row[0]
         for row in await fetchall(conn, f"SELECT m.id FROM queue_messages m WHERE {where}", args)  # noqa: S608
@@ -334,7 +285,7 @@ async def _bounce(
     done = await fetchall(
         conn,
         "SELECT m FROM unnest(%s::int8[]) AS m WHERE NOT EXISTS (SELECT 1 FROM"  # noqa: S608
-        f" queue_recipients r WHERE r.message_id = m AND {_PENDING})",
+        f" queue_recipients r WHERE r.message_id = m AND {PENDING})",
         (chosen,),
     )
     await delete_rows(conn, [row[0] for row in done])

@@ -29,72 +29,23 @@ from mailqueue.admin import (
     BounceCandidate,
     BounceReport,
     JournalEntry,
-    Pick,
     Selection,
 )
 from mailqueue.ids import QueueIds
 from mailqueue.model import DsnRequest, LeasedRecipient, MessageRecord, NewMessage
-from mailqueue.rows import HELD, SET_ASIDE
+from mailqueue.rows import HELD
 from mailqueue.rows import message_record as _message
+from mailqueue.selection_sql import PENDING, SQLITE, conditions
 from mailqueue.sqlite_ops import insert_message, read_data
 from mailqueue.sqlite_schema import dsn_from_json
 
-_PENDING = "r.state IN ('queued', 'deferred')"
-_FREE = "(r.lease_until IS NULL OR r.lease_until <= ?)"  # not being delivered right now
+_FREE = SQLITE.free  # not being delivered right now
 _SELECTED = "SELECT id FROM temp.admin_selection"
-
-
-def _like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _conditions(sel: Selection, now: float) -> tuple[str, list[Any], str, list[Any]]:
-    """(condition on messages `m`, its parameters, condition on their recipients `r`, its
-    parameters). The recipient condition also limits what flush and bounce touch."""
-    msg: list[str] = []
-    msg_args: list[Any] = []
-    rcpt = [_PENDING]
-    rcpt_args: list[Any] = []
-    if sel.queue_ids:
-        msg.append("m.queue_id IN (SELECT value FROM json_each(?))")
-        msg_args.append(json.dumps(list(sel.queue_ids)))
-    if sel.sender is not None:
-        if sel.sender in ("", "<>"):
-            msg.append("m.sender = ''")
-        elif sel.sender.startswith("@"):
-            msg.append("m.sender LIKE ? ESCAPE '\\'")  # LIKE ignores ASCII case
-            msg_args.append("%" + _like(sel.sender))
-        else:
-            msg.append("m.sender = ? COLLATE NOCASE")
-            msg_args.append(sel.sender)
-    if sel.domain is not None:
-        rcpt.append("r.domain = ?")
-        rcpt_args.append(sel.domain.lower().removesuffix("."))
-    if sel.state is Pick.HELD:
-        msg.append(f"m.held = {HELD}")
-    elif sel.state in (Pick.QUEUED, Pick.DEFERRED):
-        msg.append("m.held = 0")
-        rcpt.append(f"r.state = ? AND r.held = 0 AND {_FREE}")
-        rcpt_args += [sel.state.value, now]
-    elif sel.state is Pick.ACTIVE:
-        rcpt.append("r.lease_until > ?")
-        rcpt_args.append(now)
-    elif sel.state is Pick.SET_ASIDE:
-        rcpt.append(f"r.held = {SET_ASIDE}")
-    rcpt_sql = " AND ".join(rcpt)
-    if sel.recipient_level:
-        msg.append(
-            f"EXISTS (SELECT 1 FROM queue_recipients r WHERE r.message_id = m.id AND {rcpt_sql})"  # noqa: S608
-        )
-        msg_args += rcpt_args
-    if not sel.given:
-        msg.append("0")  # nothing asked for, nothing selected
-    return " AND ".join(msg) or "1", msg_args, rcpt_sql, rcpt_args
 
 
 def list_selected(conn: sqlite3.Connection, sel: Selection, now: float) -> list[MessageRecord]:
     """The selected messages, oldest first (unreadable rows skipped); never reads contents."""
-    where, args, _, _ = _conditions(sel, now)
+    where, args, _, _ = conditions(sel, now, SQLITE)
     chosen = f"SELECT m.id FROM queue_messages m WHERE {where}"  # noqa: S608
     rows = conn.execute(
         "SELECT id, queue_id, sender, received_at, size, held FROM queue_messages"  # noqa: S608
@@ -127,7 +78,7 @@ def apply_admin(
     """Apply `action` to the selection and journal it (when anything changed), in the
     caller's transaction. `reason` is the bounced recipients' last error; `report` builds
     the report a bounce owes (None: no reports); `prepared`: reports prepare_bounce built."""
-    where, args, rcpt_sql, rcpt_args = _conditions(sel, now)
+    where, args, rcpt_sql, rcpt_args = conditions(sel, now, SQLITE)
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS admin_selection (id INTEGER PRIMARY KEY)")
     conn.execute("DELETE FROM temp.admin_selection")
     matched = conn.execute(
@@ -277,7 +228,7 @@ def prepare_bounce(
     """In a read snapshot, before the write transaction: the reports a bounce of `sel` owes.
     Building them (reading each message, writing each DSN) is most of a large bounce's
     work; done here, it does not keep the store's write lock from the running relay."""
-    where, args, rcpt_sql, rcpt_args = _conditions(sel, now)
+    where, args, rcpt_sql, rcpt_args = conditions(sel, now, SQLITE)
     chosen = f"SELECT m.id FROM queue_messages m WHERE {where}"  # noqa: S608
     return _build_reports(
         conn, _bounce_rows(conn, chosen, args, rcpt_sql, rcpt_args, now), report, now
@@ -320,7 +271,7 @@ def _bounce(
     # Messages with nothing left to deliver go, as after a final outcome (sqlite_leases).
     conn.execute(
         "DELETE FROM temp.admin_selection WHERE EXISTS (SELECT 1 FROM queue_recipients r"  # noqa: S608
-        f" WHERE r.message_id = temp.admin_selection.id AND {_PENDING})"
+        f" WHERE r.message_id = temp.admin_selection.id AND {PENDING})"
     )
     conn.execute(f"DELETE FROM queue_recipients WHERE message_id IN ({_SELECTED})")  # noqa: S608
     conn.execute(f"DELETE FROM queue_messages WHERE id IN ({_SELECTED})")  # noqa: S608

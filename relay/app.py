@@ -43,6 +43,7 @@ from relay.delivery.attempt import AttemptSettings
 from relay.delivery.bounce import BounceSettings
 from relay.delivery.dane import dane_lookup
 from relay.delivery.dns_cache import DEFAULT_MAX_TTL, TtlCache
+from relay.delivery.dns_coalesce import CoalescingResolver
 from relay.delivery.dnssec import dnssec_in_force
 from relay.delivery.overrides import TlsOverrides, parse_overrides
 from relay.delivery.pipeline import Pipeline
@@ -85,16 +86,17 @@ def make_resolver(
     nameservers: tuple[str, ...], timeout: float, *, max_ttl: float = DEFAULT_MAX_TTL
 ) -> dns.asyncresolver.Resolver:
     """A dnspython resolver for the configured servers, or the system's when none are set,
-    with a TTL-honouring answer cache that keeps nothing longer than `max_ttl` seconds."""
+    with a TTL-honouring answer cache that keeps nothing longer than `max_ttl` seconds.
+    Identical queries in flight at the same time are sent once (delivery/dns_coalesce.py)."""
     if nameservers:
-        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver = CoalescingResolver(configure=False)
         servers: list[str | dns.nameserver.Nameserver] = []
         for entry in nameservers:
             host, port = parse_hostport(entry, default_port=53)
             servers.append(dns.nameserver.Do53Nameserver(host, port))
         resolver.nameservers = servers
     else:
-        resolver = dns.asyncresolver.Resolver()
+        resolver = CoalescingResolver()
     resolver.timeout = timeout
     resolver.lifetime = timeout
     # Answers reused for their TTL (relay/delivery/dns_cache.py); the check for a newer

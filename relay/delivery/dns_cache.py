@@ -38,6 +38,9 @@ class TtlCache(dns.resolver.LRUCache):
     ) -> None:
         super().__init__(max_size)
         self.max_ttl = max_ttl
+        # Bumped by every flush: a query in flight before a flush is not shared with calls
+        # made after it (relay/delivery/dns_coalesce.py).
+        self.flushes = 0
 
     def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
         now = time.time()
@@ -48,6 +51,10 @@ class TtlCache(dns.resolver.LRUCache):
         # The cap: dnspython reads only `expiration` when it looks an answer up again.
         value.expiration = min(value.expiration, now + self.max_ttl)
         super().put(key, value)
+
+    def flush(self, key: dns.resolver.CacheKey | None = None) -> None:
+        self.flushes += 1
+        super().flush(key)
 
 
 def _has_soa(response: dns.message.Message) -> bool:

@@ -145,13 +145,18 @@ def open_store(cfg: Config) -> AnyStore:
     """The queue store of `state.url` (PostgreSQL, shared) or `state.path` (SQLite), for a
     command (no background maintenance: the serving relays do it)."""
     if cfg.state.url:
-        from mailqueue.postgres import PostgresStore
-
-        return PostgresStore(cfg.state.url, **_schedule(cfg), maintenance_every=None)
+        return open_shared_store(cfg)
     return _open_sqlite(cfg, SqliteStore)
 
 
 def _open_gated(cfg: Config) -> GatedStore | PostgresStore:
+def open_shared_store(cfg: Config) -> PostgresStore:
+    """The PostgreSQL queue store of `state.url`, for a command or the supervisor."""
+    from mailqueue.postgres import PostgresStore
+
+    return PostgresStore(cfg.state.url, **_schedule(cfg), maintenance_every=None)
+
+
     """The serving relay's store; `leasing` closes it for a graceful stop (_drain)."""
     if cfg.state.url:
         return _gated_postgres()(cfg.state.url, **_schedule(cfg))

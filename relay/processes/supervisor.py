@@ -36,7 +36,7 @@ from relay.app import (
     announce_started,
     database_path,
     lease_owner,
-    open_store,
+    open_shared_store,
     running,
 )
 from relay.config import Config, ConfigError
@@ -305,10 +305,10 @@ class _Supervisor:
         PostgreSQL: through a store of our own, as the other nodes do)."""
         if not self._cfg.state.url:
             return release_leases_of(database_path(self._cfg), owner)
-        store = open_store(self._cfg)
+        store = open_shared_store(self._cfg)
         await store.open()
         try:
-            return await store.release_owner(owner)  # type: ignore[union-attr]
+            return await store.release_owner(owner)
         finally:
             await store.close()
 

@@ -30,12 +30,15 @@ short-lived: a stored policy clears its id's row, and any write deletes expired 
 Schema: every table is created if missing when a cache is opened, which is also the whole
 upgrade from an older file (`sts_fetch_backoff` is new; no table has changed columns), so
 the `sts_` tables carry no version number.
+
+Shared with the PostgreSQL engine (cache_postgres.py): the PolicyStore protocol and the
+in-memory layer (PolicyMemory) here, the values and their rows in cache_rows.py (exported
+here too); this module's own part is SQLite's SQL and connection.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import sqlite3
 import threading
 import time
@@ -44,8 +47,24 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
-from policy.model import Policy, TlsRptResult
-from policy.parse import InvalidPolicy, parse_policy
+from policy.cache_rows import HISTORY_DAYS as HISTORY_DAYS
+from policy.cache_rows import HISTORY_PER_DOMAIN as HISTORY_PER_DOMAIN
+from policy.cache_rows import CachedPolicy as CachedPolicy
+from policy.cache_rows import FetchBackoff as FetchBackoff
+from policy.cache_rows import FetchClaim as FetchClaim
+from policy.cache_rows import PolicyChange as PolicyChange
+from policy.cache_rows import (
+    change_to_record,
+    domain_key,
+    fetch_state_from_row,
+    fetch_state_row,
+    history_cutoff,
+    history_from_rows,
+    history_row,
+    policy_from_row,
+    policy_row,
+    stored_entry,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sts_policies (
@@ -75,10 +94,6 @@ CREATE TABLE IF NOT EXISTS sts_fetch_backoff (
     PRIMARY KEY (domain, policy_id)
 ) WITHOUT ROWID
 """
-_FAILED = "failed"
-_FETCHING = "fetching"
-HISTORY_PER_DOMAIN = 50
-HISTORY_DAYS = 400
 _BUSY_TIMEOUT_MS = 10_000
 # A claim comes before a fetch, on a delivery's path, and only saves a duplicate request:
 # when the write lock is that busy, the caller fetches unclaimed instead of waiting.
@@ -88,62 +103,9 @@ _MEMORY_LIMIT = 4096  # remembered domains; past it the stale ones are dropped
 
 
 @dataclass(frozen=True, slots=True)
-class CachedPolicy:
-    """A policy as cached for `domain`: fetched under TXT id `policy_id` at `fetched_at`."""
-
-    domain: str
-    policy_id: str
-    policy: Policy
-    fetched_at: float
-    expires_at: float
-    last_used_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyChange:
-    """A policy of `domain` that differs from the one known before (`old`, None when it is
-    the first seen), as stored at `changed_at` (the new policy's fetch time)."""
-
-    domain: str
-    changed_at: float
-    old_id: str | None
-    old: Policy | None
-    new_id: str
-    new: Policy
-
-    @property
-    def changed(self) -> tuple[str, ...]:
-        """Which of policy_id, mode, mx and max_age differ (none for a first policy)."""
-        if self.old is None:
-            return ()
-        pairs = (
-            ("policy_id", self.old_id, self.new_id),
-            ("mode", self.old.mode, self.new.mode),
-            ("mx", self.old.mx, self.new.mx),
-            ("max_age", self.old.max_age, self.new.max_age),
-        )
-        return tuple(name for name, old, new in pairs if old != new)
-
-
-@dataclass(frozen=True, slots=True)
-class FetchBackoff:
-    """A fetch that failed with `result`: no new attempt at the same id before `until`."""
-
-    until: float
-    result: TlsRptResult
-    detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class FetchClaim:
-    """A fetch under way in some process, which gives it up at `until` at the latest."""
-
-    until: float
-
-
-@dataclass(frozen=True, slots=True)
 class Remembered:
-    """What SQLite held for a domain (`entry`, None: nothing) when this process last looked."""
+    """What the database held for a domain (`entry`, None: nothing) when this process last
+    looked."""
 
     entry: CachedPolicy | None
 
@@ -193,6 +155,51 @@ class PolicyStore(Protocol):
     def close(self) -> None: ...
 
 
+class PolicyMemory:
+    """The in-memory copy in front of a cache's database, whichever the engine: per domain
+    key, what the database held (an entry, or None) when this process last read or wrote
+    it, trusted for `revalidate_after` seconds. Not locked: its engine changes it under its
+    own lock, together with the statement it mirrors, so that its order is the database's."""
+
+    def __init__(self, revalidate_after: float, monotonic: Callable[[], float]) -> None:
+        self._revalidate_after = revalidate_after
+        self._monotonic = monotonic
+        self._seen: dict[str, tuple[CachedPolicy | None, float]] = {}  # key -> (entry, when)
+
+    def recall(self, key: str) -> Remembered | None:
+        """What was remembered for `key` less than `revalidate_after` seconds ago, or None."""
+        seen = self._seen.get(key)
+        if seen is None or self._monotonic() - seen[1] >= self._revalidate_after:
+            return None
+        return Remembered(seen[0])
+
+    def remember(self, key: str, entry: CachedPolicy | None) -> None:
+        """`entry` is what the database holds for `key` now."""
+        now = self._monotonic()
+        if len(self._seen) >= _MEMORY_LIMIT:
+            stale = [
+                k for k, (_, seen) in self._seen.items() if now - seen >= self._revalidate_after
+            ]
+            for k in stale:
+                del self._seen[k]
+            if len(self._seen) >= _MEMORY_LIMIT:
+                self._seen.clear()
+        self._seen[key] = (entry, now)
+
+    def drop(self, key: str) -> None:
+        """Forget `key` (before a write that may fail: the database is asked next time)."""
+        self._seen.pop(key, None)
+
+    def touch(self, key: str, now: float) -> None:
+        """The remembered entry of `key`, if any, was used at `now`."""
+        seen = self._seen.get(key)
+        if seen is not None and seen[0] is not None and seen[0].last_used_at < now:
+            self._seen[key] = (replace(seen[0], last_used_at=now), seen[1])
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
 class PolicyCache:
     """Policies by domain in table `sts_policies`; corrupt rows are skipped, never fatal."""
 
@@ -206,11 +213,7 @@ class PolicyCache:
     ) -> None:
         # Told of each committed change of a domain's policy (not of a first policy).
         self.on_change = on_change
-        self._revalidate_after = revalidate_after
-        self._monotonic = monotonic
-        # domain -> (what SQLite held, when we saw it); changed only under _lock, together
-        # with the SQLite statement it mirrors, so its order is SQLite's order.
-        self._memory: dict[str, tuple[CachedPolicy | None, float]] = {}
+        self._memory = PolicyMemory(revalidate_after, monotonic)  # changed only under _lock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
             str(db_path),
@@ -233,22 +236,19 @@ class PolicyCache:
     def remembered(self, domain: str) -> Remembered | None:
         """Without touching SQLite: what get() returned or put() stored for `domain` less
         than `revalidate_after` seconds ago, or None (then call get())."""
-        seen = self._memory.get(_key(domain))
-        if seen is None or self._monotonic() - seen[1] >= self._revalidate_after:
-            return None
-        return Remembered(seen[0])
+        return self._memory.recall(domain_key(domain))
 
     def get(self, domain: str) -> CachedPolicy | None:
         """The cached entry for `domain`, expired or not; None if absent or corrupt."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             row = self._db.execute(
                 "SELECT domain, policy_id, policy_text, fetched_at, expires_at, last_used_at"
                 " FROM sts_policies WHERE domain = ?",
                 (key,),
             ).fetchone()
-            entry = None if row is None else _from_row(row)
-            self._remember(key, entry)
+            entry = None if row is None else policy_from_row(row)
+            self._memory.remember(key, entry)
         return entry
 
     def put(self, entry: CachedPolicy) -> None:
@@ -259,9 +259,9 @@ class PolicyCache:
         A policy with max_age 0 applies only to the delivery at hand (STS-68): it is not
         stored, and since it supersedes the previous policy, that one is removed.
         """
-        key = _key(entry.domain)
+        key = domain_key(entry.domain)
         with self._lock:
-            self._memory.pop(key, None)  # if the write fails, SQLite is asked next time
+            self._memory.drop(key)  # if the write fails, SQLite is asked next time
             with self._transaction():
                 change = self._record_change(key, entry)
                 if entry.policy.max_age == 0:
@@ -270,7 +270,7 @@ class PolicyCache:
                     self._db.execute(
                         "INSERT OR REPLACE INTO sts_policies (domain, policy_id, policy_text,"
                         " fetched_at, expires_at, last_used_at) VALUES (?, ?, ?, ?, ?, ?)",
-                        _row_of(key, entry),
+                        policy_row(key, entry),
                     )
                 # A fetch that succeeded ends its id's back-off or claim (waiters in other
                 # processes then find the policy, committed with it) and a refresh's
@@ -279,14 +279,13 @@ class PolicyCache:
                     "DELETE FROM sts_fetch_backoff WHERE domain = ? AND policy_id IN (?, '')",
                     (key, entry.policy_id),
                 )
-            stored = None if entry.policy.max_age == 0 else _from_row(_row_of(key, entry))
-            self._remember(key, stored)
+            self._memory.remember(key, stored_entry(key, entry))
         if change is not None and change.old is not None and self.on_change is not None:
             self.on_change(change)
 
     def _record_change(self, key: str, entry: CachedPolicy) -> PolicyChange | None:
         """Inside put's transaction: the change `entry` makes, recorded (None: none)."""
-        row = (
+        last = (
             self._db.execute(
                 "SELECT policy_id, policy_text FROM sts_policies WHERE domain = ?", (key,)
             ).fetchone()
@@ -296,22 +295,13 @@ class PolicyCache:
                 (key,),
             ).fetchone()
         )
-        old_id = row[0] if row is not None and isinstance(row[0], str) else None
-        old = _parse_stored(row[1]) if row is not None and isinstance(row[1], str) else None
-        change = PolicyChange(key, entry.fetched_at, old_id, old, entry.policy_id, entry.policy)
-        if old is not None and not change.changed:
+        change = change_to_record(key, entry, last)
+        if change is None:
             return None
         self._db.execute(
             "INSERT INTO sts_policy_history (domain, changed_at, old_id, old_text, new_id,"
             " new_text) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                entry.fetched_at,
-                old_id,
-                old.text if old else None,
-                entry.policy_id,
-                entry.policy.text,
-            ),
+            history_row(change),
         )
         self._db.execute(
             "DELETE FROM sts_policy_history WHERE domain = ? AND id NOT IN (SELECT id FROM"
@@ -320,7 +310,7 @@ class PolicyCache:
         )
         self._db.execute(
             "DELETE FROM sts_policy_history WHERE changed_at < ?",
-            (entry.fetched_at - HISTORY_DAYS * 86400.0,),
+            (history_cutoff(change.changed_at),),
         )
         return change
 
@@ -330,36 +320,27 @@ class PolicyCache:
             rows = self._db.execute(
                 "SELECT domain, changed_at, old_id, old_text, new_id, new_text"
                 " FROM sts_policy_history WHERE domain = ? ORDER BY id",
-                (_key(domain),),
+                (domain_key(domain),),
             ).fetchall()
-        changes = []
-        for name, changed_at, old_id, old_text, new_id, new_text in rows:
-            new = _parse_stored(new_text) if isinstance(new_text, str) else None
-            old = _parse_stored(old_text) if isinstance(old_text, str) else None
-            if new is None or not isinstance(changed_at, int | float):
-                continue
-            changes.append(PolicyChange(name, float(changed_at), old_id, old, new_id, new))
-        return changes
+        return history_from_rows(rows)
 
     def touch(self, domain: str, now: float) -> None:
         """Record that `domain`'s policy was used at `now` (drives proactive refresh)."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             self._db.execute(
                 "UPDATE sts_policies SET last_used_at = ? WHERE domain = ? AND last_used_at < ?",
                 (now, key, now),
             )
-            seen = self._memory.get(key)
-            if seen is not None and seen[0] is not None and seen[0].last_used_at < now:
-                self._memory[key] = (replace(seen[0], last_used_at=now), seen[1])
+            self._memory.touch(key, now)
 
     def forget(self, domain: str) -> bool:
         """Remove `domain`'s cached policy; True if there was one."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
-            self._memory.pop(key, None)
+            self._memory.drop(key)
             cursor = self._db.execute("DELETE FROM sts_policies WHERE domain = ?", (key,))
-            self._remember(key, None)
+            self._memory.remember(key, None)
         return cursor.rowcount > 0
 
     def all(self) -> list[CachedPolicy]:
@@ -369,7 +350,7 @@ class PolicyCache:
                 "SELECT domain, policy_id, policy_text, fetched_at, expires_at, last_used_at"
                 " FROM sts_policies ORDER BY domain"
             ).fetchall()
-        return [entry for entry in map(_from_row, rows) if entry is not None]
+        return [entry for entry in map(policy_from_row, rows) if entry is not None]
 
     def fetch_state(
         self, domain: str, policy_id: str, now: float
@@ -377,7 +358,7 @@ class PolicyCache:
         """The back-off or claim standing at `now` for (domain, policy_id), if any (an
         unreadable row counts as none: the fetch it would prevent is harmless)."""
         with self._lock:
-            return self._fetch_state(_key(domain), policy_id, now)
+            return self._fetch_state(domain_key(domain), policy_id, now)
 
     def claim_fetch(
         self, domain: str, policy_id: str, now: float, until: float
@@ -386,7 +367,7 @@ class PolicyCache:
         another claim stands at `now`: that one is returned, and None when the claim is
         the caller's (checked and written in one transaction, so one caller wins).
         Raises sqlite3.Error, after at most about a second when the write lock is held."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             # Most calls find nothing standing; the write lock is taken only then.
             standing = self._fetch_state(key, policy_id, now)
@@ -397,7 +378,7 @@ class PolicyCache:
                 with self._transaction():
                     standing = self._fetch_state(key, policy_id, now)
                     if standing is None:
-                        self._write_fetch_state(key, policy_id, _FETCHING, until, "", "", now)
+                        self._write_fetch_state(key, policy_id, FetchClaim(until), now)
             finally:
                 self._db.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         return standing
@@ -405,22 +386,14 @@ class PolicyCache:
     def back_off(self, domain: str, policy_id: str, backoff: FetchBackoff, now: float) -> None:
         """Record a failed fetch of (domain, policy_id), replacing its claim if any."""
         with self._lock, self._transaction():
-            self._write_fetch_state(
-                _key(domain),
-                policy_id,
-                _FAILED,
-                backoff.until,
-                backoff.result.value,
-                backoff.detail,
-                now,
-            )
+            self._write_fetch_state(domain_key(domain), policy_id, backoff, now)
 
     def clear_fetch_state(self, domain: str, policy_id: str) -> None:
         """End the back-off or claim of (domain, policy_id), if any."""
         with self._lock:
             self._db.execute(
                 "DELETE FROM sts_fetch_backoff WHERE domain = ? AND policy_id = ?",
-                (_key(domain), policy_id),
+                (domain_key(domain), policy_id),
             )
 
     def _fetch_state(
@@ -431,36 +404,17 @@ class PolicyCache:
             " WHERE domain = ? AND policy_id = ?",
             (key, policy_id),
         ).fetchone()
-        if row is None:
-            return None
-        state, until, result, detail = row
-        if not isinstance(until, int | float) or until <= now:
-            return None
-        if state == _FETCHING:
-            return FetchClaim(float(until))
-        if state != _FAILED or not isinstance(detail, str):
-            return None
-        try:
-            return FetchBackoff(float(until), TlsRptResult(result), detail)
-        except ValueError:
-            return None
+        return fetch_state_from_row(row, now)
 
     def _write_fetch_state(
-        self,
-        key: str,
-        policy_id: str,
-        state: str,
-        until: float,
-        result: str,
-        detail: str,
-        now: float,
+        self, key: str, policy_id: str, state: FetchBackoff | FetchClaim, now: float
     ) -> None:
         """Inside a transaction: replace the row, and delete every expired one."""
         self._db.execute("DELETE FROM sts_fetch_backoff WHERE until <= ?", (now,))
         self._db.execute(
             "INSERT OR REPLACE INTO sts_fetch_backoff"
             " (domain, policy_id, state, until, result, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (key, policy_id, state, until, result, detail),
+            fetch_state_row(key, policy_id, state),
         )
 
     @contextlib.contextmanager
@@ -479,53 +433,3 @@ class PolicyCache:
         with self._lock:
             self._memory.clear()
             self._db.close()
-
-    def _remember(self, key: str, entry: CachedPolicy | None) -> None:
-        now = self._monotonic()
-        if len(self._memory) >= _MEMORY_LIMIT:
-            stale = [
-                k for k, (_, seen) in self._memory.items() if now - seen >= self._revalidate_after
-            ]
-            for k in stale:
-                del self._memory[k]
-            if len(self._memory) >= _MEMORY_LIMIT:
-                self._memory.clear()
-        self._memory[key] = (entry, now)
-
-
-def _key(domain: str) -> str:
-    return domain.lower().removesuffix(".")
-
-
-def _row_of(key: str, entry: CachedPolicy) -> tuple[object, ...]:
-    return (
-        key,
-        entry.policy_id,
-        entry.policy.text,
-        entry.fetched_at,
-        entry.expires_at,
-        entry.last_used_at,
-    )
-
-
-def _from_row(row: tuple[object, ...]) -> CachedPolicy | None:
-    domain, policy_id, text, *times = row
-    if not (isinstance(domain, str) and isinstance(policy_id, str) and isinstance(text, str)):
-        return None
-    numbers = [float(value) for value in times if isinstance(value, int | float)]
-    if len(numbers) != 3:
-        return None
-    policy = _parse_stored(text)
-    if policy is None:
-        return None
-    fetched_at, expires_at, last_used_at = numbers
-    return CachedPolicy(domain, policy_id, policy, fetched_at, expires_at, last_used_at)
-
-
-@functools.lru_cache(maxsize=1024)
-def _parse_stored(text: str) -> Policy | None:
-    # The stored body is the source of truth; re-parsing it rejects a damaged row.
-    try:
-        return parse_policy(text.encode("utf-8"))
-    except (InvalidPolicy, UnicodeEncodeError):
-        return None

@@ -23,29 +23,28 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Final
 
-from psycopg.rows import TupleRow
-
 from pgstate.connection import Connection, Database
-from policy.cache import (
-    _MEMORY_LIMIT,
-    HISTORY_DAYS,
+from policy.cache import REVALIDATE_AFTER_S, PolicyCacheError, PolicyMemory, Remembered
+from policy.cache_rows import (
+    FETCHING,
     HISTORY_PER_DOMAIN,
-    REVALIDATE_AFTER_S,
     CachedPolicy,
     FetchBackoff,
     FetchClaim,
-    PolicyCacheError,
     PolicyChange,
-    Remembered,
-    _from_row,
-    _key,
-    _parse_stored,
-    _row_of,
+    change_to_record,
+    domain_key,
+    fetch_state_from_row,
+    fetch_state_row,
+    history_cutoff,
+    history_from_rows,
+    history_row,
+    policy_from_row,
+    policy_row,
+    stored_entry,
 )
-from policy.model import TlsRptResult
 
 COMPONENT: Final = "policy-cache"
 # Each entry upgrades the schema by one version; the version is the number applied.
@@ -82,8 +81,6 @@ MIGRATIONS: Final[Sequence[Sequence[str]]] = (
     ),
 )
 _PUT_LOCK: Final = 0x5354_5301  # with hashtext(domain): one store of a domain at a time
-_FAILED: Final = "failed"
-_FETCHING: Final = "fetching"
 _SESSION: Final = {
     "statement_timeout": "10s",  # SQLite's busy timeout
     # A cached policy must survive the server's crash as well as the relay's (§10.2).
@@ -110,11 +107,7 @@ class PostgresPolicyCache:
         reconnect_pause: float = RECONNECT_PAUSE_S,
     ) -> None:
         self.on_change = on_change  # told of each committed change (not of a first policy)
-        self._revalidate_after = revalidate_after
-        self._monotonic = monotonic
-        # domain -> (what the database held, when we saw it); changed only under _lock,
-        # together with the statement it mirrors, so its order is the database's order.
-        self._memory: dict[str, tuple[CachedPolicy | None, float]] = {}
+        self._memory = PolicyMemory(revalidate_after, monotonic)  # changed only under _lock
         self._lock = threading.Lock()
         self._db = Database(
             url,
@@ -129,14 +122,11 @@ class PostgresPolicyCache:
     def remembered(self, domain: str) -> Remembered | None:
         """Without touching the database: what get() returned or put() stored for `domain`
         less than `revalidate_after` seconds ago, or None (then call get())."""
-        seen = self._memory.get(_key(domain))
-        if seen is None or self._monotonic() - seen[1] >= self._revalidate_after:
-            return None
-        return Remembered(seen[0])
+        return self._memory.recall(domain_key(domain))
 
     def get(self, domain: str) -> CachedPolicy | None:
         """The cached entry for `domain`, expired or not; None if absent or corrupt."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             row = self._db.read(
                 lambda db: db.execute(
@@ -145,20 +135,19 @@ class PostgresPolicyCache:
                     (key,),
                 ).fetchone()
             )
-            entry = None if row is None else _from_row(row)
-            self._remember(key, entry)
+            entry = None if row is None else policy_from_row(row)
+            self._memory.remember(key, entry)
         return entry
 
     def put(self, entry: CachedPolicy) -> None:
         """Store `entry` (max_age 0: remove the domain's policy, STS-68), record it in the
         history when it differs from the last one known, and end the fetch state of its
         id, in one transaction; then tell on_change of a change."""
-        key = _key(entry.domain)
+        key = domain_key(entry.domain)
         with self._lock:
-            self._memory.pop(key, None)  # if the write fails, the database is asked next time
+            self._memory.drop(key)  # if the write fails, the database is asked next time
             change = self._db.write(lambda db: _put(db, key, entry))
-            stored = None if entry.policy.max_age == 0 else _from_row(_row_of(key, entry))
-            self._remember(key, stored)
+            self._memory.remember(key, stored_entry(key, entry))
         if change is not None and change.old is not None and self.on_change is not None:
             self.on_change(change)
 
@@ -169,21 +158,14 @@ class PostgresPolicyCache:
                 lambda db: db.execute(
                     "SELECT domain, changed_at, old_id, old_text, new_id, new_text"
                     " FROM sts_policy_history WHERE domain = %s ORDER BY id",
-                    (_key(domain),),
+                    (domain_key(domain),),
                 ).fetchall()
             )
-        changes = []
-        for name, changed_at, old_id, old_text, new_id, new_text in rows:
-            new = _parse_stored(new_text) if isinstance(new_text, str) else None
-            old = _parse_stored(old_text) if isinstance(old_text, str) else None
-            if new is None or not isinstance(changed_at, int | float):
-                continue
-            changes.append(PolicyChange(name, float(changed_at), old_id, old, new_id, new))
-        return changes
+        return history_from_rows(rows)
 
     def touch(self, domain: str, now: float) -> None:
         """Record that `domain`'s policy was used at `now` (drives proactive refresh)."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             self._db.write(
                 lambda db: db.execute(
@@ -192,19 +174,17 @@ class PostgresPolicyCache:
                     (now, key, now),
                 )
             )
-            seen = self._memory.get(key)
-            if seen is not None and seen[0] is not None and seen[0].last_used_at < now:
-                self._memory[key] = (replace(seen[0], last_used_at=now), seen[1])
+            self._memory.touch(key, now)
 
     def forget(self, domain: str) -> bool:
         """Remove `domain`'s cached policy; True if there was one."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
-            self._memory.pop(key, None)
+            self._memory.drop(key)
             removed = self._db.write(
                 lambda db: db.execute("DELETE FROM sts_policies WHERE domain = %s", (key,))
             ).rowcount
-            self._remember(key, None)
+            self._memory.remember(key, None)
         return removed > 0
 
     def all(self) -> list[CachedPolicy]:
@@ -216,16 +196,16 @@ class PostgresPolicyCache:
                     " last_used_at FROM sts_policies ORDER BY domain"
                 ).fetchall()
             )
-        return [entry for entry in map(_from_row, rows) if entry is not None]
+        return [entry for entry in map(policy_from_row, rows) if entry is not None]
 
     def fetch_state(
         self, domain: str, policy_id: str, now: float
     ) -> FetchBackoff | FetchClaim | None:
         """The back-off or claim standing at `now` for (domain, policy_id), whichever node
         wrote it (an unreadable row counts as none)."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
-            return self._db.read(lambda db: _standing(_state_row(db, key, policy_id), now))
+            return self._db.read(lambda db: _standing(db, key, policy_id, now))
 
     def claim_fetch(
         self, domain: str, policy_id: str, now: float, until: float
@@ -234,24 +214,23 @@ class PostgresPolicyCache:
         another claim stands at `now`: that one is returned, and None when the claim is
         the caller's (checked and written in one transaction, so one node wins). Raises
         PolicyCacheError, after about a second when another transaction holds the row."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             # Most calls find nothing standing; the row is locked only then.
-            standing = self._db.read(lambda db: _standing(_state_row(db, key, policy_id), now))
+            standing = self._db.read(lambda db: _standing(db, key, policy_id, now))
             if standing is not None:
                 return standing
             return self._db.write(lambda db: _claim(db, key, policy_id, now, until))
 
     def back_off(self, domain: str, policy_id: str, backoff: FetchBackoff, now: float) -> None:
         """Record a failed fetch of (domain, policy_id), replacing its claim if any."""
-        key = _key(domain)
-        state = (_FAILED, backoff.until, backoff.result.value, backoff.detail)
+        key = domain_key(domain)
         with self._lock:
-            self._db.write(lambda db: _write_state(db, key, policy_id, state, now))
+            self._db.write(lambda db: _write_state(db, key, policy_id, backoff, now))
 
     def clear_fetch_state(self, domain: str, policy_id: str) -> None:
         """End the back-off or claim of (domain, policy_id), if any."""
-        key = _key(domain)
+        key = domain_key(domain)
         with self._lock:
             self._db.write(
                 lambda db: db.execute(
@@ -264,18 +243,6 @@ class PostgresPolicyCache:
         with self._lock:
             self._memory.clear()
             self._db.close()
-
-    def _remember(self, key: str, entry: CachedPolicy | None) -> None:
-        now = self._monotonic()
-        if len(self._memory) >= _MEMORY_LIMIT:
-            stale = [
-                k for k, (_, seen) in self._memory.items() if now - seen >= self._revalidate_after
-            ]
-            for k in stale:
-                del self._memory[k]
-            if len(self._memory) >= _MEMORY_LIMIT:
-                self._memory.clear()
-        self._memory[key] = (entry, now)
 
 
 # --- statements, inside the transaction the caller opened ----------------------------------
@@ -294,7 +261,7 @@ def _put(db: Connection, key: str, entry: CachedPolicy) -> PolicyChange | None:
             " SET policy_id = excluded.policy_id, policy_text = excluded.policy_text,"
             " fetched_at = excluded.fetched_at, expires_at = excluded.expires_at,"
             " last_used_at = excluded.last_used_at",
-            _row_of(key, entry),
+            policy_row(key, entry),
         )
     # A fetch that succeeded ends its id's back-off or claim (waiters on other nodes then
     # find the policy, committed with it) and a refresh's no-record back-off.
@@ -307,7 +274,7 @@ def _put(db: Connection, key: str, entry: CachedPolicy) -> PolicyChange | None:
 
 def _record_change(db: Connection, key: str, entry: CachedPolicy) -> PolicyChange | None:
     """The change `entry` makes, recorded (None: none); as PolicyCache._record_change."""
-    row = (
+    last = (
         db.execute(
             "SELECT policy_id, policy_text FROM sts_policies WHERE domain = %s", (key,)
         ).fetchone()
@@ -317,17 +284,14 @@ def _record_change(db: Connection, key: str, entry: CachedPolicy) -> PolicyChang
             (key,),
         ).fetchone()
     )
-    old_id = row[0] if row is not None and isinstance(row[0], str) else None
-    old = _parse_stored(row[1]) if row is not None and isinstance(row[1], str) else None
-    change = PolicyChange(key, entry.fetched_at, old_id, old, entry.policy_id, entry.policy)
-    if old is not None and not change.changed:
+    change = change_to_record(key, entry, last)
+    if change is None:
         return None
     db.execute(
         "INSERT INTO sts_policy_history (domain, changed_at, old_id, old_text, new_id,"
         " new_text) VALUES (%s, %s, %s, %s, %s, %s)",
-        (key, entry.fetched_at, old_id, old.text if old else None, entry.policy_id,
-         entry.policy.text),
-    )  # fmt: skip
+        history_row(change),
+    )
     db.execute(
         "DELETE FROM sts_policy_history WHERE domain = %s AND id NOT IN (SELECT id FROM"
         " sts_policy_history WHERE domain = %s ORDER BY id DESC LIMIT %s)",
@@ -335,33 +299,21 @@ def _record_change(db: Connection, key: str, entry: CachedPolicy) -> PolicyChang
     )
     db.execute(
         "DELETE FROM sts_policy_history WHERE changed_at < %s",
-        (entry.fetched_at - HISTORY_DAYS * 86400.0,),
+        (history_cutoff(change.changed_at),),
     )
     return change
 
 
-def _state_row(db: Connection, key: str, policy_id: str, *, lock: bool = False) -> TupleRow | None:
+def _standing(
+    db: Connection, key: str, policy_id: str, now: float, *, lock: bool = False
+) -> FetchBackoff | FetchClaim | None:
+    """The back-off or claim of (key, policy_id) standing at `now` (lock: its row locked)."""
     query = (
         "SELECT state, until, result, detail FROM sts_fetch_backoff"
         " WHERE domain = %s AND policy_id = %s"
     )
-    return db.execute(query + (" FOR UPDATE" if lock else ""), (key, policy_id)).fetchone()
-
-
-def _standing(row: TupleRow | None, now: float) -> FetchBackoff | FetchClaim | None:
-    if row is None:
-        return None
-    state, until, result, detail = row
-    if not isinstance(until, int | float) or until <= now:
-        return None
-    if state == _FETCHING:
-        return FetchClaim(float(until))
-    if state != _FAILED or not isinstance(detail, str):
-        return None
-    try:
-        return FetchBackoff(float(until), TlsRptResult(result), detail)
-    except ValueError:
-        return None
+    row = db.execute(query + (" FOR UPDATE" if lock else ""), (key, policy_id)).fetchone()
+    return fetch_state_from_row(row, now)
 
 
 def _claim(
@@ -374,18 +326,18 @@ def _claim(
     inserted = db.execute(
         "INSERT INTO sts_fetch_backoff (domain, policy_id, state, until, result, detail)"
         " VALUES (%s, %s, %s, %s, '', '') ON CONFLICT DO NOTHING RETURNING 1",
-        (key, policy_id, _FETCHING, until),
+        (key, policy_id, FETCHING, until),
     ).fetchone()
     if inserted is not None:
         return None
-    standing = _standing(_state_row(db, key, policy_id, lock=True), now)
+    standing = _standing(db, key, policy_id, now, lock=True)
     if standing is None:
-        _write_state(db, key, policy_id, (_FETCHING, until, "", ""), now)
+        _write_state(db, key, policy_id, FetchClaim(until), now)
     return standing
 
 
 def _write_state(
-    db: Connection, key: str, policy_id: str, state: tuple[str, float, str, str], now: float
+    db: Connection, key: str, policy_id: str, state: FetchBackoff | FetchClaim, now: float
 ) -> None:
     """Replace the row of (key, policy_id), and delete the expired ones."""
     _purge_expired(db, now)
@@ -394,7 +346,7 @@ def _write_state(
         " VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (domain, policy_id) DO UPDATE"
         " SET state = excluded.state, until = excluded.until, result = excluded.result,"
         " detail = excluded.detail",
-        (key, policy_id, *state),
+        fetch_state_row(key, policy_id, state),
     )
 
 

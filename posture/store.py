@@ -11,7 +11,8 @@ Owns the `posture_` tables of the relay's state database and nothing else in it:
 
 The interface (`PostureStore`) is synchronous and thread-safe; async callers run it with
 asyncio.to_thread. A second engine (PostgreSQL, issue 15) is one more class with these
-five methods. Corrupt rows are skipped, never fatal. Knows nothing of SMTP or the queue.
+five methods, sharing the rows (posture/store_rows.py). Corrupt rows are skipped, never
+fatal. Knows nothing of SMTP or the queue.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
-from posture.model import Cell, Figures, Mechanism, Status, Waiting
+from posture.model import Cell, Figures, Waiting
+from posture.store_rows import cells_from_rows, daily_rows, waiting_from_rows, waiting_row
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS posture_daily (
@@ -110,8 +112,8 @@ class SqlitePostureStore:
             self._db.close()
 
     def write(self, cells: Mapping[Cell, Figures], waiting: Mapping[str, Waiting | None]) -> None:
-        rows = [(*_cell_key(c), f.messages, f.recipients) for c, f in cells.items()]
-        upserts = [_waiting_row(w) for w in waiting.values() if w is not None]
+        rows = daily_rows(cells)
+        upserts = [waiting_row(w) for w in waiting.values() if w is not None]
         ends = [(key,) for key, w in waiting.items() if w is None]
         if not rows and not upserts and not ends:
             return
@@ -148,72 +150,16 @@ class SqlitePostureStore:
                 "SELECT * FROM posture_daily WHERE day BETWEEN ? AND ? ORDER BY day, domain",
                 (first_day, last_day),
             ).fetchall()
-        return [c for c in map(_cell_from_row, rows) if c is not None]
+        return cells_from_rows(rows)
 
     def waiting(self) -> list[Waiting]:
         if self._empty:
             return []
         with self._lock:
             rows = self._db.execute("SELECT * FROM posture_waiting ORDER BY since").fetchall()
-        return [w for w in map(_waiting_from_row, rows) if w is not None]
+        return waiting_from_rows(rows)
 
     def prune(self, before_day: str, stale_before: float) -> None:
         with self._lock:
             self._db.execute("DELETE FROM posture_daily WHERE day < ?", (before_day,))
             self._db.execute("DELETE FROM posture_waiting WHERE last_at < ?", (stale_before,))
-
-
-def _cell_key(c: Cell) -> tuple[object, ...]:
-    return (
-        c.day,
-        c.domain,
-        c.status.value,
-        c.mechanism.value,
-        c.tls,
-        int(c.authenticated),
-        c.cause,
-    )
-
-
-def _cell_from_row(row: tuple[object, ...]) -> tuple[Cell, Figures] | None:
-    day, domain, status, mechanism, tls, authenticated, cause, messages, recipients = row
-    try:
-        cell = Cell(
-            str(day),
-            str(domain),
-            Status(str(status)),
-            Mechanism(str(mechanism)),
-            str(tls),
-            bool(authenticated),
-            str(cause),
-        )
-    except ValueError:
-        return None
-    if not isinstance(messages, int) or not isinstance(recipients, int):
-        return None
-    return cell, Figures(messages, recipients)
-
-
-def _waiting_row(w: Waiting) -> tuple[object, ...]:
-    return (w.key, w.domain, w.recipients, w.since, w.last_at, w.mechanism.value, w.result)
-
-
-def _waiting_from_row(row: tuple[object, ...]) -> Waiting | None:
-    key, domain, recipients, since, last_at, mechanism, result = row
-    if not isinstance(recipients, int) or not isinstance(since, int | float):
-        return None
-    if not isinstance(last_at, int | float):
-        return None
-    try:
-        parsed = Mechanism(str(mechanism))
-    except ValueError:
-        return None
-    return Waiting(
-        str(key),
-        str(domain),
-        recipients,
-        float(since),
-        float(last_at),
-        parsed,
-        None if result is None else str(result),
-    )

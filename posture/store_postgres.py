@@ -1,8 +1,9 @@
 """The posture aggregates in PostgreSQL, shared by every relay node on one database
 (`state.url = postgresql://...`, issue 15): the second engine of the PostureStore
-interface (posture/store.py), with SqlitePostureStore's semantics: daily counts are added
-in the database (each node's flush adds to what the others wrote), a waiting entry is
-upserted keeping the earliest `since` any node saw, and `write` is all or nothing.
+interface (posture/store.py), with SqlitePostureStore's semantics and rows
+(posture/store_rows.py): daily counts are added in the database (each node's flush adds
+to what the others wrote), a waiting entry is upserted keeping the earliest `since` any
+node saw, and `write` is all or nothing.
 
 Owns the `posture_` tables and the row `posture` of the schema versions table
 (`sts_relay_schema`), created or upgraded when a store is opened, under the relay's schema
@@ -22,7 +23,7 @@ from typing import Final
 
 from pgstate.connection import Connection, Database
 from posture.model import Cell, Figures, Waiting
-from posture.store import _cell_from_row, _waiting_from_row, _waiting_row
+from posture.store_rows import cells_from_rows, daily_rows, waiting_from_rows, waiting_row
 
 COMPONENT: Final = "posture"
 MIGRATIONS: Final[Sequence[Sequence[str]]] = (
@@ -109,7 +110,7 @@ class PostgresPostureStore:
         """Add `cells` to the daily counts and apply `waiting` (an entry, or None to end
         it) in one transaction. Keys are written in order, so that nodes flushing at once
         lock them in the same order."""
-        rows = sorted((*_cell_key(c), f.messages, f.recipients) for c, f in cells.items())
+        rows = sorted(daily_rows(cells))
         changes = sorted(waiting.items(), key=lambda item: item[0])
         if not rows and not changes:
             return
@@ -136,7 +137,7 @@ class PostgresPostureStore:
                         " since = LEAST(posture_waiting.since, excluded.since),"
                         " last_at = excluded.last_at, mechanism = excluded.mechanism,"
                         " result = excluded.result",
-                        _waiting_row(entry),
+                        waiting_row(entry),
                     )
 
         with self._lock:
@@ -154,7 +155,7 @@ class PostgresPostureStore:
                     (first_day, last_day),
                 ).fetchall()
             )
-        return [c for c in map(_cell_from_row, rows) if c is not None]
+        return cells_from_rows(rows)
 
     def waiting(self) -> list[Waiting]:
         if self._empty:
@@ -166,7 +167,7 @@ class PostgresPostureStore:
                     " FROM posture_waiting ORDER BY since"
                 ).fetchall()
             )
-        return [w for w in map(_waiting_from_row, rows) if w is not None]
+        return waiting_from_rows(rows)
 
     def prune(self, before_day: str, stale_before: float) -> None:
         def prune(db: Connection) -> None:
@@ -175,7 +176,3 @@ class PostgresPostureStore:
 
         with self._lock:
             self._db.write(prune)
-
-
-def _cell_key(c: Cell) -> tuple[str, str, str, str, str, bool, str]:
-    return (c.day, c.domain, c.status.value, c.mechanism.value, c.tls, c.authenticated, c.cause)

@@ -4,20 +4,29 @@ each report stands for each reporting URI.
 Owns the `tlsrpt_` tables of the relay's state database and nothing else in it (the queue
 and the policy cache keep their own tables in the same file). Methods are synchronous and
 thread-safe; async callers run them with asyncio.to_thread. Knows nothing of DNS, SMTP or
-HTTP.
+HTTP. Its own part is SQLite's SQL and connection: rows are made and read by
+tlsrpt/store_rows.py, shared with the PostgreSQL store (tlsrpt/store_postgres.py).
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
-from policy.model import TlsRptResult
-from tlsrpt.model import AppliedPolicy, Count, Delivery, DeliveryState, Failure, PolicyType, Session
+from tlsrpt.model import Count, Delivery, DeliveryState, Session
+from tlsrpt.store_rows import (
+    DELIVERY_COLUMNS,
+    counter_key,
+    counts_from_rows,
+    deliveries_from_rows,
+    delivery_result_row,
+    delivery_row,
+    due_from_rows,
+    time_from_row,
+)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS tlsrpt_sessions (
@@ -54,10 +63,6 @@ _SCHEMA = (
     )""",
 )
 _BUSY_TIMEOUT_MS = 10_000
-_DELIVERY_COLUMNS = (
-    "d.report_id, r.domain, r.day, d.uri, d.state, d.attempts, d.first_attempt_at,"
-    " d.next_attempt_at, d.last_error"
-)
 
 
 class ReportStorage(Protocol):
@@ -125,7 +130,7 @@ class ReportStore:
 
     def add_counts(self, counts: Mapping[Session, int]) -> None:
         """Add a batch of session counts in one transaction."""
-        rows = [(*_session_key(s), n) for s, n in counts.items() if n > 0]
+        rows = [(*counter_key(s), n) for s, n in counts.items() if n > 0]
         if not rows:
             return
         with self._lock:
@@ -150,7 +155,7 @@ class ReportStore:
             args = (day, domain)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY domain", args).fetchall()
-        return [c for c in map(_count_from_row, rows) if c is not None]
+        return counts_from_rows(rows)
 
     def unreported(self, oldest: str, newest: str) -> list[tuple[str, str]]:
         """(day, domain) pairs with counters in [oldest, newest] and no report yet."""
@@ -197,7 +202,7 @@ class ReportStore:
                 if cursor.rowcount == 1:
                     self._db.executemany(
                         "INSERT INTO tlsrpt_deliveries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [_delivery_row(d) for d in deliveries],
+                        [delivery_row(d) for d in deliveries],
                     )
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -210,31 +215,19 @@ class ReportStore:
             self._db.execute(
                 "UPDATE tlsrpt_deliveries SET state = ?, attempts = ?, next_attempt_at = ?,"
                 " last_error = ? WHERE report_id = ? AND uri = ?",
-                (
-                    delivery.state.value,
-                    delivery.attempts,
-                    delivery.next_attempt_at,
-                    delivery.last_error,
-                    delivery.report_id,
-                    delivery.uri,
-                ),
+                delivery_result_row(delivery),
             )
 
     def due_deliveries(self, now: float) -> list[tuple[Delivery, bytes]]:
         """Pending https deliveries whose retry time has come, with their payload."""
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_DELIVERY_COLUMNS}, r.payload FROM tlsrpt_deliveries d"  # noqa: S608 - constant
+                f"SELECT {DELIVERY_COLUMNS}, r.payload FROM tlsrpt_deliveries d"  # noqa: S608 - constant
                 " JOIN tlsrpt_reports r USING (report_id)"
                 " WHERE d.state = ? AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at",
                 (DeliveryState.PENDING.value, now),
             ).fetchall()
-        out = []
-        for row in rows:
-            delivery = _delivery_from_row(row[:-1])
-            if delivery is not None and isinstance(row[-1], bytes):
-                out.append((delivery, row[-1]))
-        return out
+        return due_from_rows(rows)
 
     def next_retry_at(self) -> float | None:
         with self._lock:
@@ -242,17 +235,16 @@ class ReportStore:
                 "SELECT MIN(next_attempt_at) FROM tlsrpt_deliveries WHERE state = ?",
                 (DeliveryState.PENDING.value,),
             ).fetchone()
-        value = row[0] if row else None
-        return float(value) if isinstance(value, int | float) else None
+        return time_from_row(row)
 
     def deliveries(self, day: str) -> list[Delivery]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM tlsrpt_deliveries d"  # noqa: S608 - constant
+                f"SELECT {DELIVERY_COLUMNS} FROM tlsrpt_deliveries d"  # noqa: S608 - constant
                 " JOIN tlsrpt_reports r USING (report_id) WHERE r.day = ? ORDER BY r.domain, d.uri",
                 (day,),
             ).fetchall()
-        return [d for d in map(_delivery_from_row, rows) if d is not None]
+        return deliveries_from_rows(rows)
 
     def reported_domains(self, day: str) -> set[str]:
         with self._lock:
@@ -260,77 +252,3 @@ class ReportStore:
                 "SELECT domain FROM tlsrpt_reports WHERE day = ?", (day,)
             ).fetchall()
         return {str(r[0]) for r in rows}
-
-
-def _session_key(s: Session) -> tuple[str, ...]:
-    f = s.failure
-    return (
-        s.day,
-        s.domain,
-        s.policy.type.value,
-        json.dumps(list(s.policy.strings)),
-        json.dumps(list(s.policy.mx)),
-        f.result.value if f else "",
-        f.receiving_mx if f else "",
-        f.receiving_ip if f else "",
-        f.sending_ip if f else "",
-    )
-
-
-def _strings(raw: object) -> tuple[str, ...] | None:
-    try:
-        value = json.loads(str(raw))
-    except ValueError:
-        return None
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    return None
-
-
-def _count_from_row(row: tuple[object, ...]) -> Count | None:
-    day, domain, ptype, pstrings, pmx, result, mx, rip, sip, count = row
-    strings, patterns = _strings(pstrings), _strings(pmx)
-    try:
-        policy_type = PolicyType(str(ptype))
-        failure = (
-            Failure(TlsRptResult(str(result)), str(mx), str(rip), str(sip)) if result else None
-        )
-    except ValueError:
-        return None
-    if strings is None or patterns is None or not isinstance(count, int):
-        return None
-    policy = AppliedPolicy(policy_type, strings, patterns)
-    return Count(str(domain), str(day), policy, failure, count)
-
-
-def _delivery_row(d: Delivery) -> tuple[object, ...]:
-    return (
-        d.report_id,
-        d.uri,
-        d.state.value,
-        d.attempts,
-        d.first_attempt_at,
-        d.next_attempt_at,
-        d.last_error,
-    )
-
-
-def _delivery_from_row(row: tuple[object, ...]) -> Delivery | None:
-    report_id, domain, day, uri, state, attempts, first, next_at, error = row
-    try:
-        parsed_state = DeliveryState(str(state))
-    except ValueError:
-        return None
-    if not isinstance(attempts, int) or not isinstance(first, int | float):
-        return None
-    return Delivery(
-        report_id=str(report_id),
-        domain=str(domain),
-        day=str(day),
-        uri=str(uri),
-        state=parsed_state,
-        attempts=attempts,
-        first_attempt_at=float(first),
-        next_attempt_at=float(next_at) if isinstance(next_at, int | float) else None,
-        last_error=str(error) if error is not None else None,
-    )

@@ -16,7 +16,8 @@ a cluster needs for one RFC 8460 report per policy domain per day:
 Owns the `tlsrpt_` tables and the row `tlsrpt` of the schema versions table
 (`sts_relay_schema`), created or upgraded when a store is opened, under the relay's
 schema lock. A counter row's key is a digest of the session's fields (they can be longer
-than an index entry may be). Methods are synchronous and thread-safe; async callers run
+than an index entry may be); rows are made and read by tlsrpt/store_rows.py, as in the
+SQLite store. Methods are synchronous and thread-safe; async callers run
 them with asyncio.to_thread. A failure of the database or of the connection raises
 ReportStoreError (an OSError); the next call connects again.
 """
@@ -33,7 +34,16 @@ from typing import Final
 
 from pgstate.connection import Connection, Database
 from tlsrpt.model import Count, Delivery, DeliveryState, Session
-from tlsrpt.store import _count_from_row, _delivery_from_row, _delivery_row, _session_key
+from tlsrpt.store_rows import (
+    DELIVERY_COLUMNS,
+    counter_key,
+    counts_from_rows,
+    deliveries_from_rows,
+    delivery_result_row,
+    delivery_row,
+    due_from_rows,
+    time_from_row,
+)
 
 COMPONENT: Final = "tlsrpt"
 MIGRATIONS: Final[Sequence[Sequence[str]]] = (
@@ -86,10 +96,6 @@ _SESSION: Final = {
     "synchronous_commit": "on",
 }
 RECONNECT_PAUSE_S: Final = 1.0  # after a failed connection, calls fail at once this long
-_DELIVERY_COLUMNS: Final = (
-    "d.report_id, r.domain, r.day, d.uri, d.state, d.attempts, d.first_attempt_at,"
-    " d.next_attempt_at, d.last_error"
-)
 
 
 class ReportStoreError(OSError):
@@ -154,7 +160,7 @@ class PostgresReportStore:
         )
         with self._lock:
             rows = self._db.read(lambda db: db.execute(query, (day, domain, domain)).fetchall())
-        return [c for c in map(_count_from_row, rows) if c is not None]
+        return counts_from_rows(rows)
 
     def unreported(self, oldest: str, newest: str) -> list[tuple[str, str]]:
         """(day, domain) pairs with counters in [oldest, newest] and no report yet."""
@@ -199,7 +205,7 @@ class PostgresReportStore:
         """Record that (day, domain) was reported (payload None: nowhere to send it), with
         its deliveries claimed by this store for sending now. True when this call made the
         report; False, and nothing changed, when it existed (another node made it)."""
-        rows = [(*_delivery_row(d), self._me, now + self._claim_seconds) for d in deliveries]
+        rows = [(*delivery_row(d), self._me, now + self._claim_seconds) for d in deliveries]
 
         def save(db: Connection) -> bool:
             made = db.execute(
@@ -228,15 +234,7 @@ class PostgresReportStore:
                     " next_attempt_at = %s, last_error = %s, claimed_by = NULL,"
                     " claimed_until = NULL WHERE report_id = %s AND uri = %s"
                     " AND (claimed_by IS NULL OR claimed_by = %s)",
-                    (
-                        delivery.state.value,
-                        delivery.attempts,
-                        delivery.next_attempt_at,
-                        delivery.last_error,
-                        delivery.report_id,
-                        delivery.uri,
-                        self._me,
-                    ),
+                    (*delivery_result_row(delivery), self._me),
                 )
             )
 
@@ -267,12 +265,8 @@ class PostgresReportStore:
         }
         with self._lock:
             rows = self._db.write(lambda db: db.execute(claim, args).fetchall())
-        out = []
-        for row in rows:
-            delivery = _delivery_from_row(row[:-1])
-            if delivery is not None and isinstance(row[-1], bytes):
-                out.append((delivery, row[-1]))
-        return sorted(out, key=lambda found: (found[0].next_attempt_at or 0.0, found[0].uri))
+        due = due_from_rows(rows)
+        return sorted(due, key=lambda found: (found[0].next_attempt_at or 0.0, found[0].uri))
 
     def next_retry_at(self) -> float | None:
         """When the next pending delivery falls due (a claimed one: when its claim ends)."""
@@ -284,20 +278,19 @@ class PostgresReportStore:
                     (DeliveryState.PENDING.value,),
                 ).fetchone()
             )
-        value = row[0] if row else None
-        return float(value) if isinstance(value, int | float) else None
+        return time_from_row(row)
 
     def deliveries(self, day: str) -> list[Delivery]:
         with self._lock:
             rows = self._db.read(
                 lambda db: db.execute(
-                    f"SELECT {_DELIVERY_COLUMNS} FROM tlsrpt_deliveries d"  # noqa: S608 - constant
+                    f"SELECT {DELIVERY_COLUMNS} FROM tlsrpt_deliveries d"  # noqa: S608 - constant
                     " JOIN tlsrpt_reports r USING (report_id) WHERE r.day = %s"
                     " ORDER BY r.domain, d.uri",
                     (day,),
                 ).fetchall()
             )
-        return [d for d in map(_delivery_from_row, rows) if d is not None]
+        return deliveries_from_rows(rows)
 
     def reported_domains(self, day: str) -> set[str]:
         with self._lock:
@@ -310,6 +303,6 @@ class PostgresReportStore:
 
 
 def _counter_row(session: Session, count: int) -> tuple[object, ...]:
-    fields = _session_key(session)
+    fields = counter_key(session)
     digest = hashlib.sha256(json.dumps(fields).encode()).digest()
     return (digest, *fields, count)

@@ -45,6 +45,7 @@ from relay.delivery.dane import dane_lookup
 from relay.delivery.dns_cache import DEFAULT_MAX_TTL, TtlCache
 from relay.delivery.dns_coalesce import CoalescingResolver
 from relay.delivery.dnssec import dnssec_in_force
+from relay.delivery.holds import hold_seconds
 from relay.delivery.overrides import TlsOverrides, parse_overrides
 from relay.delivery.pipeline import Pipeline
 from relay.delivery.pool import ConnectionPool
@@ -149,7 +150,6 @@ def open_store(cfg: Config) -> AnyStore:
     return _open_sqlite(cfg, SqliteStore)
 
 
-def _open_gated(cfg: Config) -> GatedStore | PostgresStore:
 def open_shared_store(cfg: Config) -> PostgresStore:
     """The PostgreSQL queue store of `state.url`, for a command or the supervisor."""
     from mailqueue.postgres import PostgresStore
@@ -157,6 +157,7 @@ def open_shared_store(cfg: Config) -> PostgresStore:
     return PostgresStore(cfg.state.url, **_schedule(cfg), maintenance_every=None)
 
 
+def _open_gated(cfg: Config) -> GatedStore | PostgresStore:
     """The serving relay's store; `leasing` closes it for a graceful stop (_drain)."""
     if cfg.state.url:
         return _gated_postgres()(cfg.state.url, **_schedule(cfg))
@@ -349,6 +350,9 @@ def build(cfg: Config, events: EventLog, role: ProcessRole | None = None) -> Rel
             ),
             lease_time=cfg.delivery.lease_time,
             attempt_deadline=cfg.delivery.attempt_deadline,
+            unreachable_hold=hold_seconds(
+                cfg.delivery.unreachable_hold, cfg.queue.retry_schedule[0]
+            ),
         ),
         events=events,
     )

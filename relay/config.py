@@ -410,6 +410,10 @@ class DeliveryConfig:
     # lease_time, longer than the deadline by the time recording the result may take.
     attempt_deadline: float = _key(900, _seconds)
     lease_time: float = _key(1200, _seconds)
+    # Seconds a domain whose every MX address failed before any SMTP reply (refused,
+    # timed out, unreachable) is held: its mail is deferred without being tried
+    # (relay/delivery/holds.py); never longer than the first queue.retry_schedule step.
+    unreachable_hold: float = _key(60, _seconds_or_zero)
 
 
 @dataclass(frozen=True, slots=True)

@@ -53,7 +53,9 @@ EVENTS: dict[str, tuple[str, ...]] = {
         "tlsrpt_result",
         "attempt",
         "delay_s",
+        "held",
     ),
+    "destination_held": ("domain", "until", "reason"),
     "bounce_queued": ("queue_id", "dsn_queue_id", "sender", "rcpts"),
     "policy_fetched": ("domain", "policy_id", "mode", "max_age", "mx"),
     "policy_fetch_failed": ("domain", "policy_id", "result", "reason", "cached_mode"),
@@ -337,10 +339,12 @@ class EventLog:
         tlsrpt_result: str | None,
         attempt: int,
         delay_s: float,
+        held: bool = False,
     ) -> None:
         """One recipient's attempt: status "sent" (info), "deferred" or "bounced" (warning).
         `tls_resumed`: the connection's TLS handshake resumed an earlier session (None in
-        the clear or when no MX was reached)."""
+        the clear or when no MX was reached). `held`: deferred without being tried, its
+        domain being held as unreachable (`destination_held`)."""
         self._emit(
             "delivery",
             "info" if status == "sent" else "warning",
@@ -363,7 +367,15 @@ class EventLog:
                 "tlsrpt_result": tlsrpt_result,
                 "attempt": attempt,
                 "delay_s": delay_s,
+                "held": held,
             },
+        )
+
+    def destination_held(self, *, domain: str, until: str, reason: str) -> None:
+        """Every MX address of `domain` failed before any SMTP reply: its mail is deferred
+        without being tried until `until` (delivery.unreachable_hold). One line per hold."""
+        self._emit(
+            "destination_held", "warning", {"domain": domain, "until": until, "reason": reason}
         )
 
     def bounce_queued(

@@ -90,6 +90,17 @@ class Metrics:
             ["handshake"],
             registry=r,
         )
+        self.held = Counter(
+            "sts_relay_deliveries_held",
+            "Recipient attempts deferred without being tried: their domain was held as"
+            " unreachable (delivery.unreachable_hold).",
+            registry=r,
+        )
+        self.holds = Counter(
+            "sts_relay_destination_holds",
+            "Holds begun: a domain whose every MX address failed before any SMTP reply.",
+            registry=r,
+        )
         self.bounces = Counter(
             "sts_relay_bounces_queued", "Delivery status notifications queued.", registry=r
         )
@@ -202,6 +213,8 @@ class Metrics:
             self._delivery(fields)
         elif event == "bounce_queued":
             self.bounces.inc()
+        elif event == "destination_held":
+            self.holds.inc()
         elif event == "policy_fetched":
             self.policy_fetches.labels(outcome="ok").inc()
         elif event == "policy_fetch_failed":
@@ -217,6 +230,8 @@ class Metrics:
     def _delivery(self, fields: dict[str, Any]) -> None:
         status = str(fields.get("status"))
         self._labelled(self.deliveries, status).inc()
+        if fields.get("held"):
+            self.held.inc()
         if status == "sent" and isinstance(fields.get("delay_s"), int | float):
             self.delay.observe(float(fields["delay_s"]))
         if fields.get("ip") is None and fields.get("tlsrpt_result") is None:

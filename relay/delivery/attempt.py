@@ -185,11 +185,17 @@ def decide(
 
     `session` is the session that completed the transaction, or None when no host did
     (then every recipient is deferred with the most meaningful of `failures`, the host
-    failures met on the way). `would_refuse` (testing only) is what enforce would have
-    refused; it is carried on Delivered reasons for reporting (RFC 8461 §5, RFC 8460).
+    failures met on the way, marked `unreachable` when every one of them was).
+    `would_refuse` (testing only) is what enforce would have refused; it is carried on
+    Delivered reasons for reporting (RFC 8461 §5, RFC 8460).
     """
     if session is None or not session.completed:
         reason = _most_meaningful(failures)
+        # The destination is unreachable only when every host failure says so (a 4xx
+        # greeting or a TLS failure anywhere is a reply): relay/delivery/holds.py.
+        unreachable = bool(failures) and all(f.unreachable for f in failures)
+        if reason.unreachable != unreachable:
+            reason = replace(reason, unreachable=unreachable)
         return {rcpt: Deferred(reason) for rcpt in recipients}
     return {rcpt: _recipient_outcome(rcpt, session, would_refuse) for rcpt in recipients}
 
@@ -212,7 +218,8 @@ def conversation_failure(session: ConversationResult, *, enforced: bool) -> Reas
         said = safe_line(f"{_where(hop)} said: {line}")
         return Reason(said, _transient(reply_status(code, text)), line, hop)
     status = "4.4.2" if session.connected else "4.4.1"
-    return Reason(safe_line(f"{_where(hop)}: {session.error or 'no answer'}"), status, hop=hop)
+    text = safe_line(f"{_where(hop)}: {session.error or 'no answer'}")
+    return Reason(text, status, hop=hop, unreachable=session.unreachable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -475,9 +482,10 @@ async def pooled_conversation(
         got = await pool.acquire(key)
         if got is False:
             error = f"too many connections to {ip} (delivery.max_connections_per_host)"
-            if pool.is_down(ip):
+            down = pool.is_down(ip)
+            if down:
                 error = f"{ip} timed out recently; not tried again yet"
-            return ConversationResult(hop=Hop(mx=host, ip=ip), error=error)
+            return ConversationResult(hop=Hop(mx=host, ip=ip), error=error, unreachable=down)
         if isinstance(got, Connection):
             result = await _transact_pooled(pool, got, envelope, settings, domain, reused=True)
             if result.stale:

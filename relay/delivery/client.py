@@ -91,6 +91,9 @@ class ConversationResult:
     repeat: bool = False  # over a connection that already carried this policy domain's mail
     violation: str | None = None  # the MX broke the one-reply-per-command sequence
     requiretls_missing: bool = False  # REQUIRETLS mail, and the MX did not offer it after TLS
+    # No SMTP reply at all: the connection was refused, timed out (connect or greeting) or
+    # found no route, or the address is marked down after such a timeout (pool.mark_down).
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +153,7 @@ class _Conversation:
         self.violation: str | None = None
         self.requiretls = False  # the session is for REQUIRETLS mail (RFC 8689)
         self.requiretls_missing = False
+        self.unreachable = False  # the first connection failed before any reply
         self.last = "after EHLO"  # where a stray reply would have come from, for the text
 
     @classmethod
@@ -194,6 +198,7 @@ class _Conversation:
             violation=self.violation,
             requiretls_missing=self.requiretls_missing,
             repeat=repeat,
+            unreachable=self.unreachable,
         )
 
     def close_all(self) -> None:
@@ -247,6 +252,7 @@ class _Conversation:
             return None
         except _ERRORS as exc:
             self.timed_out = isinstance(exc, TimeoutError)
+            self.unreachable = not self.connected  # a reconnect after a reply is no proof
             self.error = f"connect to {self.ip} port {self.port} failed: {describe(exc)}"
             return None
         self.connected = True

@@ -34,7 +34,10 @@ class Reason:
     `text` is one safe line for logs and DSNs; `status` the RFC 3463 enhanced status
     code ("5.1.1"); `reply` the remote SMTP reply when there was one; `tlsrpt` the
     RFC 8460 result type when TLS or MTA-STS was the cause (or, under `testing`,
-    what enforce would have refused).
+    what enforce would have refused). `unreachable`: no SMTP reply came back, the
+    connection was refused, timed out or found no route; on the outcome of an attempt,
+    every MX address it tried failed that way (relay/delivery/holds.py then holds the
+    destination).
     """
 
     text: str
@@ -42,6 +45,7 @@ class Reason:
     reply: str | None = None
     hop: Hop | None = None
     tlsrpt: TlsRptResult | None = None
+    unreachable: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,8 @@ class LeaseResult:
     TLS decision in force (with its inputs) for the `delivery` events."""
 
     outcomes: dict[str, Outcome]
-    decision: TlsDecision | None  # None when no decision was reached (cut off, errors)
+    decision: TlsDecision | None  # None when no decision was reached (cut off, errors, held)
+    held: bool = False  # not tried: the domain is held as unreachable (holds.py)
 
 
 class Pipeline:

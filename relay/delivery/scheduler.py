@@ -17,6 +17,10 @@ The guarantees it keeps (DESIGN "The shape of a delivery"):
   they are kept in memory and committed later (a lease handed out again for such work is
   used to record it, never to attempt it). Only a crash between the MX's reply and that
   commit can still repeat a delivery, which SMTP cannot prevent (README, "Duplicates").
+
+Like qmgr's dead destinations, it remembers a domain found unreachable (relay/delivery/
+holds.py, `delivery.unreachable_hold`) and defers its leases without any attempt while the
+hold lasts; an operator's flush, read from the queue's journal, ends every hold.
 """
 
 from __future__ import annotations
@@ -24,18 +28,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import assert_never
+from typing import Any, assert_never
 
+from mailqueue.admin import AdminAction
 from mailqueue.model import Lease, RcptState, RecipientResult
 from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
 from relay.delivery.bounce import Bounce, BounceSettings, bounce_for
 from relay.delivery.client import transfer_allowance
+from relay.delivery.holds import Hold, Holds, held_reason
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome, Reason
 from relay.delivery.pipeline import LeaseResult, Pipeline
 from relay.delivery.pool import ConnectionPool
-from relay.events import EventLog
+from relay.events import EventLog, timestamp_field
 
 # How long an idle scheduler waits before looking at the store again; this bounds how soon
 # `sts-relay queue flush`, run from another process, takes effect.
@@ -48,6 +54,9 @@ _RECORD_RETRY_S = (0.5, 30.0)
 _MIN_ALLOWANCE_S = 1.0
 _RENEW_HEADROOM_S = 30.0
 
+# Queue journal entries read at once when looking for an operator's flush.
+_JOURNAL_PAGE = 500
+
 _Key = tuple[str, str]  # (queue_id, domain): the unit of work a lease covers
 
 
@@ -58,6 +67,7 @@ class SchedulerSettings:
     bounce: BounceSettings
     lease_time: float = 1200.0  # delivery.lease_time
     attempt_deadline: float = 900.0  # delivery.attempt_deadline
+    unreachable_hold: float = 0.0  # holds.hold_seconds(delivery.unreachable_hold, ...); 0 off
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +106,9 @@ class Scheduler:
         self._running: dict[_Key, Lease] = {}  # the newest lease of each running attempt
         self._unrecorded: dict[_Key, _Unrecorded] = {}
         self._unrecorded_added = asyncio.Event()
+        self.holds = Holds(settings.unreachable_hold)
+        self._journal_seen: int | None = None  # the last queue journal entry looked at
+        self._journal_look: _JournalLook | None = None  # the latest look for a flush
 
     def wake(self) -> None:
         """Look at the queue now (new mail was accepted)."""
@@ -126,6 +139,7 @@ class Scheduler:
                 if not leases:
                     await self._idle()
                     continue
+                taken = asyncio.get_running_loop().time()  # the leases are ours since then
                 for lease in leases:
                     key = (lease.queue_id, lease.domain)
                     if key in self._running:
@@ -134,7 +148,7 @@ class Scheduler:
                         tasks.create_task(self._commit(self._rebind(key, lease)))
                     else:
                         self._running[key] = lease
-                        tasks.create_task(self._handle(lease))
+                        tasks.create_task(self._handle(lease, taken))
 
     async def _lease(self, limit: int) -> list[Lease]:
         try:
@@ -145,6 +159,53 @@ class Scheduler:
             self._events.store_error(error=f"lease: {exc}")
             await asyncio.sleep(_IDLE_POLL_S)
             return []
+
+    async def _hold(self, lease: Lease, taken: float) -> Hold | None:
+        """The hold that keeps `lease` from being attempted now, if any (holds.hold_for).
+
+        `sts-relay queue flush` asks for delivery now: no hold may defer mail it made due.
+        Before a lease taken at `taken` (loop time) is held, the queue's journal is looked
+        at from then on: a flush that made the lease due committed its journal entry with
+        it, so that look sees it and ends every hold. Held leases taken together share one
+        look; nothing is read while nothing is held."""
+        hold = self.holds.holding(lease, self._clock())
+        if hold is None:
+            return None
+        look = self._journal_look
+        if look is None or look.started < taken:
+            look = _JournalLook(asyncio.get_running_loop().time(), self._look_for_flush())
+            self._journal_look = look
+        await asyncio.shield(look.done)  # shared: one waiter cut off must not end it
+        return self.holds.holding(lease, self._clock())
+
+    async def _look_for_flush(self) -> None:
+        """End every hold when the journal has a flush past the last entry looked at, or
+        cannot be read (an attempt too many is safe, a hold too many is not). Never
+        raises: held leases wait for it."""
+        try:
+            flushed = await self._journal_flushed()
+        except Exception as exc:  # noqa: BLE001 - unknown means "attempt": holds end
+            self._events.store_error(error=f"queue journal: {exc}; holds ended")
+            flushed = True
+        if flushed:
+            self.holds.clear()
+
+    async def _journal_flushed(self) -> bool:
+        """Whether the queue's journal has a flush past the last entry looked at (on the
+        first look: past the entries the relay has logged)."""
+        seen = self._journal_seen
+        if seen is None:
+            seen = await self._store.journal_logged()
+        flushed = False
+        while True:
+            entries = await self._store.journal(seen, _JOURNAL_PAGE)
+            flushed = flushed or any(e.action == AdminAction.FLUSH for e in entries)
+            if entries:
+                seen = entries[-1].id
+            if len(entries) < _JOURNAL_PAGE:
+                break
+        self._journal_seen = max(seen, self._journal_seen or 0)
+        return flushed
 
     async def _idle(self) -> None:
         self._wakeup.clear()
@@ -162,10 +223,10 @@ class Scheduler:
         except TimeoutError:
             pass
 
-    async def _handle(self, lease: Lease) -> None:
+    async def _handle(self, lease: Lease, taken: float) -> None:
         key = (lease.queue_id, lease.domain)
         try:
-            attempted = await self._attempt(lease)
+            attempted = await self._attempt(lease, taken)
             if attempted is not None:
                 data, result = attempted
                 await self._finish(self._running.get(key, lease), data, result)
@@ -173,9 +234,10 @@ class Scheduler:
             self._running.pop(key, None)
             self._slot_freed.set()
 
-    async def _attempt(self, lease: Lease) -> tuple[bytes, LeaseResult] | None:
-        """The attempt of `lease` as a value, within the attempt deadline; None when the
-        message is gone (deleted by an operator while leased)."""
+    async def _attempt(self, lease: Lease, taken: float) -> tuple[bytes, LeaseResult] | None:
+        """The attempt of `lease` (taken at loop time `taken`) as a value, within the
+        attempt deadline; None when the message is gone (deleted by an operator while
+        leased). While its domain is held, it is deferred without any attempt."""
         try:
             data = await self._store.read_data(lease.queue_id)
         except MessageNotFound:
@@ -186,15 +248,25 @@ class Scheduler:
             with contextlib.suppress(StoreUnavailable):
                 await self._store.release(lease)
             return None
+        hold = await self._hold(lease, taken)
+        if hold is not None:  # no DNS, no policy, no connection: deferred as it stands
+            outcome = Deferred(held_reason(hold))
+            return data, LeaseResult({r.address: outcome for r in lease.recipients}, None, True)
         expired = self._clock() >= lease.expires_at
         granted = _Granted(self._settings.attempt_deadline)
         try:
-            return data, await self._run_in_time(lease, data, expired, granted)
+            result = await self._run_in_time(lease, data, expired, granted)
         except TimeoutError:
             return data, _everyone(lease, granted.cut_off_text(len(data)), "4.4.7")
         except Exception as exc:  # noqa: BLE001 - one bad lease must not stop the others
             self._events.worker_error(queue_id=lease.queue_id, domain=lease.domain, error=repr(exc))
             return data, _everyone(lease, f"internal error: {type(exc).__name__}", "4.3.0")
+        began = self.holds.learn(lease.domain, result.outcomes, self._clock())
+        if began is not None:
+            self._events.destination_held(
+                domain=began.domain, until=timestamp_field(began.until), reason=began.failure.text
+            )
+        return data, result
 
     async def _run_in_time(
         self, lease: Lease, data: bytes, expired: bool, granted: _Granted
@@ -377,7 +449,16 @@ class Scheduler:
             tlsrpt_result=tlsrpt.value if tlsrpt else None,
             attempt=attempt,
             delay_s=delay,
+            held=result.held,
         )
+
+
+class _JournalLook:
+    """A look at the queue's journal for a flush, begun at loop time `started`."""
+
+    def __init__(self, started: float, look: Coroutine[Any, Any, None]) -> None:
+        self.started = started
+        self.done = asyncio.ensure_future(look)
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,10 +45,13 @@ async def scheduler_over(
     *,
     lease_time: float = 1200.0,
     deadline: float = 900.0,
+    unreachable_hold: float = 0.0,
+    clock: Callable[[], float] = time.time,
     before_start: Callable[[SchedulerLab], None] = lambda _lab: None,
 ) -> AsyncIterator[SchedulerLab]:
     """Run a scheduler over `store` (opened here) until the block ends; `before_start`
-    may attach hooks to it first."""
+    may attach hooks to it first. `unreachable_hold` is the hold in force (holds.py),
+    `clock` the scheduler's."""
     config = tmp_path / "relay.toml"
     config.write_text(to_toml(world.relay_config(tmp_path / "state")), encoding="utf-8")
     log = io.StringIO()
@@ -64,8 +68,10 @@ async def scheduler_over(
             bounce=BounceSettings(reporting_mta="relay.test", delay_notice_after=0),
             lease_time=lease_time,
             attempt_deadline=deadline,
+            unreachable_hold=unreachable_hold,
         ),
         events=events,
+        clock=clock,
     )
     lab = SchedulerLab(relay, store, scheduler, log)
     before_start(lab)

@@ -4,9 +4,11 @@ aiosmtpd 1.4.6's `SMTP.__init__` runs `inspect.getmembers()` and `dir()` over th
 and the handler, and `inspect.signature()` on the EHLO hook, for every connection: about a
 fifth of the listener's CPU when each message comes on a new connection. What it finds
 depends only on the two classes, so it is found once per (protocol class, handler class)
-here and only bound per connection. Owns nothing else: every attribute is set exactly as
-aiosmtpd's constructor sets it (tests/unit/test_aiosmtpd_setup.py compares the two), and any
-other aiosmtpd version gets aiosmtpd's own constructor (`FAST_INIT` is False).
+here, and its three tables of bound methods are mappings that bind a method when it is
+looked up (`BoundMethods`: a session looks up a handful). Owns nothing else: every
+attribute is set as aiosmtpd's constructor sets it, the tables with the same keys, order and
+values (tests/unit/test_aiosmtpd_setup.py compares the two), and any other aiosmtpd version
+gets aiosmtpd's own constructor (`FAST_INIT` is False).
 
 Also aiosmtpd's logging of every command line: its `sanitized_log` copies and sanitizes the
 line twice per command (about 2% of ingest CPU) only for its logger ("mail.log") to drop
@@ -21,7 +23,7 @@ import inspect
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import aiosmtpd
@@ -49,13 +51,51 @@ if FAST_INIT:
 
 
 class _Shape(NamedTuple):
-    """What aiosmtpd's constructor finds by introspection, as names."""
+    """What aiosmtpd's constructor finds by introspection: its tables as names,
+    {key: (on the handler?, method name)}."""
 
-    own_auth: tuple[tuple[str, str], ...]  # (mechanism, method name) on the protocol
-    handler_auth: tuple[tuple[str, str], ...]  # (mechanism, method name) on the handler
-    hooks: tuple[str, ...]  # the handler's "handle_*" method names
+    auth_table: dict[str, tuple[bool, str]]  # "PLAIN": protocol.auth_PLAIN, ...
+    hook_table: dict[str, tuple[bool, str]]  # "DATA": handler.handle_DATA, ...
     ehlo_hook_ver: str | None
-    commands: tuple[str, ...]  # the protocol's "smtp_*" method names
+    command_table: dict[str, tuple[bool, str]]  # "MAIL": protocol.smtp_MAIL, ...
+
+
+class BoundMethods(Mapping[str, Any]):
+    """One of aiosmtpd's per-connection tables ({"DATA": handler.handle_DATA, ...},
+    {"MAIL": protocol.smtp_MAIL, ...}, {"PLAIN": _AuthMechAttr(protocol.auth_PLAIN, True),
+    ...}) with the same keys in the same order, each value bound when it is looked up:
+    building the dicts cost more than a session's use of them."""
+
+    __slots__ = ("_auth", "_handler", "_protocol", "_table")
+
+    def __init__(
+        self, protocol: Any, handler: Any, table: dict[str, tuple[bool, str]], *, auth: bool
+    ) -> None:
+        self._protocol = protocol
+        self._handler = handler
+        self._table = table
+        self._auth = auth  # values are aiosmtpd's _AuthMechAttr(method, is_builtin)
+
+    def _value(self, entry: tuple[bool, str]) -> Any:
+        on_handler, name = entry
+        method = getattr(self._handler if on_handler else self._protocol, name)
+        return aiosmtp._AuthMechAttr(method, not on_handler) if self._auth else method
+
+    def __getitem__(self, key: str) -> Any:
+        return self._value(self._table[key])
+
+    def get(self, key: str, default: Any = None) -> Any:
+        entry = self._table.get(key)
+        return default if entry is None else self._value(entry)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._table
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table)
+
+    def __len__(self) -> int:
+        return len(self._table)
 
 
 def _auth_names(obj: Any) -> tuple[tuple[str, str], ...]:
@@ -88,16 +128,22 @@ def _shape(protocol: Any, handler: Any) -> _Shape:
     key = (type(protocol), type(handler))
     shape = _SHAPES.get(key)
     if shape is None:
+        auth_table: dict[str, tuple[bool, str]] = {}
+        for on_handler, obj in ((False, protocol), (True, handler)):
+            for mechanism, name in _auth_names(obj):  # the handler's win, as in aiosmtpd
+                auth_table[mechanism] = (on_handler, name)
         shape = _Shape(
-            own_auth=_auth_names(protocol),
-            handler_auth=_auth_names(handler),
-            hooks=tuple(m for m in dir(handler) if m.startswith("handle_")),
+            auth_table=auth_table,
+            hook_table={
+                m.replace("handle_", ""): (True, m) for m in dir(handler) if m.startswith("handle_")
+            },
             ehlo_hook_ver=_ehlo_hook_ver(handler),
-            commands=tuple(m for m in dir(protocol) if m.startswith("smtp_")),
+            command_table={
+                m.replace("smtp_", ""): (False, m) for m in dir(protocol) if m.startswith("smtp_")
+            },
         )
         _SHAPES[key] = shape
-        mechanisms = sorted({m for m, _ in shape.own_auth + shape.handler_auth})
-        _log.info("Available AUTH mechanisms: %s", " ".join(mechanisms))
+        _log.info("Available AUTH mechanisms: %s", " ".join(sorted(auth_table)))
     return shape
 
 
@@ -117,7 +163,8 @@ def init_smtp(
 ) -> None:
     """What `aiosmtpd.smtp.SMTP.__init__` (1.4.6) does with these arguments, with the
     defaults for the rest (no AUTH requirement, no call limits, no PROXY protocol, no
-    authenticator), but the introspection results come from `_shape`."""
+    authenticator), but the introspection results come from `_shape`, and aiosmtpd's
+    tables of bound methods are bound lazily (BoundMethods)."""
     shape = _shape(protocol, handler)
     protocol.__ident__ = ident
     protocol.loop = loop
@@ -149,12 +196,8 @@ def init_smtp(
     protocol._auth_callback = aiosmtp.login_always_fail
     protocol._authenticator = None
     protocol._auth_required = False
-    auth_methods: dict[str, aiosmtp._AuthMechAttr] = {}
-    for obj, names in ((protocol, shape.own_auth), (handler, shape.handler_auth)):
-        for mechanism, name in names:
-            auth_methods[mechanism] = aiosmtp._AuthMechAttr(getattr(obj, name), obj is protocol)
-    protocol._auth_methods = auth_methods
-    protocol._handle_hooks = {m.replace("handle_", ""): getattr(handler, m) for m in shape.hooks}
+    protocol._auth_methods = BoundMethods(protocol, handler, shape.auth_table, auth=True)
+    protocol._handle_hooks = BoundMethods(protocol, handler, shape.hook_table, auth=False)
     protocol._ehlo_hook_ver = shape.ehlo_hook_ver
-    protocol._smtp_methods = {m.replace("smtp_", ""): getattr(protocol, m) for m in shape.commands}
+    protocol._smtp_methods = BoundMethods(protocol, handler, shape.command_table, auth=False)
     protocol._enforce_call_limit = False

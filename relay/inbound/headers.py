@@ -22,6 +22,7 @@ _RECEIVED = re.compile(rb"(?:^|\r\n)received[ \t]*:", re.IGNORECASE)
 _MESSAGE_ID = re.compile(rb"(?:^|\r\n)message-id[ \t]*:", re.IGNORECASE)
 _DATE = re.compile(rb"(?:^|\r\n)date[ \t]*:", re.IGNORECASE)
 _MESSAGE_ID_VALUE = re.compile(rb"(?:^|\r\n)message-id[ \t]*:((?:[^\r]|\r\n[ \t])*)", re.IGNORECASE)
+_FOLD = re.compile(rb"\r\n[ \t]")
 # What may appear of a client's HELO argument inside a Received field.
 _UNSAFE_HELO = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
@@ -86,6 +87,11 @@ def _address_literal(ip: str) -> str:
     return f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
 
 
+@functools.lru_cache(maxsize=256)  # as above: a few client names
+def _helo_name(helo: str) -> str:
+    return _UNSAFE_HELO.sub("?", helo)[:255] or "unknown"
+
+
 def received_header(
     *,
     client_ip: str,
@@ -102,7 +108,7 @@ def received_header(
     """
     if when.tzinfo is None:
         raise ValueError("received_header needs an aware datetime")
-    name = _UNSAFE_HELO.sub("?", helo or "")[:255] or "unknown"
+    name = _helo_name(helo or "")
     lines = [
         f"Received: from {name} ({_address_literal(client_ip)})",
         f"\tby {by_host} (sts-relay) with {'ESMTPS' if tls else 'ESMTP'} id {queue_id}",
@@ -124,7 +130,7 @@ def message_id_of(headers: bytes) -> str | None:
     match = _MESSAGE_ID_VALUE.search(headers)
     if match is None:
         return None
-    value = re.sub(rb"\r\n[ \t]", b" ", match.group(1)).strip()
+    value = _FOLD.sub(b" ", match.group(1)).strip()
     return value.decode("utf-8", errors="replace")
 
 

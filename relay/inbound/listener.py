@@ -166,7 +166,7 @@ class _Handler:
             return REPLY_LOOP
         client = peer_ip(session)
         sender = "" if envelope.mail_from == "<>" else str(envelope.mail_from)
-        rcpts = tuple(str(r) for r in envelope.rcpt_tos)
+        rcpts = tuple(map(str, envelope.rcpt_tos))
         queue_id = new_queue_id()  # chosen now: the Received id and the queue id agree
         message, message_id = self._stamp(
             data, headers, session, client, rcpts, queue_id, server.tls_version()

@@ -6,7 +6,8 @@ Each case builds the protocol object the listener builds for a connection twice,
 the fast set-up and once with aiosmtpd's own constructor (FAST_INIT off), and compares
 every instance attribute: plain values equal, bound methods bound to the same function
 and the same role (the protocol itself or the shared handler), streams and futures of the
-same kind.
+same kind, tables with the same keys in the same order and the same values (the fast
+set-up's bind each value when it is looked up: aiosmtpd_setup.BoundMethods).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import io
 import logging
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ def _comparable(value: Any, server: RelaySMTP, handler: object) -> Any:
         return "<handler>"
     if hasattr(value, "__func__") and hasattr(value, "__self__"):
         return ("bound", value.__func__, _comparable(value.__self__, server, handler))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # aiosmtpd's dicts; aiosmtpd_setup.BoundMethods
         return {k: _comparable(v, server, handler) for k, v in value.items()}
     if isinstance(value, tuple):
         return tuple(_comparable(v, server, handler) for v in value)
@@ -94,6 +96,8 @@ async def test_same_attributes_as_aiosmtpd(
         await listener.stop()
     expected = _attributes(reference)
     assert _attributes(fast) == expected
+    for table in ("_smtp_methods", "_handle_hooks", "_auth_methods"):  # keys in aiosmtpd's order
+        assert list(getattr(fast, table)) == list(getattr(reference, table))
     assert set(expected["_smtp_methods"]) >= {"EHLO", "MAIL", "RCPT", "DATA", "AUTH", "QUIT"}
     assert set(expected["_auth_methods"]) == {"PLAIN", "LOGIN"}
     assert expected["_auth_require_tls"] is not implicit_tls

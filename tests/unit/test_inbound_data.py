@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from relay.inbound.data import DataOutcome, MessageBuffer
@@ -87,6 +87,54 @@ def _chunks(draw: st.DrawFn) -> list[bytes]:
             out.append(draw(_pieces) + b"\r\n")
     out.append(b".\r\n")
     return out
+
+
+def _blocks(content: bytes, cuts: list[int]) -> list[bytes]:
+    """`content` cut at `cuts`, never between the CR and the LF of a CRLF (as
+    SessionReader.data_block hands DATA over)."""
+    points = sorted({c for c in cuts if 0 < c < len(content) and content[c - 1 : c + 1] != b"\r\n"})
+    return [content[a:b] for a, b in zip([0, *points], [*points, len(content)], strict=True)]
+
+
+def _chunks_of(block: bytes, line_limit: int | None) -> list[bytes]:
+    """What feed_block says it equals: its lines (a line past `line_limit` as its text,
+    then its CRLF), then what is left."""
+    out, start = [], 0
+    while (end := block.find(b"\r\n", start)) != -1:
+        if line_limit is not None and end - start > line_limit:
+            out += [block[start:end], b"\r\n"]
+        else:
+            out.append(block[start : end + 2])
+        start = end + 2
+    return [*out, block[start:]] if start < len(block) else out
+
+
+@settings(max_examples=500)
+@given(
+    _chunks(),
+    st.lists(st.integers(1, 6000), max_size=12),
+    st.one_of(st.none(), st.integers(0, 5000)),
+    st.integers(0, 6000),
+    st.sampled_from([None, 10, 1001]),
+)
+def test_feed_block_is_feeding_its_chunks(
+    chunks: list[bytes], cuts: list[int], limit: int | None, budget: int, line_limit: int | None
+) -> None:
+    content = b"".join(chunks[:-1])  # all but the end of data, which follows a CRLF
+    content += b"" if not content or content.endswith(b"\r\n") else b"\r\n"
+    assume(not content.startswith(b".\r\n") and b"\r\n.\r\n" not in content)  # no end
+    by_block = MessageBuffer(limit, DataBudget(budget))
+    by_chunk = MessageBuffer(limit, DataBudget(budget))
+    for block in _blocks(content, cuts):
+        by_block.feed_block(block, line_limit)
+        for chunk in _chunks_of(block, line_limit):
+            assert not by_chunk.feed(chunk)
+        assert by_block.outcome is by_chunk.outcome
+        assert (by_block.size, by_block.header_end) == (by_chunk.size, by_chunk.header_end)
+        assert by_block._budget.held == by_chunk._budget.held  # type: ignore[union-attr]
+    assert by_block.feed(b".\r\n")
+    if by_block.outcome is DataOutcome.OK:
+        assert by_block.finish() == by_chunk.finish()
 
 
 @settings(max_examples=500)
@@ -248,9 +296,11 @@ def test_finish_refuses_what_did_not_end_well() -> None:
 
 
 async def test_pieces_of_a_long_line_never_split_a_crlf() -> None:
-    # What relay/inbound/session.py relies on: after a LimitOverrunError, read(consumed)
-    # returns bytes holding no CRLF and not ending with the CR of one, however the bytes
-    # arrived (asyncio leaves the last byte when the separator is not found).
+    # What relay/inbound/lines.SessionReader.data_block does as the StreamReader did (the
+    # reference of tests/unit/test_inbound_lines.py): after a LimitOverrunError,
+    # read(consumed) returns bytes holding no CRLF and not ending with the CR of one,
+    # however the bytes arrived (asyncio leaves the last byte when the separator is not
+    # found).
     for at in (1, 999, 1000, 1001, 1002, 1500, 2500, 2501):
         data = b"x" * 2500 + b"\r\n.\r\n"
         reader = asyncio.StreamReader(limit=1001)

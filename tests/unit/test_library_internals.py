@@ -12,10 +12,18 @@ internal relay/ relies on moves or changes shape, checked on real objects:
 - aiosmtpd (relay/inbound/session.py, auth.py, aiosmtpd_setup.py): the private methods
   RelaySMTP overrides or calls, with their signatures; the attributes it reads, on a
   connected aiosmtpd SMTP built by aiosmtpd's own constructor; the module-level names
-  aiosmtpd_setup uses. That constructor is compared attribute for attribute with
-  aiosmtpd_setup.init_smtp by tests/unit/test_aiosmtpd_setup.py (not repeated here), and
-  session.RelaySMTP._data / relay/inbound/data.py mirror this release's smtp_DATA: the
-  version pin below is what ties them to it.
+  session and aiosmtpd_setup use; how aiosmtpd uses the reader RelaySMTP gives it
+  (relay/inbound/lines.SessionReader). That constructor is compared attribute for attribute
+  with aiosmtpd_setup.init_smtp by tests/unit/test_aiosmtpd_setup.py (not repeated here).
+  RelaySMTP transcribes some of this release's code: its command loop (`_serve`, from
+  `_handle_client`), `connection_made`, the plain MAIL/RCPT answers (`_plain_mail`,
+  `_plain_rcpt`, from `smtp_MAIL`/`smtp_RCPT`) and `_data` (from `smtp_DATA`); the version
+  pin ties them to it, and the source of each is pinned too (a patched install fails).
+- asyncio (relay/inbound/session.py, lines.py): RelaySMTP, an asyncio StreamReaderProtocol,
+  takes what a connection delivers in its own `data_received` (StreamReaderProtocol's only
+  feeds the StreamReader, which aiosmtpd does not override), and skips `drain()` when it
+  would return at once, read from FlowControlMixin's `_paused` and `_connection_lost`:
+  checked on a real connection.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import importlib.metadata
 import inspect
 import tomllib
@@ -41,6 +50,7 @@ from packaging.version import Version
 
 from relay.delivery.transfer import listen, stray_reply
 from relay.inbound.aiosmtpd_setup import FAST_INIT
+from relay.inbound.session import RelaySMTP
 from tests.support.waiting import eventually
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
@@ -205,14 +215,16 @@ async def test_server_closing_while_listening_is_no_stray_reply(
 # (method of aiosmtpd.smtp.SMTP, its parameters, async?) that relay/inbound overrides or
 # calls: RelaySMTP's overrides must keep being called, with these arguments.
 AIOSMTPD_METHODS = [
-    ("_cb_client_connected", ["self", "reader", "writer"], False),  # wrapped reader
+    ("_cb_client_connected", ["self", "reader", "writer"], False),  # SessionReader
     ("_reset_timeout", ["self", "duration"], False),  # one moving timer
     ("_timeout_cb", ["self"], False),  # 421 before closing
     ("_create_envelope", ["self"], False),  # RelayEnvelope
+    ("_create_session", ["self"], False),  # connection_made
+    ("_set_rset_state", ["self"], False),  # connection_made
     ("_getaddr", ["self", "arg"], False),  # the fast path for plain addresses
-    ("_call_handler_hook", ["self", "command", "args"], True),  # the DATA hook
+    ("_call_handler_hook", ["self", "command", "args"], True),  # hooks
     ("_set_post_data_state", ["self"], False),  # after our own DATA phase
-    ("_handle_client", ["self"], True),  # reads command lines (see below)
+    ("_handle_client", ["self"], True),  # replaced by RelaySMTP._serve (see below)
     ("check_helo_needed", ["self", "helo"], True),
     ("check_auth_needed", ["self", "caller_method"], True),
     ("challenge_auth", ["self", "challenge", "encode_to_b64", "log_client_response"], True),
@@ -222,6 +234,7 @@ AIOSMTPD_METHODS = [
     ("smtp_MAIL", ["self", "arg"], True),
     ("smtp_RCPT", ["self", "arg"], True),
     ("smtp_DATA", ["self", "arg"], True),
+    ("smtp_EHLO", ["self", "hostname"], True),  # its reply written at once
     ("connection_made", ["self", "transport"], False),
     ("connection_lost", ["self", "error"], False),
     ("eof_received", ["self"], False),
@@ -239,11 +252,98 @@ def test_aiosmtpd_methods_relay_overrides_or_calls(
     assert inspect.iscoroutinefunction(method) is is_async
 
 
-def test_aiosmtpd_reads_command_lines_up_to_lf_through_its_reader() -> None:
-    # session._CrlfReader refuses a command line ending in a bare LF: it sees each command
-    # line because aiosmtpd reads it with `self._reader.readuntil()` (separator b"\n").
-    source = inspect.getsource(aiosmtpd_smtp.SMTP._handle_client)
-    assert "line: bytes = await self._reader.readuntil()" in source
+# SHA-256 (first 16 hex digits) of the source of what relay/inbound/session.py transcribes:
+# when one changes, read RelaySMTP's copy against it again.
+AIOSMTPD_TRANSCRIBED = {
+    "_handle_client": "0e4d096403af6c74",  # RelaySMTP._serve, _answer_exception
+    "connection_made": "77a45df5065bba34",  # RelaySMTP.connection_made
+    "smtp_MAIL": "80dd938e7791acfb",  # RelaySMTP._plain_mail
+    "smtp_RCPT": "a0d6605883c0e608",  # RelaySMTP._plain_rcpt
+    "smtp_DATA": "3a33f30d3fd6d02f",  # RelaySMTP._data
+    "push": "15f4f1de5e30c337",  # RelaySMTP._put
+    "smtp_EHLO": "1d91592dd954c4cd",  # pushes its lines one by one (RelaySMTP.smtp_EHLO)
+    "_call_handler_hook": "6ff23a6634ea0307",  # _plain_mail and _plain_rcpt call hooks so
+}
+
+
+@pytest.mark.parametrize("name", AIOSMTPD_TRANSCRIBED)
+def test_aiosmtpd_code_transcribed_is_unchanged(name: str) -> None:
+    source = inspect.getsource(getattr(aiosmtpd_smtp.SMTP, name))
+    assert hashlib.sha256(source.encode()).hexdigest()[:16] == AIOSMTPD_TRANSCRIBED[name]
+
+
+def test_aiosmtpd_uses_the_reader_as_session_reader_serves_it() -> None:
+    # AUTH answers: read with readline() (SessionReader.readline, StreamReader's semantics).
+    assert "line = await self._reader.readline()" in inspect.getsource(
+        aiosmtpd_smtp.SMTP.challenge_auth
+    )
+    # STARTTLS: the reader's transport is set and its buffer cleared (SessionReader takes
+    # `_transport`; RelaySMTP.connection_made drops what SessionReader holds).
+    source = inspect.getsource(aiosmtpd_smtp.SMTP.connection_made)
+    assert "self._reader._transport = transport" in source
+    assert "self._reader._buffer.clear()" in source
+    # No other use of the reader, but in what RelaySMTP replaces.
+    reads = {
+        name
+        for name, member in inspect.getmembers(aiosmtpd_smtp.SMTP, inspect.isfunction)
+        if "self._reader." in inspect.getsource(member)
+    }
+    assert reads == {"_handle_client", "smtp_DATA", "challenge_auth", "connection_made"}
+    for replaced in ("_handle_client", "smtp_DATA"):
+        assert getattr(RelaySMTP, replaced) is not getattr(aiosmtpd_smtp.SMTP, replaced)
+
+
+def test_received_bytes_go_through_data_received_only() -> None:
+    # RelaySMTP.data_received feeds SessionReader instead of the StreamReader: aiosmtpd
+    # leaves StreamReaderProtocol's in place, and that one only feeds the reader.
+    assert aiosmtpd_smtp.SMTP.data_received is asyncio.StreamReaderProtocol.data_received
+    assert "buffer_updated" not in vars(asyncio.StreamReaderProtocol)  # not a BufferedProtocol
+
+
+def _flow(protocol: asyncio.StreamReaderProtocol) -> tuple[bool, bool]:
+    """FlowControlMixin's (_paused, _connection_lost), as RelaySMTP._drain_waits reads them."""
+    return bool(protocol._paused), bool(protocol._connection_lost)  # type: ignore[attr-defined]
+
+
+async def test_drain_returns_at_once_unless_paused_closing_or_lost() -> None:
+    # RelaySMTP._put skips drain() when FlowControlMixin's _paused and _connection_lost are
+    # False, the transport is not closing and the reader holds no error.
+    made: list[asyncio.StreamReaderProtocol] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    def protocol() -> asyncio.StreamReaderProtocol:
+        made.append(
+            asyncio.StreamReaderProtocol(asyncio.StreamReader(), lambda _r, w: writers.append(w))
+        )
+        return made[-1]
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _reader, client = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await eventually(lambda: writers)
+        (proto,), (writer,) = made, writers
+        assert _flow(proto) == (False, False)
+        step = writer.drain()
+        with pytest.raises(StopIteration):  # done without waiting for anything
+            step.send(None)
+        proto.pause_writing()
+        assert _flow(proto) == (True, False)
+        step = writer.drain()
+        step.send(None)  # waits for resume_writing()
+        proto.resume_writing()
+        assert _flow(proto) == (False, False)
+        with pytest.raises(StopIteration):
+            step.send(None)
+        writer.close()
+        await eventually(lambda: _flow(proto) == (False, True))
+        with pytest.raises(ConnectionResetError):  # drain() raises once the connection is lost
+            await writer.drain()
+    finally:
+        client.close()
+        server.close()
+        await server.wait_closed()
 
 
 def test_aiosmtpd_module_names_used() -> None:
@@ -261,6 +361,13 @@ def test_aiosmtpd_module_names_used() -> None:
     assert isinstance(aiosmtpd_smtp.SMTP.line_length_limit, int)
     assert isinstance(aiosmtpd_smtp.SMTP.local_part_limit, int)
     assert isinstance(aiosmtpd_smtp.SMTP.command_size_limits, collections.defaultdict)
+    # session.RelaySMTP._serve
+    assert aiosmtpd_smtp.BOGUS_LIMIT == 5
+    assert {"NOOP", "EHLO", "STARTTLS", "QUIT"} == aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS
+    assert issubclass(aiosmtpd_smtp.TLSSetupException, Exception)
+    assert aiosmtpd_smtp.log.name == "mail.log"
+    assert callable(aiosmtpd_smtp.sanitized_log)
+    assert aiosmtpd_smtp.syntax("X")(lambda: None).__smtp_syntax__ == "X"  # type: ignore[attr-defined]
 
 
 class _NoHooks:

@@ -4,7 +4,8 @@ Owns the line discipline of a session: only CRLF ends a command line (RFC 5321 �
 bare LF is refused, SMUG-04), a command line longer than the reader's limit is read to its
 end and answered as too long (§4.5.3.1.4) rather than taken apart, and the end of DATA is
 CRLF.CRLF alone (§4.1.1.4, SMUG-03). Knows nothing of commands, replies or DATA content
-(relay/inbound/session.py answers, relay/inbound/data.py keeps the content).
+(the session answers: relay/inbound/command_loop.py reads commands through it, session.py
+DATA; relay/inbound/data.py keeps the content).
 
 What the connection delivers is held here as it comes (the protocol's data_received, not
 through its StreamReader); command lines are cut out of it with bytes.find, and DATA is

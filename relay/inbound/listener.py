@@ -30,18 +30,13 @@ from relay.config import Config, users_file_path
 from relay.events import EventLog
 from relay.inbound.auth import AuthService, PasswordChecks
 from relay.inbound.data import MessageBuffer
+from relay.inbound.envelope import RelayEnvelope
 from relay.inbound.esmtp import path_ok
 from relay.inbound.headers import count_received_fields, missing_headers, received_header
-from relay.inbound.session import (
-    REPLY_BARE_CRLF,
-    REPLY_RELAY_DENIED,
-    RelayEnvelope,
-    RelaySMTP,
-    SessionSettings,
-    peer_ip,
-    report_error,
-    write_transport,
-)
+from relay.inbound.lifetime import write_transport
+from relay.inbound.replies import REPLY_BARE_CRLF, REPLY_RELAY_DENIED, peer_ip, report_error
+from relay.inbound.session import RelaySMTP
+from relay.inbound.settings import SessionSettings
 from relay.inbound.slots import DataBudget, SessionTable
 from relay.inbound.sockets import BACKLOG, ListeningSocket, bind_listening
 from relay.inbound.tls import ServerTls

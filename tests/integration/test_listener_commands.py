@@ -1,7 +1,8 @@
-"""MAIL and RCPT without parameters, answered directly by the session (RelaySMTP's
-`_plain_mail`, `_plain_rcpt`), against the general way (our checks, then aiosmtpd's
-smtp_MAIL/smtp_RCPT), over real sockets: for any command sequence, the same replies, the
-same events and the same stored messages (envelope, DSN request, REQUIRETLS)."""
+"""MAIL and RCPT without parameters, answered directly by the session
+(relay/inbound/envelope.py's `_plain_mail`, `_plain_rcpt`), against the general way (our
+checks, then aiosmtpd's smtp_MAIL/smtp_RCPT), over real sockets: for any command sequence,
+the same replies, the same events and the same stored messages (envelope, DSN request,
+REQUIRETLS)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from unittest import mock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay.inbound import session
+from relay.inbound import envelope, session
 from tests.integration.test_listener import MESSAGE, Client, Lab, running
 
 _NEVER = re.compile(r"(?!)")
@@ -102,8 +103,8 @@ def test_plain_mail_and_rcpt_answer_as_the_general_way(
 ) -> None:
     plain = asyncio.run(_session(commands, env))
     with (
-        mock.patch.object(session, "_PLAIN_MAIL", _NEVER),
-        mock.patch.object(session, "_PLAIN_RCPT", _NEVER),
+        mock.patch.object(envelope, "_PLAIN_MAIL", _NEVER),
+        mock.patch.object(envelope, "_PLAIN_RCPT", _NEVER),
     ):
         general = asyncio.run(_session(commands, env))
     assert plain == general

@@ -9,21 +9,24 @@ internal relay/ relies on moves or changes shape, checked on real objects:
   and the behaviour `transfer.listen` and `transfer.stray_reply` are built on: a reply that
   arrives between commands is dropped unless a reply is pending, and a second reply in the
   segment of the first stays in the buffer. Checked over a loopback connection.
-- aiosmtpd (relay/inbound/session.py, auth.py, aiosmtpd_setup.py): the private methods
-  RelaySMTP overrides or calls, with their signatures; the attributes it reads, on a
+- aiosmtpd (relay/inbound/session.py and the layers of RelaySMTP: auth.py,
+  command_loop.py, replies.py, lifetime.py, envelope.py; aiosmtpd_setup.py): the private
+  methods RelaySMTP overrides or calls, with their signatures; the attributes it reads, on a
   connected aiosmtpd SMTP built by aiosmtpd's own constructor; the module-level names
-  session and aiosmtpd_setup use; how aiosmtpd uses the reader RelaySMTP gives it
+  those modules use; how aiosmtpd uses the reader RelaySMTP gives it
   (relay/inbound/lines.SessionReader). That constructor is compared attribute for attribute
   with aiosmtpd_setup.init_smtp by tests/unit/test_aiosmtpd_setup.py (not repeated here).
-  RelaySMTP transcribes some of this release's code: its command loop (`_serve`, from
-  `_handle_client`), `connection_made`, the plain MAIL/RCPT answers (`_plain_mail`,
-  `_plain_rcpt`, from `smtp_MAIL`/`smtp_RCPT`) and `_data` (from `smtp_DATA`); the version
-  pin ties them to it, and the source of each is pinned too (a patched install fails).
-- asyncio (relay/inbound/session.py, lines.py): RelaySMTP, an asyncio StreamReaderProtocol,
-  takes what a connection delivers in its own `data_received` (StreamReaderProtocol's only
-  feeds the StreamReader, which aiosmtpd does not override), and skips `drain()` when it
-  would return at once, read from FlowControlMixin's `_paused` and `_connection_lost`:
-  checked on a real connection.
+  RelaySMTP transcribes some of this release's code: its command loop
+  (command_loop.CommandLoop._serve, from `_handle_client`), `connection_made`
+  (lifetime.SessionLifetime), the plain MAIL/RCPT answers (envelope.EnvelopeCommands
+  `_plain_mail`, `_plain_rcpt`, from `smtp_MAIL`/`smtp_RCPT`) and `_data` (session.py,
+  from `smtp_DATA`); the version pin ties them to it, and the source of each is pinned too
+  (a patched install fails).
+- asyncio (relay/inbound/command_loop.py, lines.py): RelaySMTP, an asyncio
+  StreamReaderProtocol, takes what a connection delivers in its own `data_received`
+  (StreamReaderProtocol's only feeds the StreamReader, which aiosmtpd does not override),
+  and skips `drain()` when it would return at once, read from FlowControlMixin's `_paused`
+  and `_connection_lost` (CommandLoop._drain_waits): checked on a real connection.
 """
 
 from __future__ import annotations
@@ -224,7 +227,7 @@ AIOSMTPD_METHODS = [
     ("_getaddr", ["self", "arg"], False),  # the fast path for plain addresses
     ("_call_handler_hook", ["self", "command", "args"], True),  # hooks
     ("_set_post_data_state", ["self"], False),  # after our own DATA phase
-    ("_handle_client", ["self"], True),  # replaced by RelaySMTP._serve (see below)
+    ("_handle_client", ["self"], True),  # replaced by CommandLoop._serve (see below)
     ("check_helo_needed", ["self", "helo"], True),
     ("check_auth_needed", ["self", "caller_method"], True),
     ("challenge_auth", ["self", "challenge", "encode_to_b64", "log_client_response"], True),
@@ -252,16 +255,16 @@ def test_aiosmtpd_methods_relay_overrides_or_calls(
     assert inspect.iscoroutinefunction(method) is is_async
 
 
-# SHA-256 (first 16 hex digits) of the source of what relay/inbound/session.py transcribes:
-# when one changes, read RelaySMTP's copy against it again.
+# SHA-256 (first 16 hex digits) of the source of what RelaySMTP's modules (relay/inbound/)
+# transcribe: when one changes, read our copy against it again.
 AIOSMTPD_TRANSCRIBED = {
-    "_handle_client": "0e4d096403af6c74",  # RelaySMTP._serve, _answer_exception
-    "connection_made": "77a45df5065bba34",  # RelaySMTP.connection_made
-    "smtp_MAIL": "80dd938e7791acfb",  # RelaySMTP._plain_mail
-    "smtp_RCPT": "a0d6605883c0e608",  # RelaySMTP._plain_rcpt
-    "smtp_DATA": "3a33f30d3fd6d02f",  # RelaySMTP._data
-    "push": "15f4f1de5e30c337",  # RelaySMTP._put
-    "smtp_EHLO": "1d91592dd954c4cd",  # pushes its lines one by one (RelaySMTP.smtp_EHLO)
+    "_handle_client": "0e4d096403af6c74",  # command_loop.CommandLoop._serve, _answer_exception
+    "connection_made": "77a45df5065bba34",  # lifetime.SessionLifetime.connection_made
+    "smtp_MAIL": "80dd938e7791acfb",  # envelope.EnvelopeCommands._plain_mail
+    "smtp_RCPT": "a0d6605883c0e608",  # envelope.EnvelopeCommands._plain_rcpt
+    "smtp_DATA": "3a33f30d3fd6d02f",  # session.RelaySMTP._data
+    "push": "15f4f1de5e30c337",  # command_loop.CommandLoop._put
+    "smtp_EHLO": "1d91592dd954c4cd",  # pushes its lines one by one (CommandLoop.smtp_EHLO)
     "_call_handler_hook": "6ff23a6634ea0307",  # _plain_mail and _plain_rcpt call hooks so
 }
 
@@ -294,19 +297,19 @@ def test_aiosmtpd_uses_the_reader_as_session_reader_serves_it() -> None:
 
 
 def test_received_bytes_go_through_data_received_only() -> None:
-    # RelaySMTP.data_received feeds SessionReader instead of the StreamReader: aiosmtpd
+    # CommandLoop.data_received feeds SessionReader instead of the StreamReader: aiosmtpd
     # leaves StreamReaderProtocol's in place, and that one only feeds the reader.
     assert aiosmtpd_smtp.SMTP.data_received is asyncio.StreamReaderProtocol.data_received
     assert "buffer_updated" not in vars(asyncio.StreamReaderProtocol)  # not a BufferedProtocol
 
 
 def _flow(protocol: asyncio.StreamReaderProtocol) -> tuple[bool, bool]:
-    """FlowControlMixin's (_paused, _connection_lost), as RelaySMTP._drain_waits reads them."""
+    """FlowControlMixin's (_paused, _connection_lost), as CommandLoop._drain_waits reads them."""
     return bool(protocol._paused), bool(protocol._connection_lost)  # type: ignore[attr-defined]
 
 
 async def test_drain_returns_at_once_unless_paused_closing_or_lost() -> None:
-    # RelaySMTP._put skips drain() when FlowControlMixin's _paused and _connection_lost are
+    # CommandLoop._put skips drain() when FlowControlMixin's _paused and _connection_lost are
     # False, the transport is not closing and the reader holds no error.
     made: list[asyncio.StreamReaderProtocol] = []
     writers: list[asyncio.StreamWriter] = []
@@ -361,7 +364,7 @@ def test_aiosmtpd_module_names_used() -> None:
     assert isinstance(aiosmtpd_smtp.SMTP.line_length_limit, int)
     assert isinstance(aiosmtpd_smtp.SMTP.local_part_limit, int)
     assert isinstance(aiosmtpd_smtp.SMTP.command_size_limits, collections.defaultdict)
-    # session.RelaySMTP._serve
+    # command_loop.CommandLoop._serve
     assert aiosmtpd_smtp.BOGUS_LIMIT == 5
     assert {"NOOP", "EHLO", "STARTTLS", "QUIT"} == aiosmtpd_smtp.ALLOWED_BEFORE_STARTTLS
     assert issubclass(aiosmtpd_smtp.TLSSetupException, Exception)
@@ -391,7 +394,7 @@ async def test_connected_aiosmtpd_session_attributes() -> None:
         while (await reader.readline())[3:4] != b" ":
             pass
         (proto,) = made
-        # session.RelaySMTP reads and sets these.
+        # RelaySMTP (relay/inbound/session.py and its layers) reads and sets these.
         assert isinstance(proto._reader, asyncio.StreamReader)
         assert isinstance(proto._writer, asyncio.StreamWriter)
         assert isinstance(proto._timeout_handle, asyncio.TimerHandle)

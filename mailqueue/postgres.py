@@ -461,6 +461,9 @@ class PostgresStore:
         """Journal entries above id `after`, oldest first."""
         return await self._run(lambda conn: admin_sql.read_journal(conn, after, limit), write=False)
 
+    async def journal_head(self) -> int:
+        return await self._run(admin_sql.journal_head, write=False)
+
     async def journal_logged(self) -> int:
         """How far the journal is logged: every entry up to this id is (0: none)."""
         return await self._run(admin_sql.journal_logged, write=False)

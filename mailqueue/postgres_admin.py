@@ -320,6 +320,12 @@ async def read_journal(conn: Conn, after: int, limit: int) -> list[JournalEntry]
     return [_entry(r) for r in rows]
 
 
+async def journal_head(conn: Conn) -> int:
+    """The id of the newest journal entry (0: none)."""
+    row = await fetchone(conn, "SELECT COALESCE(max(id), 0) FROM queue_admin_journal")
+    return int(row[0]) if row is not None else 0
+
+
 async def journal_logged(conn: Conn) -> int:
     """How far the journal is logged: every entry up to this id is (0: none)."""
     row = await fetchone(

@@ -477,6 +477,9 @@ class SqliteStore:
         """Journal entries above id `after`, oldest first."""
         return await self._read(lambda conn: admin_sql.read_journal(conn, after, limit))
 
+    async def journal_head(self) -> int:
+        return await self._read(admin_sql.journal_head)
+
     async def journal_logged(self) -> int:
         """The id of the last journal entry a relay logged."""
         return await self._read(admin_sql.journal_logged)

@@ -303,6 +303,11 @@ def read_journal(conn: sqlite3.Connection, after: int, limit: int) -> list[Journ
     ]
 
 
+def journal_head(conn: sqlite3.Connection) -> int:
+    """The id of the newest journal entry (0: none)."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM queue_admin_journal").fetchone()[0])
+
+
 def journal_logged(conn: sqlite3.Connection) -> int:
     """The id of the last entry a relay has logged (0: none)."""
     row = conn.execute("SELECT value FROM queue_meta WHERE key = 'journal_logged'").fetchone()

@@ -139,6 +139,9 @@ class QueueStore(Protocol):
     async def journal(self, after: int, limit: int = 500) -> list[JournalEntry]:
         """Journal entries with an id above `after`, oldest first."""
 
+    async def journal_head(self) -> int:
+        """The id of the newest journal entry (0: none): entries above it are news."""
+
     async def journal_logged(self) -> int:
         """The id of the last journal entry a relay has logged (0: none)."""
 

@@ -126,6 +126,7 @@ class Scheduler:
 
     async def run(self) -> None:
         """Deliver until cancelled; every attempt is a task of this one TaskGroup."""
+        await self._note_journal_head()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.pool.run_sweeper())
             tasks.create_task(self._retry_unrecorded())
@@ -190,9 +191,17 @@ class Scheduler:
         if flushed:
             self.holds.clear()
 
+    async def _note_journal_head(self) -> None:
+        """Flushes are looked for from the journal's head at start: every hold begins later,
+        and a flush after it must end it even when another process has logged it already."""
+        try:
+            self._journal_seen = await self._store.journal_head()
+        except Exception as exc:  # noqa: BLE001 - the first look falls back on the logged cursor
+            self._events.store_error(error=f"queue journal: {exc}")
+
     async def _journal_flushed(self) -> bool:
-        """Whether the queue's journal has a flush past the last entry looked at (on the
-        first look: past the entries the relay has logged)."""
+        """Whether the queue's journal has a flush past the last entry looked at (without a
+        head noted at start: past the entries the relay has logged)."""
         seen = self._journal_seen
         if seen is None:
             seen = await self._store.journal_logged()

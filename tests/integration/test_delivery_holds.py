@@ -177,6 +177,27 @@ async def test_a_flush_ends_the_hold_and_delivers_at_once(world: World, tmp_path
         assert (await send(lab, f"c@{domain}"))["status"] == "sent"
 
 
+async def test_a_flush_another_process_logged_first_still_ends_the_hold(
+    world: World, tmp_path: Path
+) -> None:
+    domain = "flushed-logged.test"
+    world.mx_record(domain, (10, f"mx.{domain}"))
+    store = store_for(tmp_path)
+    async with (
+        host(world, f"mx.{domain}", "refused") as mx,
+        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
+    ):
+        assert (await send(lab, f"a@{domain}"))["held"] is False  # tried: the hold begins
+        sink = await world.add_mx(f"mx.{domain}", mx.ip, starttls=False)
+        # Process 0 logs the journal (`queue_admin`): here it has logged the flush before
+        # this scheduler looked at the journal at all.
+        await store.administer(AdminAction.FLUSH, Selection(everything=True), operator="test")
+        await store.mark_journal_logged(await store.journal_head())
+        lab.scheduler.wake()
+        await eventually(lambda: len(lab.events("delivery", status="sent")) == 1, timeout=15.0)
+        assert [r for m in sink.messages for r in m.rcpt_tos] == [f"a@{domain}"]
+
+
 async def test_expired_mail_is_tried_while_held_and_a_delivery_ends_the_hold(
     world: World, tmp_path: Path
 ) -> None:

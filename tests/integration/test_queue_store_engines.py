@@ -636,11 +636,13 @@ async def test_each_change_is_journaled_once_in_its_transaction(
     store: AnyStore, clock: Clock
 ) -> None:
     a = await admin_put(store, "app@src.test", "u@one.test")
+    assert await store.journal_head() == 0
     await store.administer(AdminAction.HOLD, Selection(queue_ids=(a,)), operator="alice")
     await store.administer(AdminAction.HOLD, Selection(queue_ids=(a,)), operator="alice")
     await store.administer(AdminAction.DELETE, Selection(domain="none.test"), operator="bob")
     await store.administer(AdminAction.DELETE, Selection(everything=True), operator="bob")
     entries = await store.journal(await store.journal_logged())
+    assert await store.journal_head() == entries[-1].id  # logged or not
     assert [
         (e.action, e.queue_id, e.selection, e.matched, e.count, e.operator) for e in entries
     ] == [

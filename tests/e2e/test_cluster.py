@@ -104,7 +104,9 @@ async def test_flush_on_one_node_is_delivered_by_the_other_within_a_second(
     a = await node("a", queue={"retry_schedule": [3600]})
     b = await node("b", queue={"retry_schedule": [3600]})
     await a.send(["u@later.test"])
-    await a.delivery("u@later.test", "deferred")
+    # Either node may lease it first (b hears of it through NOTIFY): wait for whichever did.
+    deferred = {"event": "delivery", "rcpt": "u@later.test", "status": "deferred"}
+    await eventually(lambda: bool(a.find(**deferred) or b.find(**deferred)), timeout=30)
     assert await a.stop() == 0  # node a is gone; its command line still works
     await sink.start()
     done = await run_cli(a.config_path, "queue", "flush", "--all")

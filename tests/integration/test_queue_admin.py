@@ -1,9 +1,9 @@
-"""Bulk queue administration on a real SQLite store: selections, what each action touches,
-work in delivery left alone, the operator's bounce and its report, and the journal."""
+"""Bulk queue administration on a real SQLite store, beyond the contract both engines share
+(test_queue_store_engines.py): the operator's bounce report in detail, and a report
+prepared before a change, checked against the file."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import sqlite3
 from collections.abc import AsyncIterator
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mailqueue.admin import AdminAction, BounceCandidate, Pick, Selection
+from mailqueue.admin import AdminAction, Selection
 from mailqueue.ids import QueueIds
-from mailqueue.model import DsnRequest, MessageRecord, NewMessage, RcptState, RecipientResult
+from mailqueue.model import DsnRequest, NewMessage, RcptState, RecipientResult
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.sqlite_admin import apply_admin
@@ -63,57 +63,6 @@ async def defer_all(store: SqliteStore) -> None:
         await store.record(lease, results)
 
 
-def ids(messages: list[MessageRecord]) -> set[str]:
-    return {m.queue_id for m in messages}
-
-
-async def test_selections_combine_domain_sender_and_state(store: SqliteStore) -> None:
-    a = await put(store, "app@src.test", "u@one.test", "v@two.test")
-    b = await put(store, "App@Src.test", "w@two.test")
-    c = await put(store, "", "x@one.test")  # a bounce: null sender
-    await defer_all(store)
-    d = await put(store, "other@elsewhere.test", "y@one.test")  # still queued
-
-    assert ids(await store.select(Selection(domain="ONE.test."))) == {a, c, d}
-    assert ids(await store.select(Selection(sender="app@src.test"))) == {a, b}
-    assert ids(await store.select(Selection(sender="@src.test"))) == {a, b}
-    assert ids(await store.select(Selection(sender="<>"))) == {c}
-    assert ids(await store.select(Selection(state=Pick.DEFERRED))) == {a, b, c}
-    assert ids(await store.select(Selection(state=Pick.QUEUED))) == {d}
-    assert ids(await store.select(Selection(domain="one.test", state=Pick.DEFERRED))) == {a, c}
-    assert ids(await store.select(Selection(everything=True))) == {a, b, c, d}
-    assert ids(await store.select(Selection(queue_ids=(b, "NOSUCHID0000")))) == {b}
-    assert await store.select(Selection()) == []  # nothing asked, nothing selected
-
-    result = await store.administer(AdminAction.HOLD, Selection(domain="two.test"), operator="op")
-    assert (result.matched, result.count) == (2, 2)
-    assert ids(await store.select(Selection(state=Pick.HELD))) == {a, b}
-    assert ids(await store.select(Selection(state=Pick.DEFERRED))) == {c}  # held ones are not
-    again = await store.administer(AdminAction.HOLD, Selection(queue_ids=(a,)), operator="op")
-    assert (again.matched, again.count, again.held) == (1, 0, 1)  # already held: no change
-
-
-async def test_operator_bounce_of_a_requiretls_message_reports_with_requiretls(
-    store: SqliteStore, clock: Clock
-) -> None:
-    # RFC 8689 §5: the report returns headers only (RET=FULL disregarded) and is itself
-    # a REQUIRETLS message, when an operator gives up too.
-    body = b"Subject: secret plans\r\n\r\nthe body stays home\r\n"
-    dsn = DsnRequest(ret="FULL")
-    await store.put(NewMessage("app@src.test", ("u@one.test",), body, dsn=dsn, requiretls=True))
-    await defer_all(store)
-    report = operator_bounce_report(reporting_mta="relay.test", lifetime=86400.0, now=clock.now)
-    bounced = await store.administer(
-        AdminAction.BOUNCE, Selection(domain="one.test"), operator="op", report=report
-    )
-    assert bounced.dsns == 1
-    (leased,) = await store.lease_due("w", 10, 60)  # only the report is left, due now
-    assert (leased.sender, leased.requiretls) == ("", True)
-    data = await store.read_data(leased.queue_id)
-    assert b"Subject: secret plans" in data
-    assert b"the body stays home" not in data
-
-
 async def test_flush_and_bounce_touch_only_the_selected_recipients(
     store: SqliteStore, clock: Clock
 ) -> None:
@@ -154,81 +103,6 @@ async def test_flush_and_bounce_touch_only_the_selected_recipients(
     )
     assert last.count == 1
     assert await store.get_message(both) is None  # nothing left to deliver: gone
-
-
-async def test_work_in_delivery_is_left_alone(store: SqliteStore) -> None:
-    queue_id = await put(store, "app@src.test", "u@one.test", "v@two.test")
-    leases = await store.lease_due("worker", 10, 600)  # both domains in delivery now
-    one = next(lease for lease in leases if lease.domain == "one.test")
-    await store.release(one)  # one.test waits again; two.test is still being delivered
-
-    assert ids(await store.select(Selection(state=Pick.ACTIVE))) == {queue_id}
-    result = await store.administer(
-        AdminAction.BOUNCE, Selection(queue_ids=(queue_id,)), operator="op", reason="5.0.0 x"
-    )
-    assert (result.count, result.in_flight) == (1, 1)
-    msg = await store.get_message(queue_id)
-    assert msg is not None
-    states = {r.address: r.state for r in msg.recipients}
-    assert states == {"u@one.test": RcptState.BOUNCED, "v@two.test": RcptState.QUEUED}
-
-
-async def test_no_report_for_a_null_sender_or_notify_never(store: SqliteStore) -> None:
-    await put(store, "", "u@one.test")
-    await put(store, "app@src.test", "v@one.test", notify="NEVER")
-    asked: list[BounceCandidate] = []
-
-    def report(candidate: BounceCandidate) -> NewMessage | None:
-        asked.append(candidate)
-        return operator_bounce_report(reporting_mta="r.test", lifetime=1.0, now=T0)(candidate)
-
-    result = await store.administer(
-        AdminAction.BOUNCE, Selection(everything=True), operator="op", report=report
-    )
-    assert (result.count, result.dsns) == (2, 0)
-    assert len(asked) == 2
-    assert await store.select(Selection(everything=True)) == []
-
-
-async def test_each_change_is_journaled_once_in_its_transaction(
-    store: SqliteStore, clock: Clock
-) -> None:
-    a = await put(store, "app@src.test", "u@one.test")
-    await store.administer(AdminAction.HOLD, Selection(queue_ids=(a,)), operator="alice")
-    await store.administer(AdminAction.HOLD, Selection(queue_ids=(a,)), operator="alice")
-    await store.administer(AdminAction.DELETE, Selection(domain="none.test"), operator="bob")
-    await store.administer(AdminAction.DELETE, Selection(everything=True), operator="bob")
-
-    entries = await store.journal(await store.journal_logged())
-    assert [
-        (e.action, e.queue_id, e.selection, e.matched, e.count, e.operator) for e in entries
-    ] == [
-        ("hold", a, f"id={a}", 1, 1, "alice"),
-        ("delete", None, "all", 1, 1, "bob"),
-    ]  # no change, no entry
-    await store.mark_journal_logged(entries[0].id)
-    assert await store.journal_logged() == entries[0].id
-    assert [e.id for e in await store.journal(await store.journal_logged())] == [entries[1].id]
-    clock.now += 91 * 86400
-    await store.mark_journal_logged(entries[1].id)
-    assert await store.journal(0) == []  # logged long ago: dropped
-
-
-async def test_thousands_of_messages_in_one_transaction(store: SqliteStore) -> None:
-    for first in range(0, 3000, 500):  # concurrent puts: group commit
-        await asyncio.gather(
-            *(
-                store.put(NewMessage("app@src.test", (f"u{i}@d{i % 3}.test",), b"x\r\n"))
-                for i in range(first, first + 500)
-            )
-        )
-    commits = store.commits
-    result = await store.administer(AdminAction.HOLD, Selection(domain="d1.test"), operator="op")
-    assert (result.matched, result.count) == (1000, 1000)
-    assert store.commits == commits + 1
-    deleted = await store.administer(AdminAction.DELETE, Selection(state=Pick.HELD), operator="op")
-    assert deleted.count == 1000
-    assert (await store.counts())["messages"] == 2000
 
 
 async def test_a_report_prepared_before_a_change_is_built_again(

@@ -24,7 +24,7 @@ from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.store import StoreUnavailable
 from mailqueue.writer import GroupCommitWriter
-from tests.support.queue_store import T0, Clock, Opener, store_opener
+from tests.support.queue_store import Clock, Opener, store_opener
 
 SCHEDULE = RetrySchedule((300.0, 600.0))
 LIFETIME = 86400.0
@@ -114,20 +114,6 @@ async def test_a_taken_over_lease_records_nothing_and_the_new_owner_does(
     assert rows(db) == [("a@one.test", "deferred", 1, None)]
 
 
-async def test_a_late_record_of_a_lease_nobody_took_over_applies(
-    store: SqliteStore, clock: Clock
-) -> None:
-    qid = await store.put(message("a@one.test", "b@one.test"))
-    (lease,) = await store.lease_due("node-a", 10, 60)
-    clock.now += 3600  # long expired, but nobody leased the rows again
-    recorded = await store.record(lease, [SENT, replace(SENT, address="b@one.test")], report())
-    assert recorded.applied == ("a@one.test", "b@one.test")
-    assert recorded.lost == ()
-    assert recorded.dsn_queue_id is not None
-    assert await store.get_message(qid) is None  # all final: deleted
-    assert [m.queue_id for m in await store.list_messages()] == [recorded.dsn_queue_id]
-
-
 async def test_a_lease_with_another_owner_or_until_names_other_rows(
     store: SqliteStore, db: Path
 ) -> None:
@@ -153,11 +139,6 @@ async def test_one_lease_does_not_record_its_sibling_domain(store: SqliteStore, 
     assert (await store.record(two, [stray])).applied == ("b@two.test",)
 
 
-async def test_lease_due_needs_an_owner(store: SqliteStore) -> None:
-    with pytest.raises(ValueError, match="owner"):
-        await store.lease_due("", 10, 60)
-
-
 async def test_invalid_calls_store_nothing(store: SqliteStore, db: Path) -> None:
     await store.put(message("a@one.test"))
     (lease,) = await store.lease_due("w", 10, 60)
@@ -172,34 +153,6 @@ async def test_invalid_calls_store_nothing(store: SqliteStore, db: Path) -> None
 
 
 # --- renew and release ------------------------------------------------------------------
-
-
-async def test_renew_extends_a_lease_still_held(store: SqliteStore, clock: Clock) -> None:
-    await store.put(message("a@one.test", "b@one.test"))
-    (lease,) = await store.lease_due("node-a", 10, 60)
-    clock.now += 50
-    renewed = await store.renew(lease, clock.now + 60)
-    assert renewed == replace(lease, until=T0 + 110)
-    # A retry (its first reply lost) answers the same instead of losing our own lease.
-    assert await store.renew(lease, clock.now + 60) == renewed
-    assert await store.next_due_at() == T0 + 110
-    clock.now = T0 + 100  # past the first end, before the renewed one
-    assert await store.lease_due("node-b", 10, 60) == []
-    # The renewed Lease replaces the old value: the old one names no rows any more.
-    assert await store.record(lease, [SENT]) == Recorded((), ("a@one.test",))
-    assert await store.renew(lease, clock.now + 60) is None
-    recorded = await store.record(renewed, [SENT, replace(DEFERRED, address="b@one.test")])
-    assert recorded.applied == ("a@one.test", "b@one.test")
-
-
-async def test_renew_fails_for_a_stolen_lease(store: SqliteStore, clock: Clock) -> None:
-    await store.put(message("a@one.test"))
-    (lease,) = await store.lease_due("node-a", 10, 60)
-    clock.now += 60
-    (thief,) = await store.lease_due("node-b", 10, 60)
-    assert await store.renew(lease, clock.now + 600) is None
-    assert await store.next_due_at() == thief.until  # node-b's lease is as it was
-    assert await store.renew(thief, clock.now + 600) is not None
 
 
 async def test_renew_keeps_what_was_read_ahead(store: SqliteStore, clock: Clock, db: Path) -> None:
@@ -217,16 +170,6 @@ async def test_renew_keeps_what_was_read_ahead(store: SqliteStore, clock: Clock,
         conn.execute("DELETE FROM queue_messages WHERE queue_id = ?", (qid,))
     conn.close()
     assert await store.read_data(qid) == b"Subject: t\r\n\r\nhello\r\n"
-
-
-async def test_release_gives_back_only_our_own_lease(store: SqliteStore, clock: Clock) -> None:
-    await store.put(message("a@one.test"))
-    (lease,) = await store.lease_due("node-a", 10, 60)
-    await store.release(replace(lease, owner="node-b"))
-    assert await store.lease_due("node-b", 10, 60) == []
-    await store.release(lease)
-    (again,) = await store.lease_due("node-b", 10, 60)
-    assert again.recipients[0].attempts == 0
 
 
 # --- one commit, safe to retry ----------------------------------------------------------
@@ -360,19 +303,6 @@ async def test_a_record_that_finishes_the_message_keeps_no_receipt_and_a_retry_i
     again = await store.record(lease, [replace(SENT, address="a@one.test")], report())
     assert again == Recorded(applied=(), lost=("a@one.test",))
     assert dsn_count(db) == 1
-
-
-async def test_a_new_lease_of_the_group_is_recorded_afresh(store: SqliteStore, db: Path) -> None:
-    """Leasing a group again drops its receipt: with a frozen clock the new lease has the
-    same owner and until as the recorded one, and must not be answered with its receipt."""
-    qid = await store.put(message("a@one.test"))
-    (first,) = await store.lease_due("w", 10, 60)
-    await store.record(first, [DEFERRED])
-    assert await store.flush(qid) == 1
-    (second,) = await store.lease_due("w", 10, 60)
-    assert (second.owner, second.until) == (first.owner, first.until)
-    assert (await store.record(second, [SENT])).applied == ("a@one.test",)
-    assert await store.get_message(qid) is None
 
 
 # --- two stores, two processes ----------------------------------------------------------

@@ -24,7 +24,7 @@ from mailqueue.model import (
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
 from mailqueue.sqlite_schema import SCHEMA_VERSION
-from mailqueue.store import MessageNotFound, QueueStore, StoreUnavailable
+from mailqueue.store import MessageNotFound, StoreUnavailable
 from mailqueue.writer import GroupCommitWriter
 from tests.support.queue_store import T0, Clock, Opener, store_opener
 
@@ -61,37 +61,6 @@ def keys(leases: list[Lease]) -> list[tuple[str, str, str]]:
     return [(ls.queue_id, ls.domain, r.address) for ls in leases for r in ls.recipients]
 
 
-async def test_is_a_queue_store(store: SqliteStore) -> None:
-    typed: QueueStore = store  # mypy checks the Protocol
-    assert await typed.counts() == {
-        "queued": 0, "deferred": 0, "sent": 0, "bounced": 0, "held": 0, "set_aside": 0,
-        "messages": 0,
-    }  # fmt: skip
-
-
-async def test_put_then_lease_groups_by_message_and_domain(store: SqliteStore) -> None:
-    msg = message("a@one.test", "b@One.TEST", "c@two.test", "a@one.test")
-    qid = await store.put(msg)
-    assert len(qid) == 12
-    assert await store.read_data(qid) == msg.data
-    assert await store.next_due_at() == T0
-
-    leases = await store.lease_due("w1", limit=10, lease_seconds=60)
-    by_domain = {ls.domain: ls for ls in leases}
-    assert set(by_domain) == {"one.test", "two.test"}
-    one = by_domain["one.test"]
-    assert [r.address for r in one.recipients] == ["a@one.test", "b@One.TEST"]
-    assert one.queue_id == qid
-    assert one.sender == "app@src.test"
-    assert one.received_at == T0
-    assert one.expires_at == T0 + LIFETIME
-    assert one.until == T0 + 60
-    assert all(r.attempts == 0 for r in one.recipients)
-    # Leased work is not due again until the lease ends.
-    assert await store.lease_due("w2", limit=10, lease_seconds=60) == []
-    assert await store.next_due_at() == T0 + 60
-
-
 async def test_requiretls_is_kept_with_the_message_across_reopening(
     open_store: Opener, clock: Clock
 ) -> None:
@@ -108,25 +77,6 @@ async def test_requiretls_is_kept_with_the_message_across_reopening(
     reopened = await open_store()
     leases = {ls.queue_id: ls for ls in await reopened.lease_due("w", 10, 60)}
     assert leases[flagged].requiretls is True
-
-
-async def test_queue_ids_are_unique_and_sortable(store: SqliteStore, clock: Clock) -> None:
-    ids = []
-    for i in range(30):
-        clock.now = T0 + i * 0.0004  # several per millisecond, and across milliseconds
-        ids.append(await store.put(message("a@one.test")))
-    assert len(set(ids)) == len(ids)
-    assert ids == sorted(ids)
-
-
-async def test_limit_counts_leases(store: SqliteStore) -> None:
-    for _ in range(5):
-        await store.put(message("a@one.test", "b@two.test"))
-    first = await store.lease_due("w", limit=3, lease_seconds=60)
-    assert len(first) == 3
-    rest = await store.lease_due("w", limit=100, lease_seconds=60)
-    assert len(rest) == 7
-    assert not set(keys(first)) & set(keys(rest))
 
 
 async def test_record_sent_and_bounced_deletes_message(store: SqliteStore) -> None:
@@ -184,16 +134,6 @@ async def test_record_partial_keeps_final_rows_until_all_final(
     assert 600 * 0.9 <= record.recipients[1].next_attempt_at - clock.now <= 600 * 1.1
 
 
-async def test_deferral_never_waits_past_the_lifetime(open_store: Opener, clock: Clock) -> None:
-    store = await open_store(lifetime=100.0)
-    qid = await store.put(message("a@one.test"))
-    (lease,) = await store.lease_due("w", 10, 60)
-    await store.record(lease, [RecipientResult("a@one.test", RcptState.DEFERRED, "451")])
-    record = await store.get_message(qid)
-    assert record is not None
-    assert record.recipients[0].next_attempt_at == T0 + 100.0
-
-
 async def test_leases_are_exclusive_between_owners_and_stores(open_store: Opener) -> None:
     node_a = await open_store()
     node_b = await open_store()  # a second connection, as a second node would have
@@ -224,14 +164,6 @@ async def test_expired_lease_goes_to_another_owner(store: SqliteStore, clock: Cl
     # The dead worker's late release must not free the new owner's lease.
     await store.release(first)
     assert await store.lease_due("w3", 10, 60) == []
-
-
-async def test_release_gives_work_back_without_an_attempt(store: SqliteStore) -> None:
-    await store.put(message("a@one.test"))
-    (lease,) = await store.lease_due("w", 10, 60)
-    await store.release(lease)
-    (again,) = await store.lease_due("w2", 10, 60)
-    assert again.recipients[0].attempts == 0
 
 
 async def test_flush_hold_release_delete(store: SqliteStore, clock: Clock) -> None:
@@ -268,16 +200,6 @@ async def test_flush_hold_release_delete(store: SqliteStore, clock: Clock) -> No
     assert [m.queue_id for m in await store.list_messages()] == [other]
 
 
-async def test_list_messages_and_counts(store: SqliteStore) -> None:
-    ids = [await store.put(message(f"u{i}@one.test", "v@two.test")) for i in range(5)]
-    listed = await store.list_messages()
-    assert [m.queue_id for m in listed] == ids
-    assert all(len(m.recipients) == 2 and m.size > 0 for m in listed)
-    assert [m.queue_id for m in await store.list_messages(limit=2)] == ids[:2]
-    counts = await store.counts()
-    assert (counts["queued"], counts["messages"]) == (10, 5)
-
-
 async def test_restart_keeps_everything(open_store: Opener, clock: Clock, db: Path) -> None:
     store = await open_store()
     qid = await store.put(message("a@one.test", "b@two.test", data=b"x" * 100_000))
@@ -302,14 +224,6 @@ async def test_admin_beside_a_running_relay_steals_no_lease(open_store: Opener) 
     record = await relay.get_message(qid)
     assert record is not None
     assert record.held
-
-
-async def test_group_commit_batches_concurrent_puts(store: SqliteStore) -> None:
-    before = store.commits
-    ids = await asyncio.gather(*(store.put(message(f"u{i}@one.test")) for i in range(50)))
-    assert len(set(ids)) == 50
-    assert store.commits - before <= 10  # one commit each would be 50
-    assert (await store.counts())["messages"] == 50
 
 
 async def test_due_work_is_found_through_the_partial_index(store: SqliteStore, db: Path) -> None:
@@ -462,14 +376,6 @@ async def test_version_1_store_is_migrated_and_keeps_its_mail(open_store: Opener
     check.close()
 
 
-async def test_large_message_is_stored_in_pieces_and_read_back_whole(store: SqliteStore) -> None:
-    data = bytes(range(256)) * (5 * 4096 + 7)  # ~5 MiB, not a multiple of the chunk size
-    qid = await store.put(message("a@one.test", data=data))
-    assert await store.read_data(qid) == data
-    assert (await store.get_message(qid)) is not None
-    assert (await store.get_message(qid)).size == len(data)  # type: ignore[union-attr]
-
-
 async def test_corrupt_rows_are_set_aside(store: SqliteStore, db: Path) -> None:
     good = await store.put(message("a@one.test"))
     bad_rcpt = await store.put(message("b@one.test"))
@@ -531,22 +437,6 @@ async def test_disk_full_raises_store_unavailable_then_recovers(open_store: Open
     disk.full = False
     qid = await store.put(big)
     assert await store.read_data(qid) == big.data
-
-
-async def test_closed_store_is_unavailable(open_store: Opener) -> None:
-    store = await open_store()
-    await store.close()
-    with pytest.raises(StoreUnavailable):
-        await store.put(message("a@one.test"))
-    with pytest.raises(StoreUnavailable):
-        await store.counts()
-
-
-async def test_invalid_envelopes_are_refused(store: SqliteStore) -> None:
-    with pytest.raises(ValueError, match="recipient"):
-        await store.put(message())
-    with pytest.raises(ValueError, match="domain"):
-        await store.put(message("postmaster"))
 
 
 _CHILD = """

@@ -1,20 +1,20 @@
 """One SMTP conversation with one IP address of one MX host.
 
-Owns aiosmtplib and the STARTTLS decision for a single session: the adapter where every
-aiosmtplib, ssl and socket exception becomes a field of `ConversationResult`. It knows the TLS
+Owns the STARTTLS decision and the transaction for a single session over the wire
+(`smtp_wire.SmtpWire`): the adapter where every wire, ssl and socket exception becomes a
+field of `ConversationResult`. It knows the TLS
 requirement (`TlsRequirement`) but not where it came from (MTA-STS, overrides), and it
 never decides what an outcome means for a recipient (that is `attempt.decide`).
 
-Security (CONVENTIONS "Security parameters"): aiosmtplib connects with `start_tls=False`
-and we send STARTTLS ourselves with SNI = the MX name without its trailing dot
-(RFC 8461 §7.1, STS-97). Under VERIFIED nothing is ever sent in the clear after a missing
-or failed STARTTLS (RFC 8461 §5, STS-90/91). aiosmtplib discards bytes buffered before
-the TLS handshake and its ESMTP state after it (RFC 3207 §4.2, STS-100); we send EHLO
-again ourselves. A connection for REQUIRETLS mail (RFC 8689 §4.2.1) must be held to
-VERIFIED or DANE, and the server must offer REQUIRETLS in that second EHLO, else it is
-closed before MAIL (`requiretls_missing`). The message goes out through
-`transfer.send_data` (chunked, CRLF normalised then dot-stuffed: RFC 5321 §2.3.8, §4.5.2;
-SMTP-14/15, SMUG-06).
+Security (CONVENTIONS "Security parameters"): we send STARTTLS ourselves with SNI = the MX
+name without its trailing dot (RFC 8461 §7.1, STS-97). Under VERIFIED nothing is ever sent
+in the clear after a missing or failed STARTTLS (RFC 8461 §5, STS-90/91). The wire
+discards bytes received before the TLS handshake and the EHLO keywords learnt before it
+(RFC 3207 §4.2, STS-100); we send EHLO again. A connection for REQUIRETLS mail (RFC 8689
+§4.2.1) must be held to VERIFIED or DANE, and the server must offer REQUIRETLS in that
+second EHLO, else it is closed before MAIL (`requiretls_missing`). The message goes out
+through `transfer.send_data` (chunked, CRLF normalised then dot-stuffed: RFC 5321 §2.3.8,
+§4.5.2; SMTP-14/15, SMUG-06).
 
 TLS sessions are resumed (policy/webpki.py `ResumingContext`): a context built with
 `resume=True` offers the session it kept for the exact MX name, and keeps the session of a
@@ -24,11 +24,14 @@ drops it. Every check after the handshake runs whether or not it was resumed. DA
 ENCRYPTED sessions never resume (`dane.dane_context` is a plain context): DANE matches the
 chain the server sends, and a resumed handshake sends none.
 
-The recorder trusts only the protocol (issue 10): one reply per command, nothing more.
-Before each command of a transaction (RSET, MAIL, RCPT, DATA) and after each reply, nothing
-else may have come from the MX (`transfer.stray_reply`); DATA must be answered 354 and the
-final "." by a 2xx read in sequence (`transfer.send_data`). A violation closes the
-connection (never reused or pooled) and becomes `ConversationResult.violation`.
+The recorder trusts only the protocol (issue 10): one reply per command, in order, nothing
+more. When the server offers PIPELINING, RSET (on a reused connection), MAIL, every RCPT
+and DATA go out in one group and their replies are read in that order (RFC 2920 §3.1);
+otherwise each command waits for its reply. Before a command or group is written and
+after its last reply, nothing else may have come from the MX (`SmtpWire.unsolicited`);
+DATA must be answered 354 and the final "." by a 2xx read in sequence
+(`transfer.send_data`). A violation closes the connection (never reused or pooled) and
+becomes `ConversationResult.violation`.
 """
 
 from __future__ import annotations
@@ -40,23 +43,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import aiosmtplib
-from aiosmtplib import SMTPException, SMTPHeloError, SMTPResponseException
-
 from policy.model import TlsRptResult
 from policy.webpki import ResumingContext, classify_certificate_error
 from relay.delivery.dane import DaneMatch, Tlsa, dane_context, peer_chain, verify_chain
 from relay.delivery.envelope import Envelope, mail_params, path, rcpt_params
 from relay.delivery.outcome import Hop
+from relay.delivery.smtp_wire import MalformedReply, SmtpWire
+from relay.delivery.smtp_wire import Reply as WireReply
 from relay.delivery.tls import TlsRequirement
-from relay.delivery.transfer import listen, send_data, stray_reply
+from relay.delivery.transfer import send_data
 
 Reply = tuple[int, str]
 """An SMTP reply: code and text (multi-line replies joined with newlines)."""
 
-# ssl.SSLError, ConnectionError and TimeoutError are OSError subclasses; ValueError covers
-# names or addresses the library refuses to put on the wire.
-_ERRORS = (SMTPException, OSError, ValueError)
+# ssl.SSLError, ConnectionError (the wire's ConnectionLost) and TimeoutError are OSError
+# subclasses; ValueError covers names or addresses the wire refuses to write.
+_ERRORS = (MalformedReply, OSError, ValueError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ class _Conversation:
     ) -> None:
         self.ip, self.sni, self.port, self.helo = ip, sni, port, helo
         self.connect_timeout, self.command_timeout = timeouts
-        self.clients: list[aiosmtplib.SMTP] = []
+        self.clients: list[SmtpWire] = []
         self.connected = False
         self.tls_version: str | None = None
         self.tls_context: ssl.SSLContext | None = None  # the context of the TLS that is up
@@ -167,7 +169,7 @@ class _Conversation:
             conn.tls_failure,
         )
         conv.tls_resumed = conn.tls_resumed
-        conv.dsn = conn.smtp.supports_extension("dsn")
+        conv.dsn = conn.smtp.supports("dsn")
         conv.dane = conn.dane
         return conv
 
@@ -218,71 +220,68 @@ class _Conversation:
         self.timed_out = self.timed_out or isinstance(exc, TimeoutError)
         self.error = f"connection lost or timed out at {stage}: {describe(exc)}"
 
-    def violated(self, smtp: aiosmtplib.SMTP, what: str) -> None:
+    def violated(self, smtp: SmtpWire, what: str) -> None:
         """The MX broke the reply sequence: recorded, and the connection closed for good
         (no QUIT: its reply could not be told from what is still in flight)."""
         self.violation = self.error = safe_line(f"protocol violation: {what}")
         smtp.close()
 
-    def unsolicited(self, smtp: aiosmtplib.SMTP) -> bool:
+    def unsolicited(self, smtp: SmtpWire) -> bool:
         """Whether the MX sent something since the last reply (a violation, recorded)."""
-        stray = stray_reply(smtp)
+        stray = smtp.unsolicited()
         if stray is None:
             return False
         self.violated(smtp, f"unsolicited reply {self.last}: {stray}")
         return True
 
-    async def open(self) -> aiosmtplib.SMTP | None:
+    async def open(self) -> SmtpWire | None:
         """A new connection, greeted and EHLO'd; None (with `error` set) on failure."""
         self.tls_version, self.verified = None, False
         self.tls_context, self.tls_resumed = None, False
         try:
-            smtp = aiosmtplib.SMTP(
-                hostname=self.ip,
-                port=self.port,
-                local_hostname=self.helo,
-                start_tls=False,  # never let aiosmtplib decide about TLS
-                timeout=self.command_timeout,
-            )
-            self.clients.append(smtp)
-            await smtp.connect(timeout=self.connect_timeout)
-        except SMTPResponseException as exc:  # a greeting other than 220
+            smtp = await SmtpWire.open(self.ip, self.port, timeout=self.connect_timeout)
+        except MalformedReply as exc:
             self.connected = True
-            self.fail_reply("greeting", exc.code, exc.message)
+            self.error = safe_line(f"greeting unreadable: {exc}")
             return None
         except _ERRORS as exc:
             self.timed_out = isinstance(exc, TimeoutError)
             self.unreachable = not self.connected  # a reconnect after a reply is no proof
             self.error = f"connect to {self.ip} port {self.port} failed: {describe(exc)}"
             return None
+        self.clients.append(smtp)
         self.connected = True
+        if smtp.greeting.code != 220:
+            self.fail_reply("greeting", *smtp.greeting)
+            return None
         return smtp if await self.hello(smtp) else None
 
-    async def hello(self, smtp: aiosmtplib.SMTP) -> bool:
+    async def hello(self, smtp: SmtpWire) -> bool:
         """EHLO, falling back to HELO when EHLO is refused and the server stays."""
         try:
-            await smtp.ehlo()
-            return True
-        except SMTPHeloError as exc:
-            if not smtp.is_connected:
-                self.fail_reply("EHLO", exc.code, exc.message)
-                return False
+            reply = await smtp.ehlo(self.helo, timeout=self.command_timeout)
         except _ERRORS as exc:
             self.dropped("EHLO", exc)
             return False
-        try:
-            await smtp.helo()
+        if reply.code == 250:
             return True
-        except SMTPResponseException as exc:
-            self.fail_reply("HELO", exc.code, exc.message)
+        if not smtp.is_connected:
+            self.fail_reply("EHLO", *reply)
+            return False
+        try:
+            reply = await smtp.command(b"HELO " + self.helo.encode(), timeout=self.command_timeout)
         except _ERRORS as exc:
             self.dropped("HELO", exc)
+            return False
+        if reply.code == 250:
+            return True
+        self.fail_reply("HELO", *reply)
         return False
 
-    async def starttls(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> _TlsFail | None:
+    async def starttls(self, smtp: SmtpWire, ctx: ssl.SSLContext) -> _TlsFail | None:
         """STARTTLS with SNI = the MX name (the caller sends EHLO again). None when TLS is
         up; a failed or abandoned handshake drops the session kept for the name."""
-        if not smtp.supports_extension("starttls"):
+        if not smtp.supports("starttls"):
             return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, "STARTTLS not offered", True)
         try:
             fail = await self._handshake(smtp, ctx)
@@ -292,29 +291,31 @@ class _Conversation:
         if fail is not None:
             _forget_session(ctx, self.sni)
             return fail
-        ssl_object = smtp.get_transport_info("ssl_object")
-        tls = ssl_object if isinstance(ssl_object, ssl.SSLObject) else None
+        tls = smtp.ssl_object
         self.tls_version = (tls.version() if tls else None) or "TLS"
         self.tls_context, self.tls_resumed = ctx, tls is not None and tls.session_reused
         if self.on_handshake is not None:
             self.on_handshake(self.tls_resumed)
         return None
 
-    async def _handshake(self, smtp: aiosmtplib.SMTP, ctx: ssl.SSLContext) -> _TlsFail | None:
+    async def _handshake(self, smtp: SmtpWire, ctx: ssl.SSLContext) -> _TlsFail | None:
         try:
-            await smtp.starttls(server_hostname=self.sni, tls_context=ctx)
+            reply = await smtp.starttls(ctx, self.sni, timeout=self.command_timeout)
         except ssl.SSLCertVerificationError as exc:
             return _TlsFail(classify_certificate_error(exc), describe(exc), False)
-        except SMTPResponseException as exc:
-            detail = safe_line(f"STARTTLS refused: {exc.code} {exc.message}")
-            return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, detail, smtp.is_connected)
+        except MalformedReply as exc:
+            detail = safe_line(f"STARTTLS answered unreadably: {exc}")
+            return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, detail, False)
         except _ERRORS as exc:
             # Protocol below TLS 1.2 (RFC 8996), aborted handshake, bad SNI name, ...
             detail = f"TLS handshake failed: {describe(exc)}"
             return _TlsFail(TlsRptResult.VALIDATION_FAILURE, detail, False)
+        if reply.code != 220:
+            detail = safe_line(f"STARTTLS refused: {reply.code} {reply.message}")
+            return _TlsFail(TlsRptResult.STARTTLS_NOT_SUPPORTED, detail, smtp.is_connected)
         return None
 
-    async def hello_over_tls(self, smtp: aiosmtplib.SMTP) -> bool:
+    async def hello_over_tls(self, smtp: SmtpWire) -> bool:
         """EHLO again after the handshake (RFC 3207 §4.2). Its reply is the first read over
         TLS: TLS 1.3 tickets have come by then, so the session is kept now; a session
         that fails here is dropped."""
@@ -323,16 +324,16 @@ class _Conversation:
             if ctx is not None:
                 _forget_session(ctx, self.sni)
             return False
-        ssl_object = smtp.get_transport_info("ssl_object")
-        if isinstance(ctx, ResumingContext) and isinstance(ssl_object, ssl.SSLObject):
+        ssl_object = smtp.ssl_object
+        if isinstance(ctx, ResumingContext) and ssl_object is not None:
             ctx.remember(ssl_object)
         return True
 
-    def dane_check(self, smtp: aiosmtplib.SMTP) -> _TlsFail | None:
+    def dane_check(self, smtp: SmtpWire) -> _TlsFail | None:
         """RFC 7672 §3: the chain the server sent must match a usable TLSA record of the MX
         host (relay/delivery/dane.py); checked before any mail command. None on a match."""
-        ssl_object = smtp.get_transport_info("ssl_object")
-        if not isinstance(ssl_object, ssl.SSLObject):
+        ssl_object = smtp.ssl_object
+        if ssl_object is None:
             return _TlsFail(TlsRptResult.VALIDATION_FAILURE, "no TLS session to check", False)
         verdict = verify_chain(peer_chain(ssl_object), self.tlsa, self.sni, datetime.now(UTC))
         if isinstance(verdict, DaneMatch):
@@ -340,34 +341,46 @@ class _Conversation:
             return None
         return _TlsFail(verdict.result, safe_line(f"DANE: {verdict.detail}"), False)
 
-    async def command(self, smtp: aiosmtplib.SMTP, verb: bytes, *args: bytes) -> Reply | None:
+    async def command(self, smtp: SmtpWire, verb: bytes, *args: bytes) -> Reply | None:
         """The reply to one command, None when the session ended (dropped, or a violation:
         something came before the command was written, or with or after its reply)."""
         if self.unsolicited(smtp):
             return None
-        name = verb.decode()
+        name = verb.split(b" ", 1)[0].decode()
         try:
-            response = await smtp.execute_command(verb, *args)
-        except SMTPResponseException as exc:  # aiosmtplib could not parse the reply
-            self.violated(smtp, f"unreadable reply to {name}: {exc.message}")
+            smtp.send(b" ".join((verb, *args)))
+        except _ERRORS as exc:
+            self.dropped(name, exc)
+            return None
+        reply = await self.read(smtp, name)
+        if reply is None or self.unsolicited(smtp):
+            return None
+        return reply
+
+    async def read(self, smtp: SmtpWire, name: str) -> Reply | None:
+        """The next reply, in order, taken as the reply to `name`; None when the session
+        ended (dropped, or a reply that cannot be parsed: a violation)."""
+        try:
+            reply = await smtp.reply(timeout=self.command_timeout)
+        except MalformedReply as exc:
+            self.violated(smtp, f"unreadable reply to {name}: {exc}")
             return None
         except _ERRORS as exc:
             self.dropped(name, exc)
             return None
         self.last = f"after {name}"
-        if self.unsolicited(smtp):
-            return None
-        listen(smtp)
-        return (response.code, response.message)
+        return (reply.code, reply.message)
 
-    async def data(self, smtp: aiosmtplib.SMTP, message: bytes) -> None:
-        """DATA and the message; `completed` is True on entry and stays so unless a
-        violation came before the body was written."""
-        if self.unsolicited(smtp):
+    async def data(self, smtp: SmtpWire, message: bytes, start: Reply | None = None) -> None:
+        """DATA (unless `start`, its reply, was read in a pipelined group) and the message;
+        `completed` is True on entry and stays so unless a violation came before the body
+        was written."""
+        if start is None and self.unsolicited(smtp):
             self.completed = False
             return
+        begun = None if start is None else WireReply(*start)
         try:
-            sent = await send_data(smtp, message, timeout=self.command_timeout)
+            sent = await send_data(smtp, message, timeout=self.command_timeout, start=begun)
         except _ERRORS as exc:
             # Never counts as sent: the caller defers (RFC 5321 §6.1 keeps responsibility).
             self.dropped("DATA", exc)
@@ -375,7 +388,6 @@ class _Conversation:
         if sent.reply is not None:
             self.data_reply = (sent.reply.code, sent.reply.message)
         if sent.violation is None:
-            listen(smtp)
             return
         self.violated(smtp, sent.violation)
         self.completed = sent.body_sent
@@ -386,56 +398,169 @@ def _forget_session(ctx: ssl.SSLContext, sni: str) -> None:
         ctx.forget(sni)
 
 
-async def _transaction(conv: _Conversation, smtp: aiosmtplib.SMTP, envelope: Envelope) -> None:
-    """MAIL, one RCPT per recipient (each reply kept), DATA if any was accepted."""
-    if envelope.requiretls and not smtp.supports_extension("requiretls"):
+@dataclass(frozen=True, slots=True)
+class _Commands:
+    """A transaction's commands: MAIL, then one RCPT per recipient that can be written
+    (`unsendable` holds the local refusals of the others)."""
+
+    mail: bytes
+    rcpts: tuple[tuple[str, bytes], ...]
+    unsendable: dict[str, Reply]
+
+
+def _commands(smtp: SmtpWire, envelope: Envelope, sender_path: bytes, utf8: bool) -> _Commands:
+    mail = b" ".join((b"MAIL FROM:" + sender_path, *mail_params(envelope, smtp.supports, utf8)))
+    rcpts: list[tuple[str, bytes]] = []
+    unsendable: dict[str, Reply] = {}
+    for rcpt in envelope.recipients:
+        rcpt_path = path(rcpt, utf8)
+        if rcpt_path is None:
+            unsendable[rcpt] = (553, "5.6.7 recipient address cannot be sent (local)")
+            continue
+        extra = rcpt_params(envelope, rcpt, smtp.supports)
+        rcpts.append((rcpt, b" ".join((b"RCPT TO:" + rcpt_path, *extra))))
+    return _Commands(mail, tuple(rcpts), unsendable)
+
+
+async def _transaction(
+    conv: _Conversation, smtp: SmtpWire, envelope: Envelope, *, reset: bool
+) -> None:
+    """RSET first when `reset`, then MAIL, one RCPT per recipient (each reply kept), DATA
+    if any was accepted; pipelined when the server offers it."""
+    if envelope.requiretls and not smtp.supports("requiretls"):
         # The pool keeps REQUIRETLS connections apart (`connect` checked this one): never
         # reached, but a REQUIRETLS message must never go out without the option.
         conv.no_requiretls("not offered on this connection")
         return
-    utf8 = envelope.needs_utf8 and smtp.supports_extension("smtputf8")
+    utf8 = envelope.needs_utf8 and smtp.supports("smtputf8")
     sender_path = path(envelope.sender, utf8)
     if sender_path is None:
         # RFC 6531 §3.2 / RFC 5321 §4.1.2: this envelope cannot be sent to this server.
         conv.mail_reply = (550, "5.6.7 sender address cannot be sent to this server (local)")
         conv.completed = True
         return
-    params = mail_params(envelope, smtp.supports_extension, utf8)
-    reply = await conv.command(smtp, b"MAIL", b"FROM:" + sender_path, *params)
-    if reply is None:
-        return
-    conv.mail_reply = reply
-    if reply[0] // 100 != 2:
-        # 5xx: a decision for every recipient (RFC 5321 §4.5.4.1: never cached).
-        # Anything else is about this host: try the next one.
-        conv.completed = reply[0] // 100 == 5
-        if not conv.completed:
-            conv.fail_reply("MAIL", *reply)
-        return
-    for rcpt in envelope.recipients:
-        rcpt_path = path(rcpt, utf8)
-        if rcpt_path is None:
-            conv.rcpt_replies[rcpt] = (553, "5.6.7 recipient address cannot be sent (local)")
-            continue
-        extra = rcpt_params(envelope, rcpt, smtp.supports_extension)
-        reply = await conv.command(smtp, b"RCPT", b"TO:" + rcpt_path, *extra)
-        if reply is None:
+    commands = _commands(smtp, envelope, sender_path, utf8)
+    conv.rcpt_replies.update(commands.unsendable)
+    if smtp.supports("pipelining"):
+        await _pipelined(conv, smtp, envelope, commands, reset=reset)
+    else:
+        await _one_by_one(conv, smtp, envelope, commands, reset=reset)
+
+
+async def _one_by_one(
+    conv: _Conversation, smtp: SmtpWire, envelope: Envelope, commands: _Commands, *, reset: bool
+) -> None:
+    """Each command waits for its reply (a server without PIPELINING)."""
+    if reset:
+        reply = await conv.command(smtp, b"RSET")
+        if reply is None or not _reset_ok(conv, reply):
             return
-        conv.rcpt_replies[rcpt] = reply
-        if reply[0] == 421:  # the server is closing: this host failed, not the recipient
-            conv.fail_reply("RCPT", *reply)
+    reply = await conv.command(smtp, commands.mail)
+    if reply is None or not _mail_ok(conv, reply):
+        return
+    for rcpt, command in commands.rcpts:
+        reply = await conv.command(smtp, command)
+        if reply is None or not _rcpt_ok(conv, rcpt, reply):
             return
     conv.completed = True
-    if any(code // 100 == 2 for code, _ in conv.rcpt_replies.values()):
+    if _accepted_any(conv):
         await conv.data(smtp, envelope.data)
 
 
-async def quit_politely(smtp: aiosmtplib.SMTP, within: float) -> None:
+async def _pipelined(
+    conv: _Conversation, smtp: SmtpWire, envelope: Envelope, commands: _Commands, *, reset: bool
+) -> None:
+    """RFC 2920 §3.1: RSET, MAIL, the RCPTs and DATA (last: its reply changes the state)
+    in one write, then their replies in order, every one of them checked."""
+    group = [b"RSET"] if reset else []
+    group += [commands.mail, *(command for _, command in commands.rcpts), b"DATA"]
+    if conv.unsolicited(smtp):
+        return
+    try:
+        smtp.send(*group)
+    except _ERRORS as exc:
+        conv.dropped(group[0].split(b" ", 1)[0].decode(), exc)
+        return
+    if reset:
+        reply = await conv.read(smtp, "RSET")
+        if reply is None or not _reset_ok(conv, reply):
+            return  # the connection is closed: the rest of the group's replies are moot
+    reply = await conv.read(smtp, "MAIL")
+    if reply is None:
+        return
+    mail_ok = _mail_ok(conv, reply)
+    if not mail_ok and not conv.completed:
+        return  # a 4xx to MAIL closes the connection (`transact`)
+    for rcpt, _ in commands.rcpts:
+        reply = await conv.read(smtp, "RCPT")
+        if reply is None:
+            return
+        if mail_ok and not _rcpt_ok(conv, rcpt, reply):
+            return
+    start = await conv.read(smtp, "DATA")
+    if start is None or conv.unsolicited(smtp):
+        conv.completed = False  # a violation keeps no decision (`ConversationResult`)
+        return
+    if start[0] != 354 and start[0] // 100 not in (4, 5):
+        conv.violated(smtp, f"MX answered {start[0]} to DATA instead of 354")
+        conv.completed = False
+        return
+    conv.completed = True
+    if mail_ok and _accepted_any(conv):
+        await conv.data(smtp, envelope.data, start)
+    elif start[0] == 354:
+        # RFC 2920 §3.1: DATA accepted although nothing can be sent: end it at once with
+        # an empty message, whose reply decides nothing.
+        await _end_empty_data(conv, smtp)
+
+
+async def _end_empty_data(conv: _Conversation, smtp: SmtpWire) -> None:
+    try:
+        smtp.write(b".\r\n")
+    except _ERRORS as exc:
+        conv.dropped("DATA", exc)
+        return
+    if await conv.read(smtp, "DATA") is not None:
+        conv.unsolicited(smtp)
+
+
+def _reset_ok(conv: _Conversation, reply: Reply) -> bool:
+    if reply[0] // 100 == 2:
+        return True
+    conv.fail_reply("RSET", *reply)
+    return False
+
+
+def _mail_ok(conv: _Conversation, reply: Reply) -> bool:
+    """Whether MAIL was accepted. A 5xx is a decision for every recipient (RFC 5321
+    §4.5.4.1: never cached); anything else is about this host: try the next one."""
+    conv.mail_reply = reply
+    if reply[0] // 100 == 2:
+        return True
+    conv.completed = reply[0] // 100 == 5
+    if not conv.completed:
+        conv.fail_reply("MAIL", *reply)
+    return False
+
+
+def _rcpt_ok(conv: _Conversation, rcpt: str, reply: Reply) -> bool:
+    """Keeps the recipient's reply; False when the server is closing (421): this host
+    failed, not the recipient."""
+    conv.rcpt_replies[rcpt] = reply
+    if reply[0] == 421:
+        conv.fail_reply("RCPT", *reply)
+        return False
+    return True
+
+
+def _accepted_any(conv: _Conversation) -> bool:
+    return any(code // 100 == 2 for code, _ in conv.rcpt_replies.values())
+
+
+async def quit_politely(smtp: SmtpWire, within: float) -> None:
     """QUIT (bounded), then close; the transaction is already decided either way."""
-    if smtp.is_connected:
-        with contextlib.suppress(*_ERRORS, TimeoutError):
-            async with asyncio.timeout(within):
-                await smtp.quit()
+    with contextlib.suppress(*_ERRORS):
+        await smtp.quit(timeout=within)
     smtp.close()
 
 
@@ -443,7 +568,7 @@ async def _secure(
     conv: _Conversation,
     requirement: TlsRequirement,
     contexts: tuple[ssl.SSLContext, ssl.SSLContext],
-) -> aiosmtplib.SMTP | None:
+) -> SmtpWire | None:
     """A connection ready for MAIL under `requirement`, or None (with the reason in conv)."""
     verified_ctx, unverified_ctx = contexts
     smtp = await conv.open()
@@ -477,7 +602,7 @@ async def _secure(
         smtp = await _opportunistic(conv, smtp, None, unverified_ctx)
     if smtp is None or (conv.tls_version and not await conv.hello_over_tls(smtp)):
         return None
-    if conv.requiretls and not smtp.supports_extension("requiretls"):
+    if conv.requiretls and not smtp.supports("requiretls"):
         # RFC 8689 §4.2.1: the next hop must offer REQUIRETLS after STARTTLS.
         conv.no_requiretls("not offered after STARTTLS")
         await quit_politely(smtp, conv.command_timeout)
@@ -486,8 +611,8 @@ async def _secure(
 
 
 async def _opportunistic(
-    conv: _Conversation, smtp: aiosmtplib.SMTP, failed: _TlsFail | None, ctx: ssl.SSLContext
-) -> aiosmtplib.SMTP | None:
+    conv: _Conversation, smtp: SmtpWire, failed: _TlsFail | None, ctx: ssl.SSLContext
+) -> SmtpWire | None:
     """A session secured if possible: unverified STARTTLS, else plaintext (reconnecting
     once when a failed handshake killed the connection). `failed` is an earlier verified
     try on this same connection."""
@@ -531,7 +656,7 @@ class Connection:
     Used by one transaction at a time (the pool hands it out exclusively).
     """
 
-    smtp: aiosmtplib.SMTP
+    smtp: SmtpWire
     ip: str
     mx: str
     requirement: TlsRequirement
@@ -582,10 +707,10 @@ async def connect(
         # The decision never asks this; a REQUIRETLS message never goes unauthenticated.
         conv.no_requiretls(f"needs verified or DANE TLS, not {requirement.value}")
         return conv.result()
-    # Each step is bounded by aiosmtplib's timeouts; this bounds the whole: up to three
+    # Each step is bounded by its own timeout; this bounds the whole: up to three
     # connections, each greeting + EHLO, STARTTLS, EHLO.
     budget = 3 * (dialer.connect_timeout + dialer.command_timeout * 4)
-    smtp: aiosmtplib.SMTP | None = None
+    smtp: SmtpWire | None = None
     try:
         async with asyncio.timeout(budget):
             smtp = await _secure(conv, requirement, (dialer.verified_ctx, dialer.unverified_ctx))
@@ -599,7 +724,6 @@ async def connect(
             other.close()
     if smtp is None:
         return conv.result()
-    listen(smtp)  # a reply sent before MAIL is a violation (`transact`)
     return Connection(
         smtp, ip, sni, requirement, conv.tls_version, conv.verified, conv.tls_failure,
         dane=conv.dane, requiretls=requiretls, tls_resumed=conv.tls_resumed,
@@ -641,11 +765,7 @@ async def transact(
     budget += transfer_allowance(len(envelope.data))
     try:
         async with asyncio.timeout(budget):
-            reset = (250, "") if not reused else await conv.command(conn.smtp, b"RSET")
-            if reset is not None and reset[0] // 100 == 2:
-                await _transaction(conv, conn.smtp, envelope)
-            elif reset is not None:
-                conv.fail_reply("RSET", *reset)
+            await _transaction(conv, conn.smtp, envelope, reset=reused)
     except TimeoutError:
         conv.error, conv.timed_out = "session timed out", True
         conn.close()

@@ -1,26 +1,22 @@
 """The DATA transfer: a stored message sent as SMTP mail data, in bounded chunks.
 
 Owns the on-the-wire form of the message body (RFC 5321 §4.5.2 transparency, §2.3.8 line
-endings) and streaming it over an open aiosmtplib connection after the 354 reply, with
-flow control, so that a large message is never copied whole again on its way out
-(aiosmtplib's `data()` makes about three copies). Knows nothing about recipients,
-outcomes or TLS requirements; `client` calls it and turns what it returns or raises
-into values.
+endings) and streaming it over an open connection (`smtp_wire.SmtpWire`) after the 354
+reply, with flow control, so that a large message is never copied whole again on its way
+out. Knows nothing about recipients, outcomes or TLS requirements; `client` calls it and
+turns what it returns or raises into values.
 
 The order matters (RFC-CHECKLIST SMUG-06): line endings are normalised first (a bare CR
 or LF becomes CRLF, SMTP-15), and only then are lines starting with "." doubled (SMTP-14),
 so that no "\\r\\n.\\r\\n" can appear inside the data. The listener refuses bare CR and LF,
 so normalising should never change stored mail; it is done anyway, defensively.
 
-Also owns the reply sequence (issue 10): we never use PIPELINING (RFC 2920), so every reply
-answers the one command just written. A reply may count only if nothing else came from the
-server after it, and nothing may be waiting when a command or the body is written
-(`stray_reply`, `listen`). DATA's only go-ahead is 354 and only a 2xx read after the final
-"." means the MX took the message (RFC 5321 §3.3, §6.1); anything else is a violation
-(`DataResult.violation`), never a delivery. aiosmtplib keeps no public handle on any of
-this: the private attributes of its SMTPProtocol read here (`_buffer`, `_response_waiter`,
-`_response_pending`, `_drain_helper`) are pinned in pyproject.toml and checked by
-tests/unit/test_library_internals.py.
+Also owns the reply sequence of the data phase (issue 10). DATA is the last command of
+a group (RFC 2920 §3.1): its reply may count only if nothing else came from the server
+after it, and nothing may be waiting when the body is written (`SmtpWire.unsolicited`).
+DATA's only go-ahead is 354 and only a 2xx read after the final "." means the MX took the
+message (RFC 5321 §3.3, §6.1); anything else is a violation (`DataResult.violation`),
+never a delivery.
 """
 
 from __future__ import annotations
@@ -29,13 +25,11 @@ import asyncio
 import re
 from dataclasses import dataclass
 
-import aiosmtplib
-from aiosmtplib import SMTPResponse, SMTPResponseException, SMTPServerDisconnected
+from relay.delivery.smtp_wire import MalformedReply, Reply, SmtpWire
 
 CHUNK = 64 * 1024
 _LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
 _END_OF_DATA = b".\r\n"
-_SHOWN = 200  # bytes of a stray reply quoted in a violation
 
 
 class DataEncoder:
@@ -103,87 +97,54 @@ class DataResult:
     may then have the message.
     """
 
-    reply: SMTPResponse | None
+    reply: Reply | None
     body_sent: bool
     violation: str | None = None
 
 
-def listen(smtp: aiosmtplib.SMTP) -> None:
-    """Keep whatever the server sends before our next command, for `stray_reply` to see.
-
-    aiosmtplib drops bytes that arrive while no reply is awaited (so that they cannot be
-    paired with the next command); we want to know of them. Call it only right after a
-    reply was read and found alone: from then on a reply nobody asked for is parsed into
-    aiosmtplib's pending reply, which `stray_reply` reports before the next write.
-    """
-    protocol = smtp.protocol
-    if protocol is not None:
-        protocol._response_pending = True
-
-
-def stray_reply(smtp: aiosmtplib.SMTP) -> str | None:
-    """What the server sent that no command of ours asked for (raw text), or None.
-
-    Looks at a reply aiosmtplib parsed that nobody read, and at bytes left in its buffer
-    after the last reply (a second reply in the same segment, or a partial one). A
-    connection closed by the server is not a stray reply: the next command reports it.
-    Blind spot: bytes arriving in a later read between a reply being parsed and being
-    picked up are dropped by aiosmtplib unseen; they cannot be misread as a reply either.
-    """
-    protocol = smtp.protocol
-    if protocol is None:
-        return None
-    waiter = protocol._response_waiter
-    if waiter is not None and waiter.done() and not waiter.cancelled():
-        error = waiter.exception()
-        if error is None:
-            reply = waiter.result()
-            return f"{reply.code} {reply.message}"
-        if not isinstance(error, SMTPServerDisconnected):
-            return str(error)  # a malformed or overlong reply
-    if protocol._buffer:
-        return bytes(protocol._buffer[:_SHOWN]).decode("utf-8", "replace")
-    return None
-
-
 async def send_data(
-    smtp: aiosmtplib.SMTP,
+    wire: SmtpWire,
     message: bytes,
     *,
-    timeout: float,  # noqa: ASYNC109 - per reply and per chunk written, like aiosmtplib's
+    timeout: float,  # noqa: ASYNC109 - per reply and per chunk written
+    start: Reply | None = None,
 ) -> DataResult:
-    """DATA, then the message in chunks, then the final reply, each reply checked.
+    """DATA's reply (`start`, when DATA went out in a pipelined group; else DATA is sent
+    now), then the message in chunks, then the final reply, each reply checked.
 
-    The caller checks that nothing is pending before calling (`stray_reply`). A reply
-    aiosmtplib cannot parse is a violation. Raises aiosmtplib's SMTPException subclasses,
-    OSError or TimeoutError when the connection fails; the connection is then closed (its
-    state is unknown, never reused). After a violation the caller closes it.
+    The caller checks that nothing is pending before DATA is written. A reply that cannot
+    be parsed is a violation. Raises OSError (ConnectionLost among them) or TimeoutError
+    when the connection fails; the connection is then closed (its state is unknown, never
+    reused). After a violation the caller closes it.
     """
     try:
-        return await _transfer(smtp, message, timeout)
+        return await _transfer(wire, message, timeout, start)
     except BaseException:
-        smtp.close()
+        wire.close()
         raise
 
 
-async def _transfer(smtp: aiosmtplib.SMTP, message: bytes, per_step: float) -> DataResult:
-    try:
-        start = await smtp.execute_command(b"DATA", timeout=per_step)
-    except SMTPResponseException as exc:  # aiosmtplib could not parse the reply
-        return DataResult(None, False, f"unreadable reply to DATA: {exc.message}")
+async def _transfer(
+    wire: SmtpWire, message: bytes, per_step: float, start: Reply | None
+) -> DataResult:
+    if start is None:
+        try:
+            start = await wire.command(b"DATA", timeout=per_step)
+        except MalformedReply as exc:
+            return DataResult(None, False, f"unreadable reply to DATA: {exc}")
     if start.code != 354 and start.code // 100 not in (4, 5):
         # RFC 5321 §3.3: DATA is answered 354 or refused. Anything else, a 2xx above all,
         # would have a message recorded as sent that never crossed the wire.
         return DataResult(None, False, f"MX answered {start.code} to DATA instead of 354")
-    if (stray := stray_reply(smtp)) is not None:
+    if (stray := wire.unsolicited()) is not None:
         return DataResult(None, False, f"unsolicited reply after DATA: {stray}")
     if start.code != 354:
         return DataResult(start, False)  # an ordinary refusal: 4xx or 5xx
     try:
-        final, early = await _stream(smtp, message, per_step)
-    except SMTPResponseException as exc:
-        return DataResult(None, True, f"unreadable reply to the end of data: {exc.message}")
-    stray = stray_reply(smtp)
+        final, early = await _stream(wire, message, per_step)
+    except MalformedReply as exc:
+        return DataResult(None, True, f"unreadable reply to the end of data: {exc}")
+    stray = wire.unsolicited()
     if final.code // 100 not in (2, 4, 5):
         return DataResult(None, True, f"MX answered {final.code} to the end of data")
     if early and final.code // 100 == 2:
@@ -198,28 +159,18 @@ async def _transfer(smtp: aiosmtplib.SMTP, message: bytes, per_step: float) -> D
     return DataResult(final, True)
 
 
-async def _stream(
-    smtp: aiosmtplib.SMTP, message: bytes, per_step: float
-) -> tuple[SMTPResponse, bool]:
+async def _stream(wire: SmtpWire, message: bytes, per_step: float) -> tuple[Reply, bool]:
     """The body and the final ".", then the reply; True with it when that reply (or a part
-    of it) had come before the "." was written."""
-    protocol = smtp.protocol
-    if protocol is None:
-        raise SMTPServerDisconnected("Connection lost")
-    # aiosmtplib drops bytes that arrive while no reply is awaited; a server may answer
-    # (552, 421) before the last chunk is written, so say a reply is expected first, as
-    # its own execute_data_command does.
-    protocol._response_pending = True
+    of it) had come before the "." was written (the wire keeps what arrives early)."""
     encoder = DataEncoder()
     offset = 0
     with memoryview(message) as view:
         while len(view) - offset > CHUNK:
-            protocol.write(encoder.feed(bytes(view[offset : offset + CHUNK])))
+            wire.write(encoder.feed(bytes(view[offset : offset + CHUNK])))
             offset += CHUNK
             async with asyncio.timeout(per_step):  # RFC 5321 §4.5.3.2.5: a data block
-                await protocol._drain_helper()  # the transport's buffer stays bounded
+                await wire.drain()  # the transport's buffer stays bounded
         rest = message if offset == 0 else bytes(view[offset:])
-    waiter = protocol._response_waiter
-    early = bool(protocol._buffer) or (waiter is not None and waiter.done())
-    protocol.write(encoder.feed(rest) + encoder.finish())
-    return await protocol.read_response(timeout=per_step), early
+    early = wire.unsolicited() is not None
+    wire.write(encoder.feed(rest) + encoder.finish())
+    return await wire.reply(timeout=per_step), early

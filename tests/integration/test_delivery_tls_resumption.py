@@ -299,7 +299,8 @@ def test_dane_connections_never_resume(loop: str, tmp_path: Path) -> None:
                 sink.ip, host, TlsRequirement.DANE, lab.settings.dialer, (_tlsa_ee(cert.leaf),)
             )
             assert isinstance(conn, Connection), conn
-            ssl_object = conn.smtp.get_transport_info("ssl_object")
+            ssl_object = conn.smtp.ssl_object
+            assert ssl_object is not None
             assert not ssl_object.session_reused
             assert not conn.tls_resumed
             assert conn.verified

@@ -49,7 +49,7 @@ async def test_a_transfer_longer_than_the_command_timeouts_allow_still_completes
     )
     conn = await connect(slow_mx.ip, "mx.slow.test", TlsRequirement.OPPORTUNISTIC, dialer)
     assert isinstance(conn, Connection), conn
-    sock = conn.smtp.get_transport_info("socket")
+    sock = conn.smtp.extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
     body = b"Subject: large\r\n\r\n" + (b"z" * 78 + b"\r\n") * (SIZE // 80)
     try:

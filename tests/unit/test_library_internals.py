@@ -1,14 +1,11 @@
-"""Library internals pinned: what relay/ reads or overrides inside aiosmtplib and aiosmtpd.
+"""Library internals pinned: what relay/ reads or overrides inside aiosmtpd.
 
-pyproject.toml pins both libraries to the one release tested; the first tests fail when the
+pyproject.toml pins aiosmtpd to the one release tested; the first tests fail when the
 installed release is another or the pin lets an untested one in. The rest fail when an
-internal relay/ relies on moves or changes shape, checked on real objects:
+internal relay/ relies on moves or changes shape, checked on real objects. (Delivery speaks
+SMTP through its own wire, relay/delivery/smtp_wire.py; aiosmtplib serves only
+`sts-relay policy probe`, through its public API.)
 
-- aiosmtplib (relay/delivery/transfer.py; client.py and probe.py use only its public API):
-  SMTPProtocol's `_buffer`, `_response_waiter`, `_response_pending` and `_drain_helper`,
-  and the behaviour `transfer.listen` and `transfer.stray_reply` are built on: a reply that
-  arrives between commands is dropped unless a reply is pending, and a second reply in the
-  segment of the first stays in the buffer. Checked over a loopback connection.
 - aiosmtpd (relay/inbound/session.py and the layers of RelaySMTP: auth.py,
   command_loop.py, replies.py, lifetime.py, envelope.py; aiosmtpd_setup.py): the private
   methods RelaySMTP overrides or calls, with their signatures; the attributes it reads, on a
@@ -33,31 +30,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import hashlib
 import importlib.metadata
 import inspect
 import tomllib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiosmtpd
-import aiosmtplib
 import attr
 import pytest
 from aiosmtpd import smtp as aiosmtpd_smtp
-from aiosmtplib.protocol import SMTPProtocol
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from relay.delivery.transfer import listen, stray_reply
 from relay.inbound.aiosmtpd_setup import FAST_INIT
 from relay.inbound.session import RelaySMTP
 from tests.support.waiting import eventually
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
-PINNED = ("aiosmtpd", "aiosmtplib")
+PINNED = ("aiosmtpd",)
 
 
 # --- the pins ---------------------------------------------------------------------------
@@ -88,129 +79,6 @@ def test_aiosmtpd_module_version_is_the_installed_one() -> None:
     # it is on); the two must name the same release.
     assert aiosmtpd.__version__ == importlib.metadata.version("aiosmtpd")
     assert FAST_INIT
-
-
-# --- aiosmtplib: a real SMTPProtocol over loopback ---------------------------------------
-
-
-@dataclass
-class _Server:
-    """Greets, answers NOOP with `noop` (raw bytes, one write) and QUIT with 221; keeps the
-    writers so a test can send what no command asked for."""
-
-    noop: bytes = b"250 2.0.0 OK\r\n"
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-    port: int = 0
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.append(writer)
-        writer.write(b"220 internals.test ESMTP\r\n")
-        with contextlib.suppress(ConnectionError):
-            while line := await reader.readline():
-                writer.write(self.noop if line.upper().startswith(b"NOOP") else b"221 bye\r\n")
-                await writer.drain()
-        writer.close()
-
-    async def send(self, data: bytes) -> None:
-        writer = self.writers[-1]
-        writer.write(data)
-        await writer.drain()
-
-
-@pytest.fixture
-async def smtp() -> AsyncIterator[tuple[aiosmtplib.SMTP, _Server]]:
-    """A connected aiosmtplib client (greeting read) and the server it talks to."""
-    script = _Server()
-    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
-    script.port = server.sockets[0].getsockname()[1]
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=script.port, start_tls=False, timeout=5)
-    await client.connect()
-    try:
-        yield client, script
-    finally:
-        client.close()
-        for writer in script.writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
-
-
-def _protocol(client: aiosmtplib.SMTP) -> SMTPProtocol:
-    protocol = client.protocol
-    assert isinstance(protocol, SMTPProtocol)
-    return protocol
-
-
-async def test_smtp_protocol_private_attributes(smtp: tuple[aiosmtplib.SMTP, _Server]) -> None:
-    client, _ = smtp
-    protocol = _protocol(client)
-    await client.execute_command(b"NOOP")
-    assert type(protocol._buffer) is bytearray
-    assert protocol._buffer == b""
-    assert isinstance(protocol._response_waiter, asyncio.Future)
-    assert not protocol._response_waiter.done()  # a fresh waiter after each reply
-    assert protocol._response_pending is False  # no reply awaited between commands
-    # transfer._stream: flow control while the body is written.
-    assert inspect.iscoroutinefunction(SMTPProtocol._drain_helper)
-    assert list(inspect.signature(SMTPProtocol._drain_helper).parameters) == ["self"]
-    async with asyncio.timeout(1):
-        await protocol._drain_helper()  # returns at once when not paused
-    # transfer._stream: the public calls it makes on the protocol.
-    assert list(inspect.signature(SMTPProtocol.read_response).parameters) == ["self", "timeout"]
-    assert list(inspect.signature(SMTPProtocol.write).parameters) == ["self", "data"]
-
-
-async def test_second_reply_in_one_segment_stays_in_the_buffer(
-    smtp: tuple[aiosmtplib.SMTP, _Server],
-) -> None:
-    client, server = smtp
-    server.noop = b"250 2.0.0 first\r\n250 2.0.0 second\r\n"
-    reply = await client.execute_command(b"NOOP")
-    assert (reply.code, reply.message) == (250, "2.0.0 first")
-    assert bytes(_protocol(client)._buffer) == b"250 2.0.0 second\r\n"
-    assert stray_reply(client) == "250 2.0.0 second\r\n"
-
-
-async def test_reply_between_commands_is_dropped_unless_listening(
-    smtp: tuple[aiosmtplib.SMTP, _Server],
-) -> None:
-    client, server = smtp
-    protocol = _protocol(client)
-    await client.execute_command(b"NOOP")
-    # aiosmtplib's own behaviour: nothing awaited, so the bytes are thrown away...
-    await server.send(b"250 2.0.0 unasked\r\n")
-    await asyncio.sleep(0.1)
-    assert protocol._buffer == b""
-    assert stray_reply(client) is None
-    # ...unless a reply is said to be pending: then it is parsed into the waiter.
-    listen(client)
-    assert protocol._response_pending is True
-    await server.send(b"421 4.4.2 unasked\r\n")
-    assert await eventually(lambda: stray_reply(client)) == "421 4.4.2 unasked"
-    waiter = protocol._response_waiter
-    assert waiter is not None
-    assert waiter.done()
-
-
-async def test_partial_reply_while_listening_is_seen_in_the_buffer(
-    smtp: tuple[aiosmtplib.SMTP, _Server],
-) -> None:
-    client, server = smtp
-    await client.execute_command(b"NOOP")
-    listen(client)
-    await server.send(b"250-half")
-    assert await eventually(lambda: stray_reply(client)) == "250-half"
-
-
-async def test_server_closing_while_listening_is_no_stray_reply(
-    smtp: tuple[aiosmtplib.SMTP, _Server],
-) -> None:
-    client, server = smtp
-    await client.execute_command(b"NOOP")
-    listen(client)
-    server.writers[-1].close()
-    await eventually(lambda: not client.is_connected)
-    assert stray_reply(client) is None
 
 
 # --- aiosmtpd ------------------------------------------------------------------------------

@@ -302,8 +302,10 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> tuple[list[Lease], dict[str, bytes]]:
             now = self._clock()
             until = now + lease_seconds
-            leases = leasing.lease_due(conn, owner, limit, until, now, self.lifetime)
-            contents = ops.small_contents(conn, {lease.queue_id for lease in leases}, max_size)
+            contents: dict[str, bytes] = {}
+            leases = leasing.lease_due(
+                conn, owner, limit, until, now, self.lifetime, max_size=max_size, contents=contents
+            )
             return leases, contents
 
         leases, contents = await self._write(op)

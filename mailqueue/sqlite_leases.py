@@ -37,16 +37,25 @@ from mailqueue.model import (
     Recorded,
 )
 from mailqueue.schedule import RetrySchedule
-from mailqueue.sqlite_ops import delete_rows, insert_message, message_id, set_aside
+from mailqueue.sqlite_ops import insert_message, message_id, set_aside
 from mailqueue.sqlite_schema import dsn_from_json
 
-# Rows still under a lease: bound as (message_id, domain, lease_owner, lease_until, ...).
-# `+lease_owner` keeps SQLite off the lease_owner index (every row leased by this node
-# shares one owner: a scan of all of them per call); the message's rows come by message_id.
+# The message of a lease and its rows still under the lease (none: one row of NULLs), plus
+# whether any recipient of the message outside the lease is still pending, found once per
+# call: bound as (domain, lease_owner, lease_until, queue_id). `+lease_owner` keeps SQLite
+# off the lease_owner index (every row leased by this node shares one owner: a scan of all
+# of them per call); the message's rows come by message_id.
 _SELECT_UNDER_LEASE = (
-    "SELECT id, address, attempts FROM queue_recipients"
-    " WHERE message_id = ? AND domain = ? AND +lease_owner = ? AND lease_until = ?"
-    " AND state IN ('queued', 'deferred')"
+    "SELECT m.id, m.received_at, r.id, r.address, r.attempts,"
+    " EXISTS (SELECT 1 FROM queue_recipients p"
+    "  WHERE p.message_id = (SELECT id FROM queue_messages WHERE queue_id = ?4)"
+    "  AND p.state NOT IN ('sent', 'bounced')"
+    "  AND NOT (p.domain = ?1 AND p.lease_owner IS ?2 AND p.lease_until IS ?3"
+    "   AND p.state IN ('queued', 'deferred')))"
+    " FROM queue_messages m LEFT JOIN queue_recipients r ON r.message_id = m.id"
+    " AND r.domain = ?1 AND +r.lease_owner = ?2 AND r.lease_until = ?3"
+    " AND r.state IN ('queued', 'deferred')"
+    " WHERE m.queue_id = ?4"
 )
 # Rows of a lease being renewed to the second until: still under it, or already moved
 # there by this same call whose reply was lost (a retried renew answers the same).
@@ -62,10 +71,42 @@ _RELEASE = (
 )
 
 
+# The due rows of one (message, domain), each with the end of the live lease some row of
+# the group is under (NULL: none; a non-correlated subquery, run once per call) and with its
+# message's row (NULLs: none), that message's content included when it is at most
+# `max_size` bytes long (read ahead for the attempt): bound as (message_id, domain, now,
+# max_size).
+_SELECT_GROUP = (
+    "SELECT r.id, r.address, r.attempts, r.delay_notified,"
+    " (SELECT MAX(lease_until) FROM queue_recipients WHERE message_id = ?1 AND domain = ?2"
+    "  AND lease_owner IS NOT NULL AND lease_until > ?3),"
+    " m.id, m.queue_id, m.sender, m.received_at, typeof(m.data), m.dsn, m.requiretls,"
+    " CASE WHEN m.size <= ?4 AND typeof(m.data) = 'blob' THEN m.data END"
+    " FROM queue_recipients r LEFT JOIN queue_messages m ON m.id = ?1"
+    " WHERE r.message_id = ?1 AND r.domain = ?2 AND r.state IN ('queued', 'deferred')"
+    " AND r.held = 0 AND r.next_attempt_at <= ?3"
+)  # no ORDER BY: SQLite would sort the content along (sorted by row id here instead)
+# Receipts of the (message, domain) groups just leased: bound as one JSON array of
+# [queue_id, domain] pairs (one statement per lease_due call, whatever the groups).
+_DELETE_RECEIPTS = (
+    "DELETE FROM queue_receipts WHERE (queue_id, domain) IN"
+    " (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))"
+)
+
+
 def lease_due(
-    conn: sqlite3.Connection, owner: str, limit: int, until: float, now: float, lifetime: float
+    conn: sqlite3.Connection,
+    owner: str,
+    limit: int,
+    until: float,
+    now: float,
+    lifetime: float,
+    *,
+    max_size: int = -1,
+    contents: dict[str, bytes] | None = None,
 ) -> list[Lease]:
-    """Lease up to `limit` (message, domain) groups to `owner`, most overdue first."""
+    """Lease up to `limit` (message, domain) groups to `owner`, most overdue first. The
+    content of each leased message of at most `max_size` bytes goes into `contents`."""
     groups: dict[tuple[Any, Any], None] = {}
     cur = conn.execute(
         "SELECT message_id, domain FROM queue_recipients"
@@ -78,8 +119,18 @@ def lease_due(
         if len(groups) >= limit:
             break
     cur.close()
-    leases = (_lease_group(conn, m, d, owner, until, now, lifetime) for m, d in groups)
-    return [lease for lease in leases if lease is not None]
+    out = {} if contents is None else contents
+    leases = (
+        _lease_group(conn, m, d, owner, until, now, lifetime, max_size, out) for m, d in groups
+    )
+    leased = [lease for lease in leases if lease is not None]
+    if leased:
+        # An earlier lease of these groups is over: its receipt can no longer be asked for
+        # by a retry that matters, and a new lease with the same (owner, until) (a frozen
+        # test clock) must not be answered with it.
+        pairs = [[lease.queue_id, lease.domain] for lease in leased]
+        conn.execute(_DELETE_RECEIPTS, (json.dumps(pairs, ensure_ascii=False),))
+    return leased
 
 
 def _lease_group(
@@ -90,18 +141,15 @@ def _lease_group(
     until: float,
     now: float,
     lifetime: float,
+    max_size: int,
+    contents: dict[str, bytes],
 ) -> Lease | None:
-    rows = conn.execute(
-        "SELECT id, address, attempts, delay_notified FROM queue_recipients"
-        " WHERE message_id = ? AND domain = ? AND state IN ('queued', 'deferred') AND held = 0"
-        " AND next_attempt_at <= ? ORDER BY id",
-        (msg_id, domain, now),
-    ).fetchall()
-    sibling = conn.execute(
-        "SELECT MAX(lease_until) FROM queue_recipients WHERE message_id = ? AND domain = ?"
-        " AND lease_owner IS NOT NULL AND lease_until > ?",
-        (msg_id, domain, now),
-    ).fetchone()[0]
+    rows = conn.execute(_SELECT_GROUP, (msg_id, domain, now, max_size)).fetchall()
+    if not rows:
+        return None
+    if len(rows) > 1:
+        rows.sort(key=lambda r: r[0])  # the recipients in the order they were given
+    sibling = rows[0][4]
     if sibling is not None:
         # Part of the group is in delivery under a live lease: one attempt per (message,
         # domain) at a time. The rest waits for that lease's end (not found again by
@@ -111,28 +159,27 @@ def _lease_group(
             [(sibling, r[0]) for r in rows],
         )
         return None
-    msg = conn.execute(
-        "SELECT queue_id, sender, received_at, typeof(data), dsn, requiretls FROM queue_messages"
-        " WHERE id = ?",
-        (msg_id,),
-    ).fetchone()
+    msg = rows[0][6:12] if rows[0][5] is not None else None
     dsn = dsn_from_json(msg[4]) if msg is not None else None
-    if dsn is None or not _leasable_message(msg) or not isinstance(domain, str):
+    if msg is None or dsn is None or not _leasable_message(msg) or not isinstance(domain, str):
         set_aside(conn, (r[0] for r in rows), "message row missing or unreadable")
         return None
     good = [r for r in rows if isinstance(r[1], str) and type(r[2]) is int]
-    set_aside(conn, (r[0] for r in rows if r not in good), "recipient row unreadable")
+    if len(good) < len(rows):
+        set_aside(conn, (r[0] for r in rows if r not in good), "recipient row unreadable")
     if not good:
         return None
-    conn.executemany(
+    lease_sql = (
         "UPDATE queue_recipients SET lease_owner = ?, lease_until = ?, next_attempt_at = ?"
-        " WHERE id = ?",
-        [(owner, until, until, r[0]) for r in good],
+        " WHERE id = ?"
     )
-    # An earlier lease of this group is over: its receipt can no longer be asked for by a
-    # retry that matters, and a new lease with the same (owner, until) (a frozen test
-    # clock) must not be answered with it.
-    conn.execute("DELETE FROM queue_receipts WHERE queue_id = ? AND domain = ?", (msg[0], domain))
+    if len(good) == 1:
+        conn.execute(lease_sql, (owner, until, until, good[0][0]))
+    else:
+        conn.executemany(lease_sql, [(owner, until, until, r[0]) for r in good])
+    data = rows[0][12]
+    if data is not None:
+        contents[msg[0]] = bytes(data)
     received_at = float(msg[2])
     return Lease(
         queue_id=msg[0],
@@ -203,39 +250,51 @@ def record_lease(
     lifetime: float,
 ) -> Recorded:
     """Apply outcomes to the rows still under `lease`, queue `dsn` if any was applied,
-    delete the message once every recipient is final, and keep a receipt of it all."""
-    earlier = _receipt(conn, lease)
-    if earlier is not None:
-        return earlier  # this lease was recorded already (a retried call)
-    conn.execute("DELETE FROM queue_receipts WHERE recorded_at < ?", (now - RECEIPT_KEEP,))
-    row = conn.execute(
-        "SELECT id, received_at FROM queue_messages WHERE queue_id = ?", (lease.queue_id,)
-    ).fetchone()
-    applied: list[str] = []
+    delete the message once every recipient is final, and keep a receipt of it all.
+
+    A message these outcomes leave with nothing to deliver is deleted with its rows
+    straight away: its outcomes are not written first (nothing could ever read them)."""
+    found = conn.execute(
+        _SELECT_UNDER_LEASE, (lease.domain, lease.owner, lease.until, lease.queue_id)
+    ).fetchall()
+    held = {row[3]: row[2:5] for row in found if row[2] is not None}
+    if not results or any(r.address not in held for r in results):
+        # Some outcome cannot be applied: this may be a retry of a call that committed
+        # (it took its rows out of the lease, or deleted them), which gets that call's
+        # answer. A call whose every outcome is still under the lease cannot be one.
+        earlier = _receipt(conn, lease)
+        if earlier is not None:
+            return earlier
+    applied = [r for r in results if r.address in held]
     deleted = False
-    if row is not None:  # else deleted by an operator while the attempt ran
-        msg_id, received_at = row
+    if found:  # else deleted by an operator while the attempt ran
+        msg_id, received_at, others_pending = found[0][0], found[0][1], found[0][5]
         expires_at = float(received_at) + lifetime if isinstance(received_at, int | float) else now
-        key = (msg_id, lease.domain, lease.owner, lease.until)
-        held = {r[1]: r for r in conn.execute(_SELECT_UNDER_LEASE, key)}
         # One jitter draw for the whole group: its deferred recipients fall due together
         # and are leased together again (drawn apart, one could be leased while a sibling
         # still is: two attempts of one (message, domain) at once).
         group_jitter = rng.getrandbits(64)
-        for result in results:
-            found = held.get(result.address)
-            if found is not None:
-                same = random.Random(group_jitter)  # noqa: S311 - retry jitter, not a secret
-                _apply(conn, found, result, now, expires_at, schedule, same)
-                applied.append(result.address)
-        if applied and _delete_if_final(conn, msg_id):
+        if (
+            applied
+            and not others_pending
+            and len(applied) == len(held)
+            and all(r.state in FINAL_STATES for r in applied)
+        ):
+            # Every recipient final: the message is done. Its rows go with it (ON DELETE
+            # CASCADE: every connection of the store has foreign_keys on).
+            conn.execute("DELETE FROM queue_messages WHERE id = ?", (msg_id,))
             deleted = True
+        else:
+            for result in applied:
+                _apply(conn, held[result.address], result, now, expires_at, schedule, group_jitter)
     # RFC 3464 reports outcomes: it is owed only for outcomes this call applied (the ones
     # it did not are another lease's, which will report them).
     dsn_queue_id = insert_message(conn, ids, dsn, now) if dsn is not None and applied else None
-    done = set(applied)
+    done = {r.address for r in applied}
     lost = tuple(r.address for r in results if r.address not in done)
-    recorded = Recorded(applied=tuple(applied), lost=lost, dsn_queue_id=dsn_queue_id)
+    recorded = Recorded(
+        applied=tuple(r.address for r in applied), lost=lost, dsn_queue_id=dsn_queue_id
+    )
     if not deleted:
         # A message gone for good needs no receipt: a retried call then applies nothing
         # and queues nothing (its rows are gone), it only reports them as lost. This keeps
@@ -251,32 +310,20 @@ def _apply(
     now: float,
     expires_at: float,
     schedule: RetrySchedule,
-    rng: random.Random,
+    group_jitter: int,
 ) -> None:
     """SENT/BOUNCED are final; DEFERRED counts an attempt and follows the schedule."""
     attempts = (found[2] if type(found[2]) is int else 0) + 1
     next_at: float | None = None
     if result.state is RcptState.DEFERRED:
-        next_at = schedule.retry_at(attempts, now, expires_at, rng)
+        same = random.Random(group_jitter)  # noqa: S311 - retry jitter, not a secret
+        next_at = schedule.retry_at(attempts, now, expires_at, same)
     conn.execute(
         "UPDATE queue_recipients SET state = ?, attempts = ?, next_attempt_at = ?,"
         " last_error = ?, lease_owner = NULL, lease_until = NULL,"
         " delay_notified = MAX(delay_notified, ?) WHERE id = ?",
         (result.state.value, attempts, next_at, result.error, result.delay_notified, found[0]),
     )
-
-
-def _delete_if_final(conn: sqlite3.Connection, msg_id: int) -> bool:
-    """Delete the message when every recipient is final; True when it was deleted."""
-    final = tuple(s.value for s in FINAL_STATES)
-    pending = conn.execute(
-        "SELECT 1 FROM queue_recipients WHERE message_id = ? AND state NOT IN (?, ?) LIMIT 1",
-        (msg_id, *final),
-    ).fetchone()
-    if pending is None:
-        delete_rows(conn, msg_id)
-        return True
-    return False
 
 
 def _receipt(conn: sqlite3.Connection, lease: Lease) -> Recorded | None:
@@ -304,6 +351,9 @@ def _addresses(text: Any) -> tuple[str, ...] | None:
 
 
 def _keep_receipt(conn: sqlite3.Connection, lease: Lease, recorded: Recorded, now: float) -> None:
+    """Keep what this call did; receipts older than RECEIPT_KEEP go meanwhile (only this
+    adds receipts, so pruning here bounds the table as well as pruning on every call)."""
+    conn.execute("DELETE FROM queue_receipts WHERE recorded_at < ?", (now - RECEIPT_KEEP,))
     conn.execute(
         "INSERT OR REPLACE INTO queue_receipts (queue_id, domain, lease_owner, lease_until,"
         " recorded_at, applied, lost, dsn_queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -17,7 +17,11 @@ is free. So every transaction of a writer given `write_lock` (a file beside the 
 runs under an exclusive flock of that file, taken blocking in the writer thread: a writer
 waiting for another process wakes the moment that one's transaction ends. busy_timeout
 still covers the writers that take no flock (the admin CLI, the policy cache). The lock is
-held for one transaction only, and the kernel drops it if its process dies.
+held for one transaction only, and the kernel drops it if its process dies. Operations
+submitted while the writer waited for the lock join the batch it then runs: waiting for
+another process is when most work piles up, and one transaction for all of it is one
+commit, one fsync and one reload of the pages the other process changed, instead of one
+per batch.
 
 Before committing a batch that changed anything, the writer checks (one os.stat per file)
 that the database and WAL paths still name the files its connection opened: a file
@@ -140,6 +144,7 @@ class GroupCommitWriter:
         self._jobs: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._stopping = False  # the writer thread took _STOP from the queue
         self.commits = 0  # committed transactions: tests and metrics see batching here
         self.files = FileWatch(watch)
         # Why the last write failed for want of storage (None: it committed). Written by
@@ -192,27 +197,36 @@ class GroupCommitWriter:
                 self._lock_fd = None
 
     def _serve(self) -> None:
-        stopping = False
-        while not stopping:
+        self._stopping = False
+        while not self._stopping:
             batch: list[_Job] = []
             item = self._jobs.get()
-            while True:
-                if item is _STOP:
-                    stopping = True
-                elif isinstance(item, _Job):
-                    batch.append(item)
-                if stopping or len(batch) >= MAX_BATCH:
-                    break
-                try:
-                    item = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
+            if item is _STOP:
+                self._stopping = True
+            elif isinstance(item, _Job):
+                batch.append(item)
+            self._take_pending(batch)
             if batch:
-                self._run_batch(batch)
+                self._run_batch(batch, grow=True)
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def _take_pending(self, batch: list[_Job]) -> None:
+        """Add the jobs waiting in the queue to `batch` (up to MAX_BATCH), without blocking;
+        after _STOP nothing more is taken (it is the last item ever queued)."""
+        while not self._stopping and len(batch) < MAX_BATCH:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is _STOP:
+                self._stopping = True
+            elif isinstance(item, _Job):
+                batch.append(item)
+
+    def _run_batch(self, batch: list[_Job], *, grow: bool = False) -> None:
+        """Run `batch` in one transaction; `grow`: jobs queued while the write lock was
+        awaited join it (appended to `batch`) once the lock is held."""
         try:
-            results = self._transaction([job.op for job in batch])
+            results = self._transaction(batch, grow=grow)
         except StoreFileChanged as exc:  # no use retrying each alone: fail them all
             self.failure = str(exc)
             self._settle(batch, [(None, exc)] * len(batch))
@@ -229,11 +243,13 @@ class GroupCommitWriter:
             return
         self._settle(batch, [(result, None) for result in results])
 
-    def _transaction(self, ops: list[Op]) -> list[Any]:
+    def _transaction(self, batch: list[_Job], *, grow: bool = False) -> list[Any]:
         conn = self._connection()
         locked = self._lock()
         try:
-            return self._locked_transaction(conn, ops)
+            if grow and locked is not None:
+                self._take_pending(batch)  # queued while another process held the lock
+            return self._locked_transaction(conn, [job.op for job in batch])
         finally:
             if locked is not None:
                 fcntl.flock(locked, fcntl.LOCK_UN)

@@ -207,8 +207,9 @@ async def test_results_and_dsn_are_one_commit(open_store: Opener, db: Path) -> N
     statements.clear()
     with pytest.raises(StoreUnavailable):
         await store.record(lease, results, dsn)
-    # The failure came after the results were applied inside the transaction...
-    assert any(s.startswith("UPDATE queue_recipients SET state") for s in statements)
+    # The failure came after the results were applied inside the transaction (both final:
+    # the message deleted, its rows with it)...
+    assert any(s.startswith("DELETE FROM queue_messages WHERE") for s in statements)
     assert any(s.startswith("INSERT INTO queue_messages") for s in statements)
     # ...and nothing of the call was kept: no result, no DSN, the lease still ours.
     assert rows(db) == [("a@one.test", "queued", 0, "w"), ("b@one.test", "queued", 0, "w")]
@@ -273,14 +274,14 @@ async def test_a_retry_without_its_receipt_still_applies_nothing(
     (lease,) = await store.lease_due("w", 10, 60)
     first = await store.record(lease, [DEFERRED], report())
     assert first.applied == ("a@one.test",)
-    clock.now += 3601  # receipts are kept an hour: the next record prunes this one
+    clock.now += 3601  # receipts are kept an hour: the next one kept prunes this one
     await store.put(message("c@three.test"))
     leases = await store.lease_due("w", 10, 60)  # c@three.test, and the DSN to app@src.test
     other = next(ls for ls in leases if ls.domain == "three.test")
-    await store.record(other, [replace(SENT, address="c@three.test")])
+    await store.record(other, [replace(DEFERRED, address="c@three.test")])
     conn = sqlite3.connect(db)
-    # a@'s receipt was pruned; c@'s record deleted its message, which keeps no receipt.
-    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (0,)
+    # a@'s receipt was pruned; c@'s record (its message stays) keeps its own.
+    assert conn.execute("SELECT queue_id FROM queue_receipts").fetchall() == [(other.queue_id,)]
     conn.close()
     late = await store.record(lease, [DEFERRED], report())
     assert late == Recorded(applied=(), lost=("a@one.test",))
@@ -303,6 +304,74 @@ async def test_a_record_that_finishes_the_message_keeps_no_receipt_and_a_retry_i
     again = await store.record(lease, [replace(SENT, address="a@one.test")], report())
     assert again == Recorded(applied=(), lost=("a@one.test",))
     assert dsn_count(db) == 1
+
+
+async def test_the_record_that_finishes_a_message_deletes_it_without_writing_its_outcomes(
+    open_store: Opener, db: Path
+) -> None:
+    """The common path costs as little as it can: the last final outcome of a message is
+    not written to rows deleted in the same commit, and a record whose outcomes are all
+    still under the lease (so not a retry) reads no receipt. Counts stay exact."""
+    disk, statements = Disk(), list[str]()
+    store = await open_store(failing_store(disk, statements))
+    qid = await store.put(message("a@one.test", "b@two.test"))
+    first, second = sorted(await store.lease_due("w", 10, 60), key=lambda ls: ls.domain)
+
+    statements.clear()
+    done = await store.record(first, [replace(SENT, address="a@one.test")])
+    assert done == Recorded(applied=("a@one.test",), lost=())
+    # b@two.test still waits: a@'s outcome is written, the message stays.
+    assert any(s.startswith("UPDATE queue_recipients SET state") for s in statements)
+    assert not any("queue_receipts WHERE queue_id" in s for s in statements)
+    counts = await store.counts()
+    assert (counts["sent"], counts["queued"], counts["messages"]) == (1, 1, 1)
+
+    statements.clear()
+    done = await store.record(second, [replace(BOUNCED, address="b@two.test")], report())
+    assert done.applied == ("b@two.test",)
+    assert done.dsn_queue_id is not None
+    assert not any(s.startswith("UPDATE queue_recipients") for s in statements)
+    assert not any(s.startswith("SELECT applied") for s in statements)
+    assert await store.get_message(qid) is None
+    assert [r[0] for r in rows(db)] == ["app@src.test"]  # only the DSN's recipient is left
+    counts = await store.counts()
+    assert (counts["sent"], counts["bounced"], counts["queued"], counts["messages"]) == (
+        0,
+        0,
+        1,
+        1,
+    )
+
+    # A retry of that call (its reply lost): the message is gone, so it applies nothing
+    # and queues no second report.
+    again = await store.record(second, [replace(BOUNCED, address="b@two.test")], report())
+    assert again == Recorded(applied=(), lost=("b@two.test",))
+    assert dsn_count(db) == 1
+
+
+async def test_a_lease_again_with_the_same_owner_and_until_is_not_answered_by_an_old_receipt(
+    store: SqliteStore, db: Path
+) -> None:
+    """Leasing drops the receipts of the groups it leases (one statement per lease call):
+    with a frozen clock the new lease has the old one's (owner, until), and its record
+    must apply its own outcomes, even the ones it cannot."""
+    await store.put(message("a@one.test", "b@one.test"))
+    await store.put(message("c@two.test"))
+    leases = await store.lease_due("w", 10, 60)
+    one = next(ls for ls in leases if ls.domain == "one.test")
+    assert await store.record(one, [DEFERRED]) == Recorded(applied=("a@one.test",), lost=())
+    await store.release(one)  # b@ back, without an attempt
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (1,)
+    conn.close()
+    (again,) = await store.lease_due("w", 10, 60)  # b@ only (a@ waits for its retry)
+    assert (again.queue_id, again.owner, again.until) == (one.queue_id, one.owner, one.until)
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT COUNT(*) FROM queue_receipts").fetchone() == (0,)
+    conn.close()
+    results = [replace(SENT, address="b@one.test"), replace(SENT, address="x@one.test")]
+    recorded = await store.record(again, results)
+    assert recorded == Recorded(applied=("b@one.test",), lost=("x@one.test",))
 
 
 # --- two stores, two processes ----------------------------------------------------------

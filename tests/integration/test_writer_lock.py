@@ -21,6 +21,7 @@ import pytest
 from mailqueue.model import NewMessage
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
+from mailqueue.store import StoreUnavailable
 from tests.support.queue_store import Clock, Opener, store_opener
 
 SCHEDULE = RetrySchedule((300.0,))
@@ -33,6 +34,7 @@ import asyncio, json, sys
 from mailqueue.model import NewMessage
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
+from mailqueue.store import StoreUnavailable
 
 async def main(db, name, puts):
     store = SqliteStore(db, schedule=RetrySchedule((300.0,)), lifetime=86400.0)
@@ -113,3 +115,70 @@ async def test_a_write_waits_for_the_lock_and_goes_on_when_it_is_released(
     finally:
         os.close(fd)
     assert [m.queue_id for m in await store.list_messages()] == [queue_id]
+
+
+async def test_writes_queued_while_the_lock_is_awaited_join_its_transaction(
+    db: Path, open_store: Opener
+) -> None:
+    """One commit (one fsync) for the work that piled up while another process wrote; an
+    operation of that batch that fails, fails alone."""
+    store: SqliteStore = await open_store()
+    taken = await store.put(
+        NewMessage("app@src.test", ("x@dest.test",), b"Subject: t\r\n\r\nx\r\n")
+    )
+    data = b"Subject: t\r\n\r\nx\r\n"
+    fd = os.open(f"{db}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's transaction, as far as it knows
+        before = store.commits
+        first = asyncio.ensure_future(
+            store.put(NewMessage("app@src.test", ("u0@dest.test",), data))
+        )
+        await asyncio.sleep(0.2)  # the writer thread waits for the lock with `first` alone
+        rest = [
+            asyncio.ensure_future(store.put(NewMessage("app@src.test", (f"u{i}@dest.test",), data)))
+            for i in range(1, 5)
+        ]
+        clash = asyncio.ensure_future(
+            store.put(NewMessage("app@src.test", ("c@dest.test",), data, queue_id=taken))
+        )
+        await asyncio.sleep(0.1)
+        assert not first.done()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        async with asyncio.timeout(30):
+            ids = await asyncio.gather(first, *rest)
+            with pytest.raises(StoreUnavailable):
+                await clash  # its id is taken: it fails, the others' commit goes on
+    finally:
+        os.close(fd)
+    # The batch failed once (the clash), then each ran alone: the five puts, not the clash.
+    assert store.commits - before == 5
+    stored = {m.queue_id for m in await store.list_messages()}
+    assert stored == {taken, *ids}
+
+
+async def test_writes_queued_while_the_lock_is_awaited_share_one_commit(
+    db: Path, open_store: Opener
+) -> None:
+    store: SqliteStore = await open_store()
+    data = b"Subject: t\r\n\r\nx\r\n"
+    fd = os.open(f"{db}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        before = store.commits
+        first = asyncio.ensure_future(
+            store.put(NewMessage("app@src.test", ("u0@dest.test",), data))
+        )
+        await asyncio.sleep(0.2)  # the writer thread waits for the lock with `first` alone
+        rest = [
+            asyncio.ensure_future(store.put(NewMessage("app@src.test", (f"u{i}@dest.test",), data)))
+            for i in range(1, 10)
+        ]
+        await asyncio.sleep(0.1)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        async with asyncio.timeout(30):
+            ids = await asyncio.gather(first, *rest)
+    finally:
+        os.close(fd)
+    assert store.commits - before == 1  # all ten in the transaction the lock was taken for
+    assert {m.queue_id for m in await store.list_messages()} == set(ids)

@@ -8,17 +8,11 @@ Pure functions over bytes; signing uses dkimpy. Knows nothing of the queue or SM
 
 from __future__ import annotations
 
-import email.policy
-import email.utils
 from dataclasses import dataclass
 from datetime import datetime
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 
-import dkim  # type: ignore[import-untyped]
-import dkim.asn1  # type: ignore[import-untyped]
-import dkim.crypto  # type: ignore[import-untyped]
+# The MIME classes and dkimpy are imported when a report mail is built or a key checked:
+# not in every process of the relay, for a job done once a day.
 
 # RFC 8460 §3: the TLS-Report-* fields SHOULD be signed; the usual identity fields too.
 SIGNED_HEADERS = (
@@ -61,6 +55,12 @@ class ReportMail:
 
 def build_mail(mail: ReportMail, *, now: datetime, dkim_key: DkimKey | None) -> bytes:
     """The RFC 5322 message, CRLF line ends, signed first if `dkim_key` is given."""
+    import email.policy
+    import email.utils
+    from email.mime.application import MIMEApplication
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
+
     msg = MIMEMultipart("report", report_type="tlsrpt")
     msg["From"] = mail.sender
     msg["To"] = mail.recipient
@@ -90,6 +90,10 @@ def build_mail(mail: ReportMail, *, now: datetime, dkim_key: DkimKey | None) -> 
 
 def sign(data: bytes, key: DkimKey) -> bytes:
     """Prepend an rsa-sha256 DKIM-Signature (relaxed/simple, no l= tag: RFC 8460 §3)."""
+    import dkim  # type: ignore[import-untyped]
+    import dkim.asn1  # type: ignore[import-untyped]
+    import dkim.crypto  # type: ignore[import-untyped]
+
     try:
         header: bytes = dkim.sign(
             data,

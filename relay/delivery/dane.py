@@ -46,18 +46,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import IntEnum, StrEnum
+from typing import TYPE_CHECKING
 
 import dns.asyncresolver
 import dns.rdatatype
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.verification import (
-    Criticality,
-    ExtensionPolicy,
-    PolicyBuilder,
-    Store,
-    VerificationError,
-)
 
 from policy.model import TlsRptResult
 from relay.delivery.dnssec import (
@@ -69,6 +61,11 @@ from relay.delivery.dnssec import (
     request_dnssec,
 )
 from relay.delivery.mx import MxList, normalize_host
+
+if TYPE_CHECKING:
+    # cryptography (several MiB a process) is imported when a chain is first checked
+    # against TLSA records (verify_chain): never where DANE is off or no MX publishes any.
+    from cryptography import x509
 
 SMTP_PORT = 25  # RFC 7672 §2.2.3: TLSA records of SMTP live at _25._tcp.<host>
 # `_ssl.Certificate.public_bytes(format)`: CPython's _ssl.ENCODING_DER (pinned by
@@ -359,6 +356,8 @@ class DaneMismatch:
 def _selected(cert: x509.Certificate, der: bytes, selector: int) -> bytes:
     if selector == 0:
         return der
+    from cryptography.hazmat.primitives import serialization
+
     return cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -379,6 +378,15 @@ def _path_check(
 ) -> DaneMismatch | None:  # fmt: skip
     """RFC 7672 §3.1.2, §3.2.2: `leaf` chains to `anchor` (through `others`), is in date
     and names `name` in a DNS-ID SAN."""
+    from cryptography import x509
+    from cryptography.x509.verification import (
+        Criticality,
+        ExtensionPolicy,
+        PolicyBuilder,
+        Store,
+        VerificationError,
+    )
+
     agnostic = Criticality.AGNOSTIC
     policies = {
         "ca_policy": ExtensionPolicy.permit_all().require_present(
@@ -420,6 +428,8 @@ def verify_chain(
     usable = usable_records(records)
     if not chain:
         return DaneMismatch(TlsRptResult.TLSA_INVALID, "the server sent no certificate")
+    from cryptography import x509
+
     try:
         certs = [x509.load_der_x509_certificate(der) for der in chain]
     except ValueError as exc:

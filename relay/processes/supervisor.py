@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import secrets
@@ -80,7 +81,8 @@ def serve_processes(cfg: Config, events: EventLog, load: ConfigLoader, count: in
         sockets = bind_listening(cfg.listen)
         try:
             # Checks and prepares everything once; no thread or loop survives it.
-            run_loop(_prepare(cfg, events), "asyncio")
+            run_loop(_prepare(cfg), "asyncio")
+            _release_freed_memory()
             supervisor = _Supervisor(cfg, events, load, count, sockets)
             run_loop(supervisor.run(), "asyncio")
         finally:
@@ -88,9 +90,22 @@ def serve_processes(cfg: Config, events: EventLog, load: ConfigLoader, count: in
                 entry.sock.close()
 
 
-async def _prepare(cfg: Config, events: EventLog) -> None:
+async def _prepare(cfg: Config) -> None:
+    # A log of its own (the same stream), so that what the relay subscribes to it (its
+    # metrics) goes with it instead of staying in the supervisor.
+    events = EventLog(sys.stdout, fmt=cfg.log.format, level=cfg.log.level)
     async with running(cfg, events, sockets=()):
         pass
+
+
+def _release_freed_memory() -> None:
+    """Free what _prepare built (a whole relay: reference cycles, SQLite and OpenSSL
+    buffers) and give the freed pages back to the system before the first fork. Kept, they
+    would be shared with every process, whose first allocations land there and copy them:
+    the same memory then counted once more in each process."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only; elsewhere they stay
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 class _Supervisor:

@@ -70,7 +70,7 @@ class AttemptSettings:
     allow_loopback_mx: bool = False
     max_addresses: int = 10
     max_messages_per_connection: int = 100
-    max_connections_per_host: int = 10
+    max_connections_per_host: int = 20
     own_addresses: frozenset[str] = frozenset()
     # Told of every completed TLS handshake of an MX connection: True when resumed.
     on_tls_handshake: Callable[[bool], None] | None = None

@@ -46,7 +46,8 @@ def test_defaults_without_any_config() -> None:
     assert cfg.delivery.hostname == "relay.example.test"
     assert cfg.listen.hostname == "relay.example.test"
     assert cfg.delivery.port == 25
-    assert cfg.delivery.concurrency == 20
+    assert cfg.delivery.concurrency == 40
+    assert cfg.delivery.max_connections_per_host == 20
     assert cfg.delivery.allow_loopback_mx is False
     assert cfg.queue.retry_schedule == (300.0, 600.0, 1200.0, 2400.0, 3600.0, 7200.0, 14400.0)
     assert cfg.queue.lifetime == 432_000

@@ -13,6 +13,7 @@ from relay.delivery.smtp_wire import (
     MalformedReply,
     Reply,
     ReplyQueue,
+    SmtpWire,
     ehlo_keywords,
     parse_reply,
 )
@@ -113,3 +114,13 @@ def test_ehlo_keywords() -> None:
         "starttls": "",
         "8bitmime": "",
     }
+
+
+@pytest.mark.parametrize(
+    "command", [b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>", b"NOOP\x00", b"X\n"]
+)
+def test_a_command_with_a_control_character_is_never_written(command: bytes) -> None:
+    # SMUG-07's concern (CR/LF in an address smuggling a command) at the last step.
+    wire = SmtpWire(ReplyQueue(), Reply(220, "greeting"))
+    with pytest.raises(ValueError, match="control characters"):
+        wire.send(b"RSET", command)

@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import conversation_failure, decide
 from relay.delivery.client import Connection, ConversationResult, Dialer, connect, transact
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from relay.delivery.tls import TlsRequirement
+from tests.support.scripted_mx import serving
 
 MX = "mx.pipelining.test"
 BODY = b"Subject: pipelined\r\n\r\nhello\r\n"
@@ -83,22 +83,8 @@ class PipeliningMx:
 @pytest.fixture
 async def mx() -> AsyncIterator[tuple[PipeliningMx, Dialer]]:
     script = PipeliningMx()
-    server = await asyncio.start_server(script.serve, "127.0.0.1", 0)
-    dialer = Dialer(
-        port=server.sockets[0].getsockname()[1],
-        helo="relay.test",
-        verified_ctx=client_context(None),
-        unverified_ctx=unverified_context(),
-        connect_timeout=5.0,
-        command_timeout=2.0,
-    )
-    try:
+    async with serving(script.serve, script.writers, command_timeout=2.0) as dialer:
         yield script, dialer
-    finally:
-        server.close()
-        for writer in script.writers:
-            writer.close()
-        await server.wait_closed()
 
 
 async def _send(

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from policy.webpki import client_context, unverified_context
 from relay.delivery.attempt import conversation_failure, decide
 from relay.delivery.client import Connection, ConversationResult, Dialer, connect, transact
 from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from relay.delivery.tls import TlsRequirement
+from tests.support.scripted_mx import serving
 from tests.support.waiting import eventually
 
 MX = "mx.protocol.test"
@@ -115,25 +115,8 @@ def _verb(line: bytes) -> str:
 async def mx() -> AsyncIterator[tuple[ScriptedMx, Dialer]]:
     """A ScriptedMx on an ephemeral loopback port and a Dialer pointing at it."""
     script = ScriptedMx()
-    server = await asyncio.start_server(script.serve, "127.0.0.1", 0, limit=1 << 26)
-    port = server.sockets[0].getsockname()[1]
-    dialer = Dialer(
-        port=port,
-        helo="relay.test",
-        verified_ctx=client_context(None),
-        unverified_ctx=unverified_context(),
-        connect_timeout=5.0,
-        command_timeout=5.0,
-    )
-    try:
+    async with serving(script.serve, script.writers, tasks=script.tasks, limit=1 << 26) as dialer:
         yield script, dialer
-    finally:
-        server.close()
-        for writer in script.writers:
-            writer.close()
-        if script.tasks:
-            await asyncio.wait(script.tasks, timeout=10)
-        await server.wait_closed()
 
 
 async def _open(dialer: Dialer) -> Connection:

@@ -8,6 +8,7 @@ the database for each transaction (so waiting writers wake when it is released).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import json
 import os
@@ -117,40 +118,56 @@ async def test_a_write_waits_for_the_lock_and_goes_on_when_it_is_released(
     assert [m.queue_id for m in await store.list_messages()] == [queue_id]
 
 
+_DATA = b"Subject: t\r\n\r\nx\r\n"
+
+
+def _put(store: SqliteStore, rcpt: str, queue_id: str | None = None) -> asyncio.Future[str]:
+    return asyncio.ensure_future(
+        store.put(NewMessage("app@src.test", (rcpt,), _DATA, queue_id=queue_id))
+    )
+
+
+@contextlib.asynccontextmanager
+async def _lock_held_by_another(db: Path) -> AsyncIterator[None]:
+    """The write lock held as another process's transaction would hold it, released on
+    leaving; the body queues work meanwhile."""
+    fd = os.open(f"{db}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+async def _behind_the_lock(
+    store: SqliteStore, db: Path, rcpts: int, taken: str | None = None
+) -> tuple[list[str], asyncio.Future[str] | None]:
+    """`rcpts` puts (and, with `taken`, one that reuses that id) queued while the lock is
+    held: the first alone while the writer waits for the lock, the rest after it."""
+    async with _lock_held_by_another(db):
+        first = _put(store, "u0@dest.test")
+        await asyncio.sleep(0.2)  # the writer thread waits for the lock with `first` alone
+        rest = [_put(store, f"u{i}@dest.test") for i in range(1, rcpts)]
+        clash = None if taken is None else _put(store, "c@dest.test", taken)
+        await asyncio.sleep(0.1)
+        assert not first.done()
+    async with asyncio.timeout(30):
+        return list(await asyncio.gather(first, *rest)), clash
+
+
 async def test_writes_queued_while_the_lock_is_awaited_join_its_transaction(
     db: Path, open_store: Opener
 ) -> None:
     """One commit (one fsync) for the work that piled up while another process wrote; an
     operation of that batch that fails, fails alone."""
     store: SqliteStore = await open_store()
-    taken = await store.put(
-        NewMessage("app@src.test", ("x@dest.test",), b"Subject: t\r\n\r\nx\r\n")
-    )
-    data = b"Subject: t\r\n\r\nx\r\n"
-    fd = os.open(f"{db}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's transaction, as far as it knows
-        before = store.commits
-        first = asyncio.ensure_future(
-            store.put(NewMessage("app@src.test", ("u0@dest.test",), data))
-        )
-        await asyncio.sleep(0.2)  # the writer thread waits for the lock with `first` alone
-        rest = [
-            asyncio.ensure_future(store.put(NewMessage("app@src.test", (f"u{i}@dest.test",), data)))
-            for i in range(1, 5)
-        ]
-        clash = asyncio.ensure_future(
-            store.put(NewMessage("app@src.test", ("c@dest.test",), data, queue_id=taken))
-        )
-        await asyncio.sleep(0.1)
-        assert not first.done()
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        async with asyncio.timeout(30):
-            ids = await asyncio.gather(first, *rest)
-            with pytest.raises(StoreUnavailable):
-                await clash  # its id is taken: it fails, the others' commit goes on
-    finally:
-        os.close(fd)
+    taken = await store.put(NewMessage("app@src.test", ("x@dest.test",), _DATA))
+    before = store.commits
+    ids, clash = await _behind_the_lock(store, db, 5, taken)
+    assert clash is not None
+    with pytest.raises(StoreUnavailable):
+        await clash  # its id is taken: it fails, the others' commit goes on
     # The batch failed once (the clash), then each ran alone: the five puts, not the clash.
     assert store.commits - before == 5
     stored = {m.queue_id for m in await store.list_messages()}
@@ -161,24 +178,7 @@ async def test_writes_queued_while_the_lock_is_awaited_share_one_commit(
     db: Path, open_store: Opener
 ) -> None:
     store: SqliteStore = await open_store()
-    data = b"Subject: t\r\n\r\nx\r\n"
-    fd = os.open(f"{db}.write-lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        before = store.commits
-        first = asyncio.ensure_future(
-            store.put(NewMessage("app@src.test", ("u0@dest.test",), data))
-        )
-        await asyncio.sleep(0.2)  # the writer thread waits for the lock with `first` alone
-        rest = [
-            asyncio.ensure_future(store.put(NewMessage("app@src.test", (f"u{i}@dest.test",), data)))
-            for i in range(1, 10)
-        ]
-        await asyncio.sleep(0.1)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        async with asyncio.timeout(30):
-            ids = await asyncio.gather(first, *rest)
-    finally:
-        os.close(fd)
+    before = store.commits
+    ids, _ = await _behind_the_lock(store, db, 10)
     assert store.commits - before == 1  # all ten in the transaction the lock was taken for
     assert {m.queue_id for m in await store.list_messages()} == set(ids)

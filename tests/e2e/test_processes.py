@@ -20,6 +20,7 @@ import gc
 import os
 import random
 import signal
+import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -145,12 +146,31 @@ async def test_killing_one_process_mid_ingest_loses_no_accepted_message(
     assert not alive(killed)
 
 
+def connected_to(pid: int, ip: str, port: int) -> bool:
+    """Whether process `pid` holds an established TCP connection to (ip, port): its socket
+    inodes (/proc/PID/fd) among the namespace's IPv4 connections (/proc/PID/net/tcp)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[len("socket:[") : -1])
+    remote = f"{socket.inet_aton(ip)[::-1].hex().upper()}:{port:04X}"
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[2] == remote and fields[3] == "01" and fields[9] in inodes:
+                return True
+    return False
+
+
 @SINK_SOCKETS
 async def test_killing_one_process_mid_delivery_loses_nothing(
     world: World, start_relay: StartRelay
 ) -> None:
     rng = random.Random(9)
-    mx = await crash_world(world, delay=0.3)  # slow 250s: deliveries in flight in both
+    mx = await crash_world(world, delay=1.0)  # slow 250s: deliveries in flight in both
     relay = await start_relay(serve=TWO)
     await eventually(lambda: len(worker_pids(relay)) == 2)
     ledger = Ledger()
@@ -158,6 +178,12 @@ async def test_killing_one_process_mid_delivery_loses_nothing(
         *(submit(relay, ledger, ids, random.Random(rng.random())) for ids in ids_for("q", 5, 12))
     )
     assert len(ledger.acked) == 60
+    # Both processes in delivery (either may be the one killed), well within the MX's
+    # first 1 s hold: no attempt of theirs has ended yet, so each holds leases.
+    await eventually(
+        lambda: all(connected_to(pid, mx.ip, mx.port) for pid in worker_pids(relay).values()),
+        timeout=20,
+    )
     await eventually(lambda: len(mx.received) >= 15, timeout=20)
     await kill_one_process(relay, rng)
     before_kill = list(mx.received)

@@ -204,6 +204,8 @@ class _Supervisor:
         while self._by_pid:
             self._gone.clear()
             await self._gone.wait()
+        # Each exit's leases released and its `process_exited` logged before `stopped`.
+        await asyncio.gather(*self._aftermath, return_exceptions=True)
         return sum(answers)
 
     async def _stop_one(self, process: _Process, within: float) -> int:

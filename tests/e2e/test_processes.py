@@ -291,6 +291,7 @@ async def test_signals_reach_every_process_and_the_endpoint_adds_them_up(
     assert {e["pid"] for e in exits} == set(pids.values())
     assert all(e["restart_in"] is None and e["status"] == "exit 0" for e in exits)
     assert relay.find(event="stopped")[0]["abandoned"] == 0
+    assert relay.events[-1]["event"] == "stopped"  # the last word, after every exit
     assert not any(alive(pid) for pid in pids.values())
 
 

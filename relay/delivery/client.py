@@ -494,6 +494,7 @@ async def _pipelined(
     for rcpt, _ in commands.rcpts:
         reply = await conv.read(smtp, "RCPT")
         if reply is None:
+            conv.completed = False  # not even a 5xx to MAIL stands beside a broken sequence
             return
         if mail_ok and not _rcpt_ok(conv, rcpt, reply):
             return
@@ -522,6 +523,8 @@ async def _end_empty_data(conv: _Conversation, smtp: SmtpWire) -> None:
         return
     if await conv.read(smtp, "DATA") is not None:
         conv.unsolicited(smtp)
+    if conv.violation is not None:
+        conv.completed = False  # a violation keeps no decision (`ConversationResult`)
 
 
 def _reset_ok(conv: _Conversation, reply: Reply) -> bool:

@@ -245,3 +245,19 @@ async def test_a_pooled_connection_closed_by_the_mx_is_stale(
     assert again.stale  # nothing of this message reached the MX: retried elsewhere freely
     assert isinstance(outcomes["a@pipelining.test"], Deferred), outcomes
     assert len(script.bodies) == 1
+
+
+async def test_a_refused_mail_followed_by_garbage_bounces_no_one(
+    mx: tuple[PipeliningMx, Dialer],
+) -> None:
+    # The 5xx to MAIL came in sequence, but what follows is no reply: nothing read from
+    # this MX is trusted, so the recipient is deferred (never bounced on its word).
+    script, dialer = mx
+    script.replies = {"MAIL": b"550 5.7.1 sender refused\r\n", "RCPT": b"not a reply\r\n"}
+    conn = await _open(dialer)
+    result, outcomes = await _send(conn, "a@pipelining.test")
+    assert isinstance(outcomes["a@pipelining.test"], Deferred), outcomes
+    assert result.violation is not None
+    assert "unreadable reply to RCPT" in result.violation
+    assert not result.completed
+    assert not conn.alive

@@ -165,13 +165,18 @@ class Scheduler:
         """The hold that keeps `lease` from being attempted now, if any (holds.hold_for).
 
         `sts-relay queue flush` asks for delivery now: no hold may defer mail it made due.
-        Before a lease taken at `taken` (loop time) is held, the queue's journal is looked
-        at from then on: a flush that made the lease due committed its journal entry with
-        it, so that look sees it and ends every hold. Held leases taken together share one
-        look; nothing is read while nothing is held."""
+        Before a lease taken at `taken` (loop time) that was tried before is held, the
+        queue's journal is looked at from then on: a flush that made the lease due
+        committed its journal entry with it, so that look sees it and ends every hold.
+        Held leases taken together share one look; nothing is read while nothing is held,
+        nor for mail never tried (a flush cannot have made it due)."""
         hold = self.holds.holding(lease, self._clock())
         if hold is None:
             return None
+        if all(r.attempts == 0 for r in lease.recipients):
+            # First attempts are due on arrival, never made due by a flush: there is no
+            # journal to read for them (while a destination is down, most held mail).
+            return hold
         look = self._journal_look
         if look is None or look.started < taken:
             look = _JournalLook(asyncio.get_running_loop().time(), self._look_for_flush())

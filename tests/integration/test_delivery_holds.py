@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from mailqueue.admin import AdminAction, Selection
+from mailqueue.admin import AdminAction, JournalEntry, Selection
 from mailqueue.model import NewMessage
 from mailqueue.schedule import RetrySchedule
 from mailqueue.sqlite import SqliteStore
@@ -279,3 +279,40 @@ async def test_no_hold_when_turned_off(world: World, tmp_path: Path) -> None:
             assert (await send(lab, f"u{n}@{domain}"))["held"] is False
         assert mx.connections == 3
         assert lab.events("destination_held") == []
+
+
+class JournalCountingStore(SqliteStore):
+    """The store, counting its journal reads (the scheduler's looks for a flush)."""
+
+    reads = 0
+
+    async def journal(self, after: int, limit: int = 500) -> list[JournalEntry]:
+        self.reads += 1
+        return await super().journal(after, limit)
+
+
+async def test_mail_never_tried_is_held_without_reading_the_journal(
+    world: World, tmp_path: Path
+) -> None:
+    # A flush only makes tried mail due earlier: new mail held behind a down destination
+    # costs no journal read; tried mail leased again while held still looks for a flush.
+    domain = "quiet-journal.test"
+    world.mx_record(domain, (10, f"mx.{domain}"))
+    store = JournalCountingStore(
+        tmp_path / "queue.sqlite3", schedule=RetrySchedule((RETRY,)), lifetime=86400
+    )
+    async with (
+        host(world, f"mx.{domain}", "refused") as mx,
+        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
+    ):
+        assert (await send(lab, f"a@{domain}"))["held"] is False  # tried: the hold begins
+        reads = store.reads
+        for n in range(3):
+            assert (await send(lab, f"new{n}@{domain}"))["held"] is True
+        assert store.reads == reads
+        sink = await world.add_mx(f"mx.{domain}", mx.ip, starttls=False)
+        await store.administer(AdminAction.FLUSH, Selection(everything=True), operator="test")
+        lab.scheduler.wake()
+        await eventually(lambda: len(lab.events("delivery", status="sent")) == 4, timeout=15.0)
+        assert store.reads > reads
+        assert len(sink.messages) == 4

@@ -51,7 +51,7 @@ from relay.delivery.outcome import Hop
 from relay.delivery.smtp_wire import MalformedReply, SmtpWire
 from relay.delivery.smtp_wire import Reply as WireReply
 from relay.delivery.tls import TlsRequirement
-from relay.delivery.transfer import send_data
+from relay.delivery.transfer import data_reply_problem, send_data
 
 Reply = tuple[int, str]
 """An SMTP reply: code and text (multi-line replies joined with newlines)."""
@@ -499,16 +499,17 @@ async def _pipelined(
         if mail_ok and not _rcpt_ok(conv, rcpt, reply):
             return
     start = await conv.read(smtp, "DATA")
-    if start is None or conv.unsolicited(smtp):
+    if start is None:
         conv.completed = False  # a violation keeps no decision (`ConversationResult`)
-        return
-    if start[0] != 354 and start[0] // 100 not in (4, 5):
-        conv.violated(smtp, f"MX answered {start[0]} to DATA instead of 354")
-        conv.completed = False
         return
     conv.completed = True
     if mail_ok and _accepted_any(conv):
+        # DATA's reply and what came after it are checked there, as for DATA sent alone.
         await conv.data(smtp, envelope.data, start)
+        return
+    if (problem := data_reply_problem(smtp, WireReply(*start))) is not None:
+        conv.violated(smtp, problem)
+        conv.completed = False
     elif start[0] == 354:
         # RFC 2920 §3.1: DATA accepted although nothing can be sent: end it at once with
         # an empty message, whose reply decides nothing.

@@ -132,12 +132,8 @@ async def _transfer(
             start = await wire.command(b"DATA", timeout=per_step)
         except MalformedReply as exc:
             return DataResult(None, False, f"unreadable reply to DATA: {exc}")
-    if start.code != 354 and start.code // 100 not in (4, 5):
-        # RFC 5321 §3.3: DATA is answered 354 or refused. Anything else, a 2xx above all,
-        # would have a message recorded as sent that never crossed the wire.
-        return DataResult(None, False, f"MX answered {start.code} to DATA instead of 354")
-    if (stray := wire.unsolicited()) is not None:
-        return DataResult(None, False, f"unsolicited reply after DATA: {stray}")
+    if (problem := data_reply_problem(wire, start)) is not None:
+        return DataResult(None, False, problem)
     if start.code != 354:
         return DataResult(start, False)  # an ordinary refusal: 4xx or 5xx
     try:
@@ -157,6 +153,17 @@ async def _transfer(
         accepted = final if final.code // 100 == 2 else None
         return DataResult(accepted, True, f"unsolicited reply after the end of data: {stray}")
     return DataResult(final, True)
+
+
+def data_reply_problem(wire: SmtpWire, start: Reply) -> str | None:
+    """How DATA's reply `start` breaks the sequence (raw text), or None when it stands:
+    RFC 5321 §3.3 answers DATA with 354 or a refusal (anything else, a 2xx above all, would
+    have a message recorded as sent that never crossed the wire), and nothing may follow."""
+    if start.code != 354 and start.code // 100 not in (4, 5):
+        return f"MX answered {start.code} to DATA instead of 354"
+    if (stray := wire.unsolicited()) is not None:
+        return f"unsolicited reply after DATA: {stray}"
+    return None
 
 
 async def _stream(wire: SmtpWire, message: bytes, per_step: float) -> tuple[Reply, bool]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dane_lab import DaneWorld
+from tests.support.dns import DnsServer
 from tests.support.postgres import PostgresServer, postgres_server
 from tests.support.world import World
 
@@ -26,6 +27,17 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         yield lab
     finally:
         await lab.stop()
+
+
+@pytest.fixture
+async def dns_server() -> AsyncIterator[DnsServer]:
+    """The lab DNS server alone, on an ephemeral loopback port."""
+    server = DnsServer()
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import cast
 
 import dns.flags
 import dns.resolver
@@ -26,50 +25,10 @@ from tests.support.waiting import eventually
 DELAY = 0.3  # seconds the slow server takes to answer: long enough for callers to pile up
 
 
-class SlowDns(DnsServer):
-    """The lab DNS server (UDP only) answering each query `delay` seconds after it came."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Delayed(self), local_addr=(self.host, 0)
-        )
-        self._udp = transport
-        self.port = transport.get_extra_info("sockname")[1]
-
-
-class _Delayed(asyncio.DatagramProtocol):
-    def __init__(self, server: SlowDns) -> None:
-        self._server = server
-        self._transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        reply = self._server.answer(data, tcp=False)
-        if reply is not None and self._transport is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(self._server.delay, self._transport.sendto, reply, addr)
-
-
 @pytest.fixture
-async def dns_server() -> AsyncIterator[DnsServer]:
-    server = DnsServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-@pytest.fixture
-async def slow_dns() -> AsyncIterator[SlowDns]:
-    server = SlowDns(DELAY)
+async def slow_dns() -> AsyncIterator[DnsServer]:
+    """The lab DNS server answering each UDP query DELAY seconds after it came."""
+    server = DnsServer(udp_delay=DELAY)
     await server.start()
     try:
         yield server
@@ -87,7 +46,7 @@ def _addresses(answer: dns.resolver.Answer) -> list[str]:
     return [r.address for r in answer]
 
 
-async def test_concurrent_identical_queries_are_sent_once(slow_dns: SlowDns) -> None:
+async def test_concurrent_identical_queries_are_sent_once(slow_dns: DnsServer) -> None:
     slow_dns.add("busy.test", "A", "127.0.0.7")
     resolver = _resolver(slow_dns)
     answers = await asyncio.gather(*(resolver.resolve("busy.test.", "A") for _ in range(20)))
@@ -97,7 +56,7 @@ async def test_concurrent_identical_queries_are_sent_once(slow_dns: SlowDns) -> 
     assert (resolver.queries, resolver.coalesced) == (1, 19)
 
 
-async def test_different_questions_are_not_merged(slow_dns: SlowDns) -> None:
+async def test_different_questions_are_not_merged(slow_dns: DnsServer) -> None:
     slow_dns.add("one.test", "A", "127.0.0.1")
     slow_dns.add("one.test", "MX", "10 mx.one.test.")
     slow_dns.add("two.test", "A", "127.0.0.2")
@@ -110,7 +69,7 @@ async def test_different_questions_are_not_merged(slow_dns: SlowDns) -> None:
 
 
 async def test_queries_asked_with_other_resolver_settings_are_not_merged(
-    slow_dns: SlowDns,
+    slow_dns: DnsServer,
 ) -> None:
     # dnssec.request_dnssec turns DO on for the resolver: a query started before must not
     # answer one asked after, whose answer would carry the AD bit.
@@ -125,7 +84,7 @@ async def test_queries_asked_with_other_resolver_settings_are_not_merged(
     assert slow_dns.queries == [("signed.test", "A")] * 2
 
 
-async def test_nodata_is_handled_per_caller(slow_dns: SlowDns) -> None:
+async def test_nodata_is_handled_per_caller(slow_dns: DnsServer) -> None:
     slow_dns.add("v4only.test", "A", "127.0.0.4")
     resolver = _resolver(slow_dns)
     raising, quiet = await asyncio.gather(
@@ -139,7 +98,7 @@ async def test_nodata_is_handled_per_caller(slow_dns: SlowDns) -> None:
     assert slow_dns.queries == [("v4only.test", "AAAA")]
 
 
-async def test_nxdomain_reaches_every_waiter(slow_dns: SlowDns) -> None:
+async def test_nxdomain_reaches_every_waiter(slow_dns: DnsServer) -> None:
     resolver = _resolver(slow_dns)
     outcomes = await asyncio.gather(
         *(resolver.resolve("absent.test.", "MX") for _ in range(5)), return_exceptions=True
@@ -159,7 +118,7 @@ async def test_a_server_that_never_answers_times_out_every_waiter(dns_server: Dn
     assert dns_server.queries == [("mute.test", "A")]
 
 
-async def test_a_waiter_with_a_shorter_lifetime_times_out_alone(slow_dns: SlowDns) -> None:
+async def test_a_waiter_with_a_shorter_lifetime_times_out_alone(slow_dns: DnsServer) -> None:
     slow_dns.add("slow.test", "A", "127.0.0.6")
     resolver = _resolver(slow_dns)
     patient = asyncio.create_task(resolver.resolve("slow.test.", "A", lifetime=2.0))
@@ -173,7 +132,7 @@ async def test_a_waiter_with_a_shorter_lifetime_times_out_alone(slow_dns: SlowDn
 
 
 async def test_a_caller_allowing_longer_than_the_query_in_flight_asks_itself(
-    slow_dns: SlowDns,
+    slow_dns: DnsServer,
 ) -> None:
     # Joining a query that gives up sooner would cut the caller's own lifetime short.
     slow_dns.add("slow.test", "A", "127.0.0.6")
@@ -186,7 +145,7 @@ async def test_a_caller_allowing_longer_than_the_query_in_flight_asks_itself(
     assert slow_dns.queries == [("slow.test", "A")] * 2
 
 
-async def test_cancelling_one_waiter_leaves_the_other_its_answer(slow_dns: SlowDns) -> None:
+async def test_cancelling_one_waiter_leaves_the_other_its_answer(slow_dns: DnsServer) -> None:
     slow_dns.add("cancel.test", "A", "127.0.0.8")
     resolver = _resolver(slow_dns)
     first = asyncio.create_task(resolver.resolve("cancel.test.", "A"))  # started the query
@@ -237,7 +196,7 @@ async def test_the_ttl_cache_answers_first(dns_server: DnsServer) -> None:
     assert (resolver.queries, resolver.coalesced) == (1, 0)
 
 
-async def test_the_check_before_a_bounce_never_joins_an_earlier_query(slow_dns: SlowDns) -> None:
+async def test_the_check_before_a_bounce_never_joins_an_earlier_query(slow_dns: DnsServer) -> None:
     # RFC 8461 §5.1 step 3: forget_record (policy/discover.py) makes the next lookup ask DNS;
     # a query already in flight when it was called may carry the record as it was before.
     slow_dns.txt("_mta-sts.recheck.test", "v=STSv1; id=1")
@@ -256,7 +215,7 @@ async def test_the_check_before_a_bounce_never_joins_an_earlier_query(slow_dns: 
     assert slow_dns.queries == [("_mta-sts.recheck.test", "TXT")] * 2
 
 
-async def test_concurrent_deliveries_share_their_lookups(slow_dns: SlowDns) -> None:
+async def test_concurrent_deliveries_share_their_lookups(slow_dns: DnsServer) -> None:
     # What the relay does for each of many messages to one domain at once.
     slow_dns.add("bulk.test", "MX", "10 mx.bulk.test.")
     slow_dns.add("mx.bulk.test", "A", "127.0.0.12")

@@ -29,16 +29,6 @@ P1 = "version: STSv1\r\nmode: enforce\r\nmx: mx1.d.test\r\nmax_age: 86400\r\n"
 # -- DNS ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def dns_server() -> AsyncIterator[DnsServer]:
-    server = DnsServer()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 def resolver_for(server: DnsServer, lifetime: float = 2.0) -> dns.asyncresolver.Resolver:
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [server.address[0]]

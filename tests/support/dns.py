@@ -40,11 +40,16 @@ def _norm(name: str) -> str:
 class DnsServer:
     """DNS on 127.0.0.1 (UDP + TCP, one ephemeral port) serving an editable zone."""
 
-    def __init__(self, host: str = "127.0.0.1", *, default_ttl: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", *, default_ttl: int = 0, udp_delay: float = 0.0
+    ) -> None:
         self.host = host
         # TTL 0 by default: tests change records mid-run and expect the relay's DNS cache
         # to see the change at once; benchmarks publish realistic TTLs (300).
         self.default_ttl = default_ttl
+        # Seconds each UDP answer is sent after its query came (a slow server: queries
+        # from several callers then overlap).
+        self.udp_delay = udp_delay
         self.port = 0
         # name -> rtype -> (ttl, rdatas)
         self._zone: dict[str, dict[str, tuple[int, list[dns.rdata.Rdata]]]] = {}
@@ -266,5 +271,10 @@ class _UdpProtocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         reply = self._server.answer(data, tcp=False)
-        if reply is not None and self._transport is not None:
+        if reply is None or self._transport is None:
+            return
+        if self._server.udp_delay > 0:
+            loop = asyncio.get_running_loop()
+            loop.call_later(self._server.udp_delay, self._transport.sendto, reply, addr)
+        else:
             self._transport.sendto(reply, addr)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,32 @@ def store_for(tmp_path: Path) -> SqliteStore:
     return SqliteStore(tmp_path / "queue.sqlite3", schedule=RetrySchedule((RETRY,)), lifetime=86400)
 
 
+@asynccontextmanager
+async def one_mx(
+    world: World,
+    tmp_path: Path,
+    domain: str,
+    behaviour: str,
+    greeting: bytes = b"",
+    *,
+    store: SqliteStore | None = None,
+    unreachable_hold: float = HOLD,
+    clock: Callable[[], float] = time.time,
+) -> AsyncIterator[tuple[Host, SchedulerLab]]:
+    """`domain` with one MX, `mx.<domain>`, that behaves as `behaviour` (see Host), and a
+    scheduler over `store` (a new one in `tmp_path` unless given) holding for
+    `unreachable_hold` seconds."""
+    world.mx_record(domain, (10, f"mx.{domain}"))
+    store = store if store is not None else store_for(tmp_path)
+    async with (
+        host(world, f"mx.{domain}", behaviour, greeting) as mx,
+        scheduler_over(
+            world, tmp_path, store, unreachable_hold=unreachable_hold, clock=clock
+        ) as lab,
+    ):
+        yield mx, lab
+
+
 def dns_queries(world: World, domain: str) -> int:
     return sum(1 for name, _ in world.dns.queries if name == domain or name.endswith("." + domain))
 
@@ -107,13 +133,9 @@ async def test_an_unreachable_domain_is_held_without_dns_or_connections_then_tri
     world: World, tmp_path: Path, behaviour: str
 ) -> None:
     domain = f"{behaviour}.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
     clock = Clock()
     store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", behaviour) as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD, clock=clock) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, behaviour, store=store, clock=clock) as (mx, lab):
         first = await send(lab, f"a@{domain}")
         assert (first["status"], first["held"]) == ("deferred", False)
         assert f"mx.{domain}[{mx.ip}]: connect to {mx.ip}" in first["reason"]
@@ -157,12 +179,8 @@ async def test_an_unreachable_domain_is_held_without_dns_or_connections_then_tri
 
 async def test_a_flush_ends_the_hold_and_delivers_at_once(world: World, tmp_path: Path) -> None:
     domain = "flushed.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
     store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", "refused") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, "refused", store=store) as (mx, lab):
         assert (await send(lab, f"a@{domain}"))["held"] is False
         sink = await world.add_mx(f"mx.{domain}", mx.ip, starttls=False)  # the MX is back
         assert (await send(lab, f"b@{domain}"))["held"] is True  # the hold stands
@@ -181,12 +199,8 @@ async def test_a_flush_another_process_logged_first_still_ends_the_hold(
     world: World, tmp_path: Path
 ) -> None:
     domain = "flushed-logged.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
     store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", "refused") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, "refused", store=store) as (mx, lab):
         assert (await send(lab, f"a@{domain}"))["held"] is False  # tried: the hold begins
         sink = await world.add_mx(f"mx.{domain}", mx.ip, starttls=False)
         # Process 0 logs the journal (`queue_admin`): here it has logged the flush before
@@ -202,12 +216,8 @@ async def test_expired_mail_is_tried_while_held_and_a_delivery_ends_the_hold(
     world: World, tmp_path: Path
 ) -> None:
     domain = "expiring.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
     store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", "refused") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, "refused", store=store) as (mx, lab):
         first = await send(lab, f"a@{domain}")
         queried = dns_queries(world, domain)
 
@@ -235,12 +245,9 @@ async def test_expired_mail_is_tried_while_held_and_a_delivery_ends_the_hold(
 
 async def test_a_4xx_greeting_starts_no_hold(world: World, tmp_path: Path) -> None:
     domain = "busy.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
-    store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", "greets", b"421 4.3.2 busy, come back later\r\n") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
-    ):
+    async with one_mx(
+        world, tmp_path, domain, "greets", b"421 4.3.2 busy, come back later\r\n"
+    ) as (mx, lab):
         for n in range(3):
             event = await send(lab, f"u{n}@{domain}")
             assert (event["status"], event["held"]) == ("deferred", False)
@@ -269,12 +276,7 @@ async def test_one_mx_refusing_and_another_answering_4xx_starts_no_hold(
 
 async def test_no_hold_when_turned_off(world: World, tmp_path: Path) -> None:
     domain = "nohold.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
-    store = store_for(tmp_path)
-    async with (
-        host(world, f"mx.{domain}", "closed") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=0) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, "closed", unreachable_hold=0) as (mx, lab):
         for n in range(3):
             assert (await send(lab, f"u{n}@{domain}"))["held"] is False
         assert mx.connections == 3
@@ -297,14 +299,10 @@ async def test_mail_never_tried_is_held_without_reading_the_journal(
     # A flush only makes tried mail due earlier: new mail held behind a down destination
     # costs no journal read; tried mail leased again while held still looks for a flush.
     domain = "quiet-journal.test"
-    world.mx_record(domain, (10, f"mx.{domain}"))
     store = JournalCountingStore(
         tmp_path / "queue.sqlite3", schedule=RetrySchedule((RETRY,)), lifetime=86400
     )
-    async with (
-        host(world, f"mx.{domain}", "refused") as mx,
-        scheduler_over(world, tmp_path, store, unreachable_hold=HOLD) as lab,
-    ):
+    async with one_mx(world, tmp_path, domain, "refused", store=store) as (mx, lab):
         assert (await send(lab, f"a@{domain}"))["held"] is False  # tried: the hold begins
         reads = store.reads
         for n in range(3):

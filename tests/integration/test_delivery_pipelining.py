@@ -22,6 +22,7 @@ from relay.delivery.envelope import Envelope
 from relay.delivery.outcome import Bounced, Deferred, Delivered, Outcome
 from relay.delivery.tls import TlsRequirement
 from tests.support.scripted_mx import serving
+from tests.support.waiting import eventually
 
 MX = "mx.pipelining.test"
 BODY = b"Subject: pipelined\r\n\r\nhello\r\n"
@@ -240,7 +241,7 @@ async def test_a_pooled_connection_closed_by_the_mx_is_stale(
     assert first.error is None
     for writer in script.writers:
         writer.close()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: not conn.alive)  # the pool's view of it before the next lease
     again, outcomes = await _send(conn, "a@pipelining.test", reused=True)
     assert again.stale  # nothing of this message reached the MX: retried elsewhere freely
     assert isinstance(outcomes["a@pipelining.test"], Deferred), outcomes
